@@ -1,0 +1,150 @@
+"""`kardia-rl` command line. Each subcommand imports only what it needs, so `--help` and data commands
+stay fast and never import ray/vllm/deepspeed. User errors (KardiaError) print one clear message and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Optional, Sequence
+
+from kardia_rl.errors import KardiaError
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help_text: str):
+    """Register `fn(args) -> exit code` as a subcommand; `fn.configure(parser)` adds its arguments."""
+    def deco(fn):
+        COMMANDS[name] = (help_text, getattr(fn, "configure", lambda p: None), fn)
+        return fn
+    return deco
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. algo.group_size=8")
+
+
+def _load(args):
+    from kardia_rl.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+# --- validate-data -------------------------------------------------------------------------------------
+def _validate_data(args) -> int:
+    from kardia_rl.data import label_set, validate
+
+    labels = label_set(args.labels.split(",") if args.labels else None)
+    rep = validate(args.path, labels, args.notation, args.split)
+    if rep.problems:
+        for line in rep.problems:
+            print(line)
+        print(f"{len(rep.problems)} problem(s) found in {args.path}", file=sys.stderr)
+        return 2
+    s = rep.summary()
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        print(f"{args.path}: OK: {s['dialogues']} dialogues, {s['turns']} turns, {s['profiles']} profiles, "
+              f"{len(s['emotions'])} emotions")
+        for emo, n in s["emotions"].items():
+            print(f"  {emo:<14} {n}")
+    return 0
+
+
+def _validate_data_args(p):
+    p.add_argument("path", help="data file/dir/name (or builtin:sample)")
+    p.add_argument("--labels", default="", help="comma-separated emotion label set (default: the 32)")
+    p.add_argument("--notation", default="kardia", choices=["kardia", "xml", "auto"])
+    p.add_argument("--split", default="train", help="split of a DatasetDict source")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+_validate_data.configure = _validate_data_args
+command("validate-data", "check KardiaBench data; exit 2 with PATH:LINE: field: message per problem")(_validate_data)
+
+
+# --- init-model ----------------------------------------------------------------------------------------
+def _init_model(args) -> int:
+    from kardia_rl.model.tiny import build_tiny_model
+
+    out = build_tiny_model(args.out, args.size, args.seed, args.overwrite)
+    print(f"built {args.size} model and tokenizer in {out}")
+    return 0
+
+
+def _init_model_args(p):
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+
+_init_model.configure = _init_model_args
+command("init-model", "build a tiny/small local Qwen2 model and tokenizer (no downloads)")(_init_model)
+
+
+# --- config --------------------------------------------------------------------------------------------
+def _config(args) -> int:
+    from kardia_rl.config import documented_fields, to_yaml
+
+    if args.action == "docs":
+        for key, default, text in documented_fields():
+            print(f"{key} = {default!r}\n    {text}")
+        return 0
+    print(to_yaml(_load(args)), end="")
+    return 0
+
+
+def _config_cmd_args(p):
+    p.add_argument("action", choices=["show", "docs"], help="show: merged config; docs: every key documented")
+    _config_args(p)
+
+
+_config.configure = _config_cmd_args
+command("config", "print the merged config (show) or every key with its documentation (docs)")(_config)
+
+
+# --- pipeline ------------------------------------------------------------------------------------------
+def _pipeline(args) -> int:
+    from kardia_rl.pipeline import run_pipeline
+
+    return run_pipeline(_load(args))
+
+
+_pipeline.configure = _config_args
+command("pipeline", "the main job: data check -> model -> split -> SFT -> GRPO -> eval -> report")(_pipeline)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import kardia_rl.commands  # noqa: F401  (registers the subcommands of later stages)
+
+    parser = argparse.ArgumentParser(prog="kardia-rl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
+    for name, (help_text, configure, fn) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        configure(p)
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.fn(args) or 0)
+    except KardiaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Loading a config: YAML file(s) + `key=value` overrides -> a validated `KardiaConfig`.
+
+Errors name the place: `conf/tiny.yaml:12: algo.grop_size: unknown key (did you mean 'group_size'?)`,
+`override 'algo.group_size=abc': expected int, got 'abc'`. Every problem is collected before raising, so
+one run shows them all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from typing import Any, Optional, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from kardia_rl.config.schema import KardiaConfig
+from kardia_rl.errors import ConfigError
+
+_TYPES = {str: "str", int: "int", float: "float", bool: "bool", list: "list", dict: "dict"}
+
+
+def _key_lines(path: str) -> dict[str, int]:
+    """Dotted key -> 1-based line in the YAML file (for error messages)."""
+    with open(path, encoding="utf-8") as f:
+        node = yaml.compose(f)
+    out: dict[str, int] = {}
+
+    def walk(n, prefix):
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = f"{prefix}{k.value}"
+                out[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+
+    walk(node, "")
+    return out
+
+
+def _check(schema_cls, values: dict, prefix: str, where, problems: list[str]) -> None:
+    """Unknown keys and wrong types of `values` against dataclass `schema_cls`."""
+    hints = typing.get_type_hints(schema_cls)
+    names = [f.name for f in dataclasses.fields(schema_cls)]
+    for key, val in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f" (did you mean '{near[0]}'?)" if near else f" (known keys: {', '.join(names)})"
+            problems.append(f"{where(full)}: unknown key{hint}")
+            continue
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            if isinstance(val, dict):
+                _check(typ, val, full + ".", where, problems)
+            else:
+                problems.append(f"{where(full)}: expected a section (mapping), got {val!r}")
+            continue
+        if val is None or isinstance(val, str) and val.startswith("${"):
+            continue
+        ok = (isinstance(val, typ) and not (typ is int and isinstance(val, bool))) or \
+             (typ is float and isinstance(val, int) and not isinstance(val, bool))
+        if not ok:
+            problems.append(f"{where(full)}: expected {_TYPES.get(typ, typ)}, got {val!r}")
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> KardiaConfig:
+    """Compose defaults <- YAML file <- overrides, type-check, validate cross-field rules."""
+    problems: list[str] = []
+    layers = []
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            file_cfg = OmegaConf.load(path)
+            lines = _key_lines(path)
+        except (yaml.YAMLError, OmegaConfBaseException) as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        raw = OmegaConf.to_container(file_cfg, resolve=False) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        _check(KardiaConfig, raw, "", lambda k: f"{path}:{lines.get(k, 1)}: {k}", problems)
+        layers.append(file_cfg)
+    for ov in overrides:
+        if "=" not in ov:
+            problems.append(f"override {ov!r}: expected key=value")
+            continue
+        try:
+            ov_cfg = OmegaConf.from_dotlist([ov])
+        except OmegaConfBaseException as e:
+            problems.append(f"override {ov!r}: {e}")
+            continue
+        _check(KardiaConfig, OmegaConf.to_container(ov_cfg, resolve=False), "", lambda k, o=ov: f"override {o!r}: {k}",
+               problems)
+        layers.append(ov_cfg)
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(problems))
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(KardiaConfig), *layers)
+        cfg: KardiaConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid config: {str(e).splitlines()[0]}") from None
+    from kardia_rl.config.validate import validate_config
+
+    validate_config(cfg)
+    return cfg
+
+
+def to_yaml(cfg: KardiaConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def from_dict(d: dict) -> KardiaConfig:
+    """Rebuild a config saved with `to_dict` (checkpoints, Ray actors) and re-validate it."""
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(KardiaConfig), d))
+    from kardia_rl.config.validate import validate_config
+
+    validate_config(cfg)
+    return cfg
+
+
+def documented_fields(cls=KardiaConfig, prefix: str = ""):
+    """Yield (dotted key, default, doc) for every leaf key: `kardia-rl config docs` and the YAML test."""
+    for f in dataclasses.fields(cls):
+        typ = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(typ):
+            yield from documented_fields(typ, f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            yield f"{prefix}{f.name}", default, f.metadata.get("doc", "")

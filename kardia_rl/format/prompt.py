@@ -1,0 +1,69 @@
+"""Prompt construction: system prompt with the user's profile, then the dialogue history, rendered through
+the tokenizer's own chat template (so the same code serves the tiny local model and Qwen2.5/Gemma).
+
+Past assistant turns are shown as what the user saw (the response span) by default: the four-span
+reasoning of earlier turns is private to the model, costs prompt tokens, and the paper's data shows only
+replies to the user simulator. `history="full"` keeps whole four-span turns instead.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from kardia_rl.format.spans import parse_spans
+
+DEFAULT_SYSTEM_TEMPLATE = (
+    "You are a warm, supportive listener in the style of a therapist. Read the user's profile and the "
+    "situation, understand what they feel and why, then answer in four parts: "
+    "<|understanding_begin|>what the user means and feels<|understanding_end|>"
+    "<|reasoning_begin|>why they feel so and what would help<|reasoning_end|>"
+    "<|emotion_begin|>one emotion label<|emotion_end|>"
+    "<|response_begin|>a short, kind reply to the user<|response_end|>\n"
+    "User profile:\n{person}\nSituation: {situation}"
+)
+
+
+def build_system_prompt(person: str, situation: str, template: str = DEFAULT_SYSTEM_TEMPLATE) -> str:
+    return template.format(person=person.strip(), situation=situation.strip())
+
+
+def visible_history(messages: Sequence[dict], history: str = "response", notation: str = "kardia") -> list[dict]:
+    """Copy of `messages` where assistant turns are reduced to their response span (`history="response"`).
+
+    A malformed past assistant turn (no response span) is kept verbatim rather than dropped, so the
+    model still sees that something was said.
+    """
+    if history not in ("response", "full"):
+        raise ValueError(f"history must be 'response' or 'full', got {history!r}")
+    out = []
+    for m in messages:
+        content = m["content"]
+        if history == "response" and m["role"] == "assistant":
+            content = parse_spans(content, notation).found.get("response") or content
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def build_messages(person: str, situation: str, history: Sequence[dict], *, system: Optional[str] = None,
+                   template: str = DEFAULT_SYSTEM_TEMPLATE, history_mode: str = "response",
+                   notation: str = "kardia", max_history_turns: int = 0) -> list[dict]:
+    """Chat messages for one prompt: the system prompt (the record's own, else built from `template`)
+    followed by the history (which ends with the user turn to answer).
+
+    `max_history_turns > 0` keeps only the last that many user turns (and the replies between them), which
+    bounds prompt length on long dialogues.
+    """
+    turns = [m for m in history if m["role"] != "system"]
+    if max_history_turns > 0:
+        user_idx = [i for i, m in enumerate(turns) if m["role"] == "user"]
+        if len(user_idx) > max_history_turns:
+            turns = turns[user_idx[-max_history_turns]:]
+    sys_text = system if system else build_system_prompt(person, situation, template)
+    return [{"role": "system", "content": sys_text}] + visible_history(turns, history_mode, notation)
+
+
+def build_prompt(tokenizer: Any, messages: Sequence[dict]) -> str:
+    """Render `messages` with the tokenizer's chat template, ending with the assistant generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("tokenizer has no chat template; build the model with `kardia-rl init-model` or use "
+                         "an instruct model whose tokenizer ships one")
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)

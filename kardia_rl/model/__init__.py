@@ -1,0 +1,1 @@
+"""Model construction helpers (tiny local Qwen2-architecture models, loading policies)."""

@@ -1,0 +1,45 @@
+"""Atomic file output: write to a temporary file in the same directory, fsync, then rename.
+
+A crash or a Ctrl-C mid-write never leaves a half-written output or checkpoint behind; readers see either
+the old file or the complete new one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+
+@contextmanager
+def atomic_open(path: str, mode: str = "w", encoding: str | None = "utf-8") -> Iterator:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def atomic_write_jsonl(path: str, rows: Iterable[dict]) -> None:
+    with atomic_open(path) as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,109 @@
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from kardia_rl.config import documented_fields, from_dict, load_config, to_dict
+from kardia_rl.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "conf", "tiny.yaml")
+
+
+def _write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_tiny_config_loads_and_overrides_apply():
+    cfg = load_config(TINY, ["algo.group_size=4", "judge.backend=openai", "model.lora.r=8"])
+    assert cfg.algo.group_size == 4 and cfg.judge.backend == "openai" and cfg.model.lora.r == 8
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("conf", ["tiny.yaml", "cluster.yaml"])
+def test_every_yaml_key_documented_and_matches_schema(conf):
+    path = os.path.join(ROOT, "conf", conf)
+    if not os.path.exists(path):
+        pytest.skip(f"{conf} not present")
+    import yaml
+
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines, 1):
+        if re.match(r"^\s*[A-Za-z_]+:", line):
+            assert "#" in line, f"{conf}:{i}: key without a one-line comment: {line!r}"
+    flat = {}
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and f"{prefix}{k}" not in ("judge.dimension_weights",):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk(yaml.safe_load("\n".join(lines)))
+    schema_keys = {k for k, _, _ in documented_fields()}
+    assert set(flat) - schema_keys == set()
+    if conf == "tiny.yaml":  # the embedded default lists every key
+        assert schema_keys - set(flat) == set()
+    assert all(doc for _, _, doc in documented_fields()), "every schema key needs a doc string"
+
+
+def test_unknown_key_reports_file_line_and_suggestion(tmp_path):
+    p = _write(tmp_path, "seed: 1\nalgo:\n  grop_size: 8\n  clip_eps: 0.2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert f"{p}:3: algo.grop_size: unknown key (did you mean 'group_size'?)" in str(e.value)
+
+
+def test_wrong_type_and_override_errors_all_reported(tmp_path):
+    p = _write(tmp_path, "algo:\n  clip_eps: abc\nlearner:\n  zero_stage: two\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["reward.format_weight=x", "judge.nope=1", "noequals"])
+    msg = str(e.value)
+    assert f"{p}:2: algo.clip_eps: expected float, got 'abc'" in msg
+    assert f"{p}:4: learner.zero_stage: expected int, got 'two'" in msg
+    assert "override 'reward.format_weight=x': reward.format_weight: expected float, got 'x'" in msg
+    assert "override 'judge.nope=1': judge.nope: unknown key" in msg
+    assert "override 'noequals': expected key=value" in msg
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["learner.micro_batch_size=3"], "not divisible by learner.micro_batch_size * learner.num_workers = 3 * 1 = 3"),
+    (["rollout.num_actors=0"], "rollout.num_actors: must be >= 1, got 0"),
+    (["judge.num_actors=0"], "judge.num_actors: must be >= 1, got 0"),
+    (["reward.format_weight=-1"], "reward.format_weight: must be >= 0, got -1"),
+    (["reward.format_weight=0", "reward.emotion_weight=0", "reward.rubric_weight=0"], "are all 0"),
+    (["rollout.temperature=0"], "rollout.temperature: must be > 0, got 0"),
+    (["judge.backend=gpt"], "judge.backend: 'gpt' is not one of"),
+    (["algo.group_size=1"], "group-normalised advantages need at least 2 candidates"),
+    (["judge.dimension_weights={empathy: 1, kindness: 2}"], "unknown dimension(s) ['kindness']"),
+    (["sft.batch_size=10", "sft.micro_batch_size=4"], "sft.batch_size (10) must be a multiple"),
+])
+def test_cross_field_rules(overrides, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, overrides)
+    assert expected in str(e.value)
+
+
+def test_missing_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(_write(tmp_path, "algo: [unclosed\n"))
+
+
+def test_cli_bad_config_exits_2_without_traceback(tmp_path):
+    p = _write(tmp_path, "algo:\n  grop_size: 8\n")
+    out = subprocess.run([sys.executable, "-m", "kardia_rl.cli", "config", "show", p, "rollout.top_p=2"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert f"{p}:2: algo.grop_size: unknown key (did you mean 'group_size'?)" in out.stderr
+    ok = subprocess.run([sys.executable, "-m", "kardia_rl.cli", "config", "show", TINY, "algo.group_size=4"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "group_size: 4" in ok.stdout

@@ -1,0 +1,21 @@
+"""Pure-torch RL algorithm pieces of kardia-rl (advantages, KL estimators, policy loss).
+
+Deliberately free of Ray/DeepSpeed/vLLM imports so the math can be imported by any worker (and tested on a
+laptop) without dragging in the distributed stack.
+"""
+from .advantages import ADVANTAGE_MODES, AdvantageResult, group_advantages
+from .kl import KL_KINDS, apply_kl_to_rewards, kl_penalty
+from .policy_loss import AGG_MODES, entropy_from_logits, masked_mean, policy_loss
+
+__all__ = [
+    "ADVANTAGE_MODES",
+    "AGG_MODES",
+    "KL_KINDS",
+    "AdvantageResult",
+    "apply_kl_to_rewards",
+    "entropy_from_logits",
+    "group_advantages",
+    "kl_penalty",
+    "masked_mean",
+    "policy_loss",
+]

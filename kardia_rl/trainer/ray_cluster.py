@@ -1,0 +1,33 @@
+"""Joining or starting the Ray cluster.
+
+`kardia-rl train` joins the cluster named by `ray.address` or `RAY_ADDRESS`; otherwise it starts a local one
+bound to 127.0.0.1 only. Ray by default binds and advertises the machine's routable address, and rewrites
+`node_ip_address=127.0.0.1` unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set *before* Ray starts, so the
+environment is fixed here, in one place, before `import ray`.
+"""
+from __future__ import annotations
+
+import os
+
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def init_ray(address: str = "", num_cpus: int = 0, runtime_env: dict | None = None) -> str:
+    """Connect to (or start) Ray; returns a description of the cluster used. Idempotent."""
+    for k, v in LOOPBACK_ENV.items():
+        os.environ.setdefault(k, v)
+    import ray
+
+    if ray.is_initialized():
+        return "existing"
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    # Workers inherit the CPU/loopback settings the project relies on (DeepSpeed CPU accelerator, vLLM CPU).
+    env_vars = {k: os.environ[k] for k in ("DS_ACCELERATOR", "WANDB_MODE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM",
+                                           *LOOPBACK_ENV) if k in os.environ}
+    renv = {"env_vars": env_vars, **(runtime_env or {})}
+    if address:
+        ray.init(address=address, runtime_env=renv, log_to_driver=True)
+        return address
+    ray.init(num_cpus=num_cpus or None, include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env=renv, log_to_driver=True)
+    return "local"

@@ -107,3 +107,10 @@ def test_cli_bad_config_exits_2_without_traceback(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "kardia_rl.cli", "config", "show", TINY, "algo.group_size=4"],
                         capture_output=True, text=True)
     assert ok.returncode == 0 and "group_size: 4" in ok.stdout
+
+
+def test_cluster_config_is_valid():
+    cfg = load_config(os.path.join(ROOT, "conf", "cluster.yaml"))
+    gpus = (cfg.rollout.num_actors * cfg.rollout.gpus_per_actor + cfg.judge.num_actors * cfg.judge.gpus_per_actor
+            + cfg.learner.num_workers * cfg.learner.gpus_per_worker)
+    assert gpus == 8 and cfg.model.path == "Qwen/Qwen2.5-7B-Instruct" and cfg.judge.model == "Qwen/Qwen3-8B"

@@ -164,7 +164,7 @@ class EvalConfig:
 class LoggingConfig:
     wandb_mode: str = doc("offline", "W&B mode: offline | online | disabled")
     wandb_project: str = doc("kardia-rl", "W&B project")
-    log_every: int = doc(1, "log metrics every N steps")
+    log_every: int = doc(1, "W&B scalars and samples tables every N steps (metrics.jsonl gets every step)")
     samples_per_table: int = doc(2, "prompts (with all N candidates) in each samples table")
 
 
@@ -182,6 +182,10 @@ class MonitorConfig:
     min_judge_spread: float = doc(0.01, "alert when mean within-group judge std falls below this")
     length_ratio: float = doc(3.0, "alert when mean response length moves by more than this factor")
     max_kl: float = doc(0.5, "alert when mean KL exceeds this")
+    window: int = doc(3, "steps in the rolling and baseline windows of the trend alerts")
+    emotion_rise: float = doc(0.05, "rise in emotion accuracy that counts for the emotion-up/empathy-down alert")
+    empathy_fall: float = doc(0.1, "fall in mean empathy (1-5 scale) that counts for the same alert")
+    spread_steps: int = doc(2, "consecutive low-spread steps before judge_no_spread fires")
 
 
 @dataclass

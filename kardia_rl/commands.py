@@ -1,2 +1,6 @@
-"""Subcommands of the later stages (scoring, training, evaluation) register here, each importing its heavy
-dependencies lazily inside the command function."""
+"""Subcommands of the later stages register here. Each command module keeps its heavy imports inside the
+command function, so registering costs nothing at start-up."""
+from kardia_rl.cli import command
+from kardia_rl.rewards.score_cli import cmd_score
+
+command("score", "unified reward (format, emotion, rubric judge) of model outputs on KardiaBench data")(cmd_score)

@@ -1,0 +1,306 @@
+"""RubricJudge: an LLM judge (any ChatBackend) scoring the five rubric dimensions in one call.
+
+Per request: cache lookup -> prompt with a nonce (rubric_prompt.py) -> backend call under a semaphore
+(`max_in_flight`) and a timeout -> tolerant parse (rubric_parse.py) -> on a parse failure a re-ask that
+shows the judge its answer and the reason, on a timeout/backend error a plain retry, with exponential
+backoff (`backoff_s * 2**k`) -> after `max_retries` retries a failed Judgment (ok=False, fallback=True,
+error set, scores None). The fallback VALUE is chosen by the caller that knows the group
+(UnifiedReward: neutral/zero/midpoint); this class never raises for a per-request failure and never
+invents a score.
+
+Group-wise mode (`group_wise=True`): the unique uncached candidates sharing a non-empty group_id are
+scored in one call (numbered, each in its own nonce-marked quote, so the judge sees the contrast and the
+backend sees one long prompt instead of N); candidates the group answer does not cover are re-judged one
+by one. The output has the same shape as per-candidate mode.
+
+Transport retries: a backend that retries by itself (it has an int `max_retries`, like
+OpenAIChatBackend with its per-attempt timeout, backoff and Retry-After handling) owns transport
+failures: RubricJudge then re-asks only on parse failures (otherwise attempts would multiply, e.g.
+4 x 4 against a dead server) and its outer timeout covers all of the backend's attempts
+(`timeout_s * (r + 1) + backoff_s * 2**r`). Backends without retries (vllm, hf, test doubles) get
+RubricJudge's retry loop for timeouts and errors too.
+
+Duplicate requests in one batch are judged once (the copies count as cache hits), which matters for GRPO
+groups where a policy repeats itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import secrets
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+from kardia_rl.rewards.cache import JudgmentCache
+from kardia_rl.rewards.judge.base import (
+    DIMENSIONS, SCORE_MAX, SCORE_MIN, ChatBackend, JudgeBackend, Judgment, JudgeRequest,
+)
+from kardia_rl.rewards.rubric_parse import parse_group_judgment, parse_judgment
+from kardia_rl.rewards.rubric_prompt import (
+    build_group_messages, build_judge_messages, make_nonce, reask_message, rubric_version_hash,
+)
+
+log = logging.getLogger(__name__)
+MAX_RAW_CHARS = 2000
+
+
+def aggregate_scores(scores: Mapping[str, Optional[float]], weights: Optional[Mapping[str, float]] = None
+                     ) -> Optional[float]:
+    """Weighted mean of the 1-5 scores mapped to [0, 1]: sum_d w_d (s_d - 1) / 4 / sum_d w_d.
+
+    Dimensions with weight 0 are ignored; None when a weighted dimension has no score (a failed judgment
+    must be handled by a fallback, never silently aggregated)."""
+    w = {d: float((weights or {}).get(d, 1.0)) for d in DIMENSIONS}  # an omitted dimension keeps weight 1
+    total = sum(v for v in w.values() if v > 0)
+    if total <= 0:
+        raise ValueError(f"dimension weights sum to 0: {dict(w)}")
+    acc = 0.0
+    for d, wd in w.items():
+        if wd <= 0:
+            continue
+        s = scores.get(d)
+        if s is None:
+            return None
+        acc += wd * (min(SCORE_MAX, max(SCORE_MIN, float(s))) - SCORE_MIN) / (SCORE_MAX - SCORE_MIN)
+    return acc / total
+
+
+def failed_judgment(error: str, raw: str = "", latency_s: float = 0.0, attempts: int = 0) -> Judgment:
+    return Judgment(scores={d: None for d in DIMENSIONS}, ok=False, error=error[:500], raw=raw[:MAX_RAW_CHARS],
+                    latency_s=latency_s, attempts=attempts, fallback=True)
+
+
+def _backend_model_name(chat: ChatBackend) -> str:
+    """The judge model's name or path (part of the cache key: another judge model must not reuse scores)."""
+    for attr in ("model_name", "model_path", "model"):
+        v = getattr(chat, attr, None)
+        if isinstance(v, str):
+            return v
+    return ""
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    v = sorted(values)
+    k = (len(v) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+@dataclass
+class JudgeStats:
+    requests: int = 0  # requests received by judge()
+    calls: int = 0  # backend calls, retries and group calls included
+    group_calls: int = 0
+    group_fallbacks: int = 0  # candidates re-judged one by one after a group answer missed them
+    retries: int = 0
+    timeouts: int = 0
+    parse_failures: int = 0
+    backend_errors: int = 0
+    failures: int = 0  # requests that ended without a judgment (after all retries)
+    latencies: deque = field(default_factory=lambda: deque(maxlen=10000))
+
+    def as_dict(self) -> dict:
+        lat = list(self.latencies)
+        return {"judge/requests": self.requests, "judge/calls": self.calls, "judge/group_calls": self.group_calls,
+                "judge/group_fallbacks": self.group_fallbacks, "judge/retries": self.retries,
+                "judge/timeouts": self.timeouts, "judge/parse_failures": self.parse_failures,
+                "judge/backend_errors": self.backend_errors, "judge/failures": self.failures,
+                "judge/latency_p50": percentile(lat, 0.5), "judge/latency_p95": percentile(lat, 0.95)}
+
+
+class RubricJudge(JudgeBackend):
+    name = "rubric"
+
+    def __init__(self, chat: ChatBackend, *, weights: Optional[Mapping[str, float]] = None, max_in_flight: int = 16,
+                 timeout_s: float = 60.0, max_retries: int = 3, backoff_s: float = 0.5, temperature: float = 0.0,
+                 max_tokens: int = 512, cache_size: int = 4096, group_wise: bool = False,
+                 seed: Optional[int] = 0):
+        if max_in_flight < 1 or timeout_s <= 0 or max_retries < 0 or backoff_s < 0:
+            raise ValueError(f"RubricJudge: need max_in_flight >= 1, timeout_s > 0, max_retries >= 0, backoff_s >= 0; "
+                             f"got {max_in_flight}, {timeout_s}, {max_retries}, {backoff_s}")
+        self.chat = chat
+        self.weights = dict(weights) if weights else {d: 1.0 for d in DIMENSIONS}
+        self.max_in_flight, self.timeout_s = max_in_flight, timeout_s
+        self.max_retries, self.backoff_s = max_retries, backoff_s
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.group_wise, self.seed = group_wise, seed
+        self.cache = JudgmentCache(cache_size) if cache_size > 0 else None
+        # The nonce secret: deterministic for a seed (reproducible prompts); the candidate never sees it.
+        self._secret = f"seed={seed}" if seed is not None else secrets.token_hex(16)
+        mode = "group" if group_wise else "single"
+        self.version = rubric_version_hash(f"{chat.name}|{_backend_model_name(chat)}|{mode}")
+        backend_retries = getattr(chat, "max_retries", None)
+        self.backend_retries = backend_retries if isinstance(backend_retries, int) and backend_retries >= 0 else None
+        r = self.backend_retries or 0
+        self.call_timeout_s = timeout_s * (r + 1) + (backoff_s * 2 ** r if self.backend_retries else 0.0)
+        self.stats = JudgeStats()
+        self._sem: Optional[asyncio.Semaphore] = None
+        self._sem_loop = None
+
+    @classmethod
+    def from_config(cls, chat: ChatBackend, cfg_judge, seed: Optional[int] = 0) -> "RubricJudge":
+        return cls(chat, weights=cfg_judge.dimension_weights, max_in_flight=cfg_judge.max_in_flight,
+                   timeout_s=cfg_judge.timeout_s, max_retries=cfg_judge.max_retries, backoff_s=cfg_judge.backoff_s,
+                   temperature=cfg_judge.temperature, max_tokens=cfg_judge.max_tokens,
+                   cache_size=cfg_judge.cache_size, group_wise=cfg_judge.group_wise, seed=seed)
+
+    def aggregate(self, judgment: Judgment) -> Optional[float]:
+        return aggregate_scores(judgment.scores, self.weights) if judgment.ok else None
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._sem is None or self._sem_loop is not loop:  # a semaphore is bound to one event loop
+            self._sem, self._sem_loop = asyncio.Semaphore(self.max_in_flight), loop
+        return self._sem
+
+    async def close(self) -> None:
+        await self.chat.close()
+
+    # ------------------------------------------------------------------------------------------ calls
+    async def _call(self, conv: list[dict]) -> tuple[Optional[str], Optional[str]]:
+        """(text, None) or (None, error) for one backend call, bounded by the semaphore and the timeout."""
+        async with self._semaphore():
+            self.stats.calls += 1
+            try:
+                res = await asyncio.wait_for(
+                    self.chat.complete([conv], temperature=self.temperature, max_tokens=self.max_tokens,
+                                       seed=self.seed), self.call_timeout_s)
+            except asyncio.TimeoutError:
+                self.stats.timeouts += 1
+                return None, f"timeout after {self.call_timeout_s:g}s"
+            except Exception as e:  # noqa: BLE001 - any backend failure is a failed attempt, never a crash
+                self.stats.backend_errors += 1
+                return None, f"backend error: {type(e).__name__}: {str(e)[:300]}"
+        if not isinstance(res, (list, tuple)) or len(res) != 1:
+            self.stats.backend_errors += 1
+            return None, f"backend error: expected 1 completion, got {type(res).__name__}"
+        out = res[0]
+        if isinstance(out, BaseException):
+            self.stats.backend_errors += 1
+            return None, f"backend error: {type(out).__name__}: {str(out)[:300]}"
+        if not isinstance(out, str):
+            self.stats.backend_errors += 1
+            return None, f"backend error: completion is {type(out).__name__}, not str"
+        return out, None
+
+    async def _judge_one(self, req: JudgeRequest, key: tuple) -> Judgment:
+        nonce = make_nonce(self._secret, key)
+        base = build_judge_messages(req, nonce)
+        conv, err, raw = base, "no attempt", ""
+        t0 = time.perf_counter()
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self.stats.retries += 1
+                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+            text, call_err = await self._call(conv)
+            if text is None:
+                err = call_err or "backend error"
+                if self.backend_retries is not None:
+                    break  # the backend already retried this transport failure
+                continue
+            raw = text
+            parsed = parse_judgment(text, nonce)
+            if parsed.ok:
+                lat = time.perf_counter() - t0
+                self.stats.latencies.append(lat)
+                return Judgment(scores=dict(parsed.scores), rationale=dict(parsed.rationale), raw=text[:MAX_RAW_CHARS],
+                                latency_s=lat, attempts=attempt + 1)
+            self.stats.parse_failures += 1
+            err = f"parse error: {parsed.error}"
+            conv = base + [{"role": "assistant", "content": text[:MAX_RAW_CHARS]}, reask_message(parsed.error, nonce)]
+        self.stats.failures += 1
+        return failed_judgment(err, raw, time.perf_counter() - t0, attempt + 1)
+
+    async def _judge_group(self, reqs: list[JudgeRequest], keys: list[tuple]) -> list[Judgment]:
+        nonce = make_nonce(self._secret, ("group", *keys))
+        t0 = time.perf_counter()
+        self.stats.group_calls += 1
+        text, _ = await self._call(build_group_messages(reqs, nonce))
+        lat = time.perf_counter() - t0
+        parsed = parse_group_judgment(text or "", nonce, len(reqs))
+        out: list[Optional[Judgment]] = []
+        redo = []
+        for i, p in enumerate(parsed):
+            if p.ok:
+                self.stats.latencies.append(lat)
+                out.append(Judgment(scores=dict(p.scores), rationale=dict(p.rationale),
+                                    raw=(text or "")[:MAX_RAW_CHARS], latency_s=lat))
+            else:
+                out.append(None)
+                redo.append(i)
+        if redo:
+            self.stats.group_fallbacks += len(redo)
+            singles = await asyncio.gather(*(self._judge_one(reqs[i], keys[i]) for i in redo))
+            for i, j in zip(redo, singles):
+                j.latency_s += lat
+                out[i] = j
+        return out  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------------------------------ public
+    async def judge(self, requests: Sequence[JudgeRequest]) -> list[Judgment]:
+        reqs = list(requests)
+        self.stats.requests += len(reqs)
+        out: list[Optional[Judgment]] = [None] * len(reqs)
+        try:
+            keys = [r.cache_key(self.version) for r in reqs]
+            pending: "OrderedDict[tuple, list[int]]" = OrderedDict()
+            for i, k in enumerate(keys):
+                if k in pending:
+                    pending[k].append(i)
+                    continue
+                hit = self.cache.get(k) if self.cache is not None else None
+                if hit is not None:
+                    out[i] = hit
+                else:
+                    pending[k] = [i]
+            uniq = [(k, idx[0]) for k, idx in pending.items()]
+            jobs, job_keys = [], []
+            if self.group_wise:
+                groups: "OrderedDict[str, list[tuple[tuple, int]]]" = OrderedDict()
+                singles = []
+                for k, i in uniq:
+                    (groups.setdefault(reqs[i].group_id, []) if reqs[i].group_id else singles).append((k, i))
+                for g in groups.values():
+                    if len(g) >= 2:
+                        jobs.append(self._judge_group([reqs[i] for _, i in g], [k for k, _ in g]))
+                        job_keys.append([k for k, _ in g])
+                    else:
+                        singles.extend(g)
+                for k, i in singles:
+                    jobs.append(self._judge_one(reqs[i], k))
+                    job_keys.append(k)
+            else:
+                for k, i in uniq:
+                    jobs.append(self._judge_one(reqs[i], k))
+                    job_keys.append(k)
+            results = await asyncio.gather(*jobs)
+            by_key: dict[tuple, Judgment] = {}
+            for ks, res in zip(job_keys, results):
+                if isinstance(ks, list):
+                    by_key.update(zip(ks, res))
+                else:
+                    by_key[ks] = res
+            for k, idx in pending.items():
+                j = by_key[k]
+                if self.cache is not None:
+                    self.cache.put(k, j)
+                out[idx[0]] = j
+                for i in idx[1:]:  # duplicates in the batch: a copy, counted as a cache hit
+                    dup = copy.deepcopy(j)
+                    if j.ok:
+                        dup.cached, dup.latency_s = True, 0.0
+                        if self.cache is not None:
+                            self.cache.record_hit()
+                    out[i] = dup
+        except Exception as e:  # noqa: BLE001 - a bug here must not crash training: fail the rest, loudly
+            log.exception("RubricJudge.judge failed")
+            for i, j in enumerate(out):
+                if j is None:
+                    self.stats.failures += 1
+                    out[i] = failed_judgment(f"internal judge error: {type(e).__name__}: {e}")
+        return out  # type: ignore[return-value]

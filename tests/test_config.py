@@ -40,7 +40,7 @@ def test_every_yaml_key_documented_and_matches_schema(conf):
 
     def walk(d, prefix=""):
         for k, v in d.items():
-            if isinstance(v, dict) and f"{prefix}{k}" not in ("judge.dimension_weights",):
+            if isinstance(v, dict) and f"{prefix}{k}" not in ("judge.dimension_weights", "judge.chat_template_kwargs", "judge.extra_body"):
                 walk(v, f"{prefix}{k}.")
             else:
                 flat[f"{prefix}{k}"] = v

@@ -365,7 +365,20 @@ def test_backend_that_retries_itself_is_not_retried_again():
     chat.max_retries = 3  # like OpenAIChatBackend: it owns transport retries
     judge = RubricJudge(chat, max_retries=3, backoff_s=0.0, timeout_s=1.0)
     [j] = asyncio.run(judge.judge(reqs(1)))
-    assert not j.ok and chat.calls == 1 and judge.call_timeout_s == pytest.approx(4 * 1.0)
+    assert not j.ok and chat.calls == 1 and judge.call_timeout_s is None
+
+
+def test_backend_that_owns_timeouts_is_not_cut_off_while_queued():
+    # A backend with its own retries/timeouts may legitimately wait (rate limiter, Retry-After) longer than
+    # timeout_s before answering; that wait must not be cancelled and miscounted as a judge timeout.
+    chat = ScriptedChat(delay=0.3)
+    chat.max_retries = 2
+    judge = RubricJudge(chat, max_retries=1, backoff_s=0.0, timeout_s=0.05)
+    [j] = asyncio.run(judge.judge(reqs(1)))
+    assert j.ok and judge.stats.timeouts == 0 and chat.calls == 1
+    plain = RubricJudge(ScriptedChat(delay=0.3), max_retries=0, backoff_s=0.0, timeout_s=0.05)
+    [k] = asyncio.run(plain.judge(reqs(1)))
+    assert not k.ok and plain.stats.timeouts == 1  # without own retries, our timeout applies
 
 
 def test_cache_hits_duplicates_and_hit_rate():

@@ -88,6 +88,13 @@ class JudgeConfig:
                                    "safety": 1.0}, "weights of the five rubric dimensions in the rubric score")
     judge_malformed: bool = doc(False, "also judge answers that fail the format check (else rubric = 0)")
     gpus_per_actor: float = doc(0.0, "GPUs per judge actor")
+    dtype: str = doc("auto", "judge weights for vllm/hf: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
+    device: str = doc("", "hf backend device: empty = cuda when available, else cpu")
+    max_model_len: int = doc(0, "vllm judge context length (0 = the model's own limit)")
+    kv_cache_memory_bytes: int = doc(0, "vllm judge KV cache bytes (0 = 1 GiB on CPU, vLLM's default on GPU)")
+    gpu_memory_utilization: float = doc(0.0, "vllm judge GPU memory fraction (0 = vLLM's default)")
+    chat_template_kwargs: dict = doc({"enable_thinking": False}, "vllm/hf chat template options (Qwen3: answer without thinking)")
+    extra_body: dict = doc({}, "extra JSON fields merged into each openai request")
 
 
 @dataclass
@@ -116,6 +123,7 @@ class AlgoConfig:
     is_cap: float = doc(2.0, "cap of the importance weight")
     updates_per_step: int = doc(1, "optimizer passes over each rollout batch")
     one_step_off_policy: bool = doc(False, "overlap the next generation with the current update")
+    train_samples: str = doc("", "per-turn samples JSONL to train on (e.g. hard.jsonl of `kardia-rl split`); empty = training turns of data.path")
 
 
 @dataclass
@@ -193,6 +201,7 @@ class RayConfig:
     address: str = doc("", "Ray cluster address; empty = RAY_ADDRESS env, else a local cluster on 127.0.0.1")
     num_cpus: int = doc(0, "CPUs for a local cluster (0 = all)")
     placement_strategy: str = doc("PACK", "placement group strategy: PACK | SPREAD | STRICT_PACK")
+    cpus_per_actor: float = doc(0.0, "CPUs reserved per actor (0 = none: small CPU machines oversubscribe)")
 
 
 @dataclass

@@ -136,8 +136,10 @@ class RubricJudge(JudgeBackend):
         self.version = rubric_version_hash(f"{chat.name}|{_backend_model_name(chat)}|{mode}")
         backend_retries = getattr(chat, "max_retries", None)
         self.backend_retries = backend_retries if isinstance(backend_retries, int) and backend_retries >= 0 else None
-        r = self.backend_retries or 0
-        self.call_timeout_s = timeout_s * (r + 1) + (backoff_s * 2 ** r if self.backend_retries else 0.0)
+        # A backend with its own retries also owns per-attempt timeouts, Retry-After and rate-limit waits, and
+        # is bounded by them; an outer timeout here would cut off requests that are only queued behind the rate
+        # limiter and miscount them as judge timeouts. Only backends without retries get our timeout.
+        self.call_timeout_s = None if self.backend_retries is not None else timeout_s
         self.stats = JudgeStats()
         self._sem: Optional[asyncio.Semaphore] = None
         self._sem_loop = None
@@ -172,7 +174,7 @@ class RubricJudge(JudgeBackend):
                                        seed=self.seed), self.call_timeout_s)
             except asyncio.TimeoutError:
                 self.stats.timeouts += 1
-                return None, f"timeout after {self.call_timeout_s:g}s"
+                return None, f"timeout after {self.call_timeout_s}s"
             except Exception as e:  # noqa: BLE001 - any backend failure is a failed attempt, never a crash
                 self.stats.backend_errors += 1
                 return None, f"backend error: {type(e).__name__}: {str(e)[:300]}"

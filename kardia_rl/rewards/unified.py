@@ -67,6 +67,11 @@ class RewardBreakdown:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def scores(self) -> dict:
+        """The per-dimension scores under the name the monitoring layer reads."""
+        return self.dims
+
 
 def _col(sample: Any, name: str, default: Any = None) -> Any:
     if isinstance(sample, dict):

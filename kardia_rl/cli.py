@@ -121,7 +121,8 @@ command("pipeline", "the main job: data check -> model -> split -> SFT -> GRPO -
 def build_parser() -> argparse.ArgumentParser:
     import kardia_rl.commands  # noqa: F401  (registers the subcommands of later stages)
 
-    parser = argparse.ArgumentParser(prog="kardia-rl", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="kardia-rl", description="kardia-rl: distributed rubric-as-judge RL (Kardia-R1) "
+                                     "for persona-aware emotional support")
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     for name, (help_text, configure, fn) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -132,7 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Options may come after key=value overrides (`kardia-rl eval conf.yaml k=v --model DIR`): argparse stops
+    # collecting positionals at the first option, so leftover `key=value` words are appended to the overrides.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [w for w in extra if "=" not in w or w.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides or []) + extra
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2

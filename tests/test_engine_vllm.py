@@ -91,7 +91,8 @@ def test_n_samples_per_prompt_with_transformers_logprobs(engine, reference, prom
                 assert len(c.logprobs) == len(c.token_ids) >= 1
                 assert all(math.isfinite(x) and x <= 0 for x in c.logprobs)
                 assert c.finish_reason in ("stop", "length")
-                assert c.text == engine.tokenizer.decode([t for t in c.token_ids if t not in engine.stop_ids],
+                eos = set(engine.stop_ids) - {engine.tokenizer.convert_tokens_to_ids(RESPONSE_END)}
+                assert c.text == engine.tokenizer.decode([t for t in c.token_ids if t not in eos],
                                                          skip_special_tokens=False)
         diff = reference.completions_max_diff(prompts, outs, temperature, top_p)
         assert diff < TOL, (temperature, top_p, diff)
@@ -149,7 +150,9 @@ def test_stop_tokens(engine, reference, prompts, base_state, restore_weights, st
     outs = engine.generate(prompts, N, temperature=1.0, top_p=1.0, max_new_tokens=MAX_NEW, seed=5)
     for group in outs:
         for c in group:
-            assert c.token_ids == [stop_id] and c.finish_reason == "stop" and c.text == ""
+            assert c.token_ids == [stop_id] and c.finish_reason == "stop"
+            # an EOS is not part of the answer; <|response_end|> closes the response span and stays
+            assert c.text == (RESPONSE_END if stop_token == RESPONSE_END else "")
     assert reference.completions_max_diff(prompts, outs, 1.0) < TOL
 
 

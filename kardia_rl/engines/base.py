@@ -32,7 +32,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 @dataclass
 class Completion:
     token_ids: list[int]  # response tokens only, including the stop token if one was produced
-    text: str  # decoded with special tokens kept, stop token excluded
+    text: str  # decoded with special tokens kept; an EOS stop token is dropped, <|response_end|> is kept
     logprobs: list[float]  # one per token in token_ids, of the sampling distribution (after temperature/top-p)
     finish_reason: str  # "stop" | "length"
 
@@ -96,7 +96,12 @@ class GenerationEngine(ABC):
             self.reference().load_state_dict(state_dict)
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        body = list(token_ids[:-1]) if token_ids and token_ids[-1] in self.stop_ids else list(token_ids)
+        """Text of a completion. A final EOS is dropped (it is not part of the answer), but a final
+        <|response_end|> is kept: it closes the response span, and without it every answer that stopped
+        there would parse as malformed (format reward 0)."""
+        body = list(token_ids)
+        if body and body[-1] in self.stop_ids and body[-1] != self.tokenizer.convert_tokens_to_ids(RESPONSE_END):
+            body = body[:-1]
         return self.tokenizer.decode(body, skip_special_tokens=False)
 
     def __enter__(self):

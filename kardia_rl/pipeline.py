@@ -1,8 +1,11 @@
-"""The main job (`kardia-rl pipeline CONFIG`): every stage of Kardia-R1 that exists, in order.
+"""The main job (`kardia-rl pipeline CONFIG`): Kardia-R1 end to end.
 
-data check -> base model (built locally when missing) -> ...later stages register below. Each stage
-writes into `run_dir` and the run report (`run_dir/report.json`) records what each produced and how
-long it took.
+data check -> base model (built locally when missing) -> difficulty split (resolution rates of a reference
+policy) -> SFT on the easy samples -> GRPO on the hard samples (Ray: rollout group, judge pool, DeepSpeed
+learner) -> evaluation of base vs SFT vs GRPO on the test split -> run report.
+
+Every stage writes into run_dir and is skipped when its output is already complete, so re-running the same
+command after an interruption continues where it stopped (GRPO resumes from its latest checkpoint).
 """
 from __future__ import annotations
 
@@ -10,11 +13,24 @@ import json
 import os
 import time
 
-from kardia_rl.config import KardiaConfig, to_dict
+from kardia_rl.config import KardiaConfig, from_dict, to_dict
+from kardia_rl.errors import KardiaError
 from kardia_rl.utils.io import atomic_write_text
 
 
-def stage_data(cfg: KardiaConfig) -> dict:
+def _with(cfg: KardiaConfig, **dotted) -> KardiaConfig:
+    """A copy of `cfg` with dotted keys replaced (validated again)."""
+    d = to_dict(cfg)
+    for key, value in dotted.items():
+        node = d
+        *parents, leaf = key.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return from_dict(d)
+
+
+def stage_data(cfg: KardiaConfig, state: dict) -> dict:
     from kardia_rl.data import label_set, validate
     from kardia_rl.errors import DataError
 
@@ -30,29 +46,114 @@ def stage_data(cfg: KardiaConfig) -> dict:
     return out
 
 
-def stage_model(cfg: KardiaConfig) -> dict:
+def stage_model(cfg: KardiaConfig, state: dict) -> dict:
     from kardia_rl.model.tiny import build_tiny_model
 
-    if os.path.isdir(cfg.model.path):
+    if os.path.isdir(cfg.model.path) or not cfg.model.init_size:
         print(f"[model] using {cfg.model.path}")
         return {"path": cfg.model.path, "built": False}
-    if not cfg.model.init_size:
-        return {"path": cfg.model.path, "built": False}  # a hub name: loaded by the stages that use it
     build_tiny_model(cfg.model.path, cfg.model.init_size, cfg.model.init_seed)
     print(f"[model] built {cfg.model.init_size} model in {cfg.model.path}")
     return {"path": cfg.model.path, "built": True}
 
 
-STAGES = [("data", stage_data), ("model", stage_model)]
+def stage_split(cfg: KardiaConfig, state: dict) -> dict:
+    from kardia_rl.curriculum.split import split_samples
+    from kardia_rl.learner.sft import run_sft
+    from kardia_rl.learner.sft_data import load_sft_samples
+
+    out_dir = os.path.join(cfg.run_dir, "split")
+    done = os.path.join(out_dir, "split.json")
+    if not os.path.exists(done):
+        train, val = load_sft_samples(cfg)
+        reference = cfg.model.path
+        if cfg.split.reference == "warmup":
+            reference = os.path.join(cfg.run_dir, "reference_model")
+            if not os.path.exists(os.path.join(reference, "sft_result.json")):
+                print(f"[split] warm-up reference policy: SFT for {cfg.split.warmup_epochs} epochs on all training turns")
+                run_sft(_with(cfg, sft__epochs=cfg.split.warmup_epochs), reference, train_samples=train,
+                        val_samples=val, generate_eval=False)
+        split_samples(cfg, train, reference, out_dir)
+    with open(done) as f:
+        meta = json.load(f)
+    sizes = meta.get("sizes", {})
+    print(f"[split] easy (SFT) {sizes.get('easy')} / hard (GRPO) {sizes.get('hard')} samples; tau={cfg.split.tau}")
+    for part in ("easy", "hard"):
+        if not sizes.get(part):
+            raise KardiaError(f"[split] the {part} split is empty (sizes {sizes}); adjust split.tau "
+                              f"({cfg.split.tau}) or split.reward_threshold ({cfg.split.reward_threshold})")
+    return {"dir": out_dir, "sizes": sizes, "method": meta.get("method")}
+
+
+def _read_samples(path: str) -> list:
+    from kardia_rl.data import TurnSample
+    from kardia_rl.utils.io import read_jsonl
+
+    return [TurnSample.from_record(r) for r in read_jsonl(path)]
+
+
+def stage_sft(cfg: KardiaConfig, state: dict) -> dict:
+    from kardia_rl.learner.sft import run_sft
+    from kardia_rl.learner.sft_data import load_sft_samples
+
+    out_dir = os.path.join(cfg.run_dir, "sft_model")
+    result_file = os.path.join(out_dir, "sft_result.json")
+    if not os.path.exists(result_file):
+        easy = _read_samples(os.path.join(state["split"]["dir"], "easy.jsonl"))
+        run_sft(cfg, out_dir, train_samples=easy, val_samples=load_sft_samples(cfg)[1])
+    with open(result_file) as f:
+        res = json.load(f)
+    keep = ("train_examples", "steps", "train_seconds", "val_loss_final", "format_valid_rate", "emotion_accuracy")
+    print(f"[sft] format-valid {res.get('format_valid_rate')} on validation; model in {out_dir}")
+    return {"path": out_dir, **{k: res.get(k) for k in keep}}
+
+
+def stage_grpo(cfg: KardiaConfig, state: dict) -> dict:
+    from kardia_rl.trainer.train_cli import run_train
+
+    run_dir = os.path.join(cfg.run_dir, "grpo")
+    policy = os.path.join(run_dir, "policy")
+    if not os.path.exists(os.path.join(policy, "config.json")):
+        gcfg = _with(cfg, run_dir=run_dir, model__path=state["sft"]["path"], checkpoint__resume=True,
+                     algo__train_samples=os.path.join(state["split"]["dir"], "hard.jsonl"))
+        run_train(gcfg)
+    from kardia_rl.monitoring.logger import read_metrics
+
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    first, last = rows[0], rows[-1]
+    keys = ("rollout/reward_mean", "rollout/format_rate", "rollout/emotion_acc", "train/kl", "timing/step")
+    return {"path": policy, "steps": len(rows), "first": {k: first.get(k) for k in keys},
+            "last": {k: last.get(k) for k in keys}}
+
+
+def stage_eval(cfg: KardiaConfig, state: dict) -> dict:
+    from kardia_rl.evaluation.harness import run_eval
+
+    out_dir = os.path.join(cfg.run_dir, "eval")
+    metrics_file = os.path.join(out_dir, "metrics.json")
+    if not os.path.exists(metrics_file):
+        models = [("base", cfg.model.path), ("sft", state["sft"]["path"]), ("grpo", state["grpo"]["path"])]
+        run_eval(cfg, models, "test", out_dir)
+    with open(os.path.join(out_dir, "report.md")) as f:
+        print(f.read())
+    return {"dir": out_dir, "report": os.path.join(out_dir, "report.md")}
+
+
+STAGES = [("data", stage_data), ("model", stage_model), ("split", stage_split), ("sft", stage_sft),
+          ("grpo", stage_grpo), ("eval", stage_eval)]
 
 
 def run_pipeline(cfg: KardiaConfig) -> int:
     os.makedirs(cfg.run_dir, exist_ok=True)
     report = {"config": to_dict(cfg), "stages": {}}
+    state: dict = {}
+    t_all = time.time()
     for name, fn in STAGES:
         t0 = time.time()
-        result = fn(cfg)
-        report["stages"][name] = {"result": result, "seconds": round(time.time() - t0, 2)}
-        atomic_write_text(os.path.join(cfg.run_dir, "report.json"), json.dumps(report, indent=2))
-    print(f"[pipeline] done; report: {os.path.join(cfg.run_dir, 'report.json')}")
+        print(f"[pipeline] stage {name}")
+        state[name] = fn(cfg, state)
+        report["stages"][name] = {"result": state[name], "seconds": round(time.time() - t0, 2)}
+        report["seconds"] = round(time.time() - t_all, 2)
+        atomic_write_text(os.path.join(cfg.run_dir, "report.json"), json.dumps(report, indent=2, default=str))
+    print(f"[pipeline] done in {report['seconds']:.0f} s; report: {os.path.join(cfg.run_dir, 'report.json')}")
     return 0

@@ -14,11 +14,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _cache_dir(tmp_path_factory, name: str):
+    """Where a session fixture builds `name`: a fresh temp dir, or $KARDIA_TEST_CACHE/name when a developer sets
+    that variable to reuse slow fixtures across runs (CI never sets it)."""
+    cache = os.environ.get("KARDIA_TEST_CACHE")
+    if cache:
+        os.makedirs(cache, exist_ok=True)
+        return os.path.join(cache, name)
+    return str(tmp_path_factory.mktemp(name) / name)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     from kardia_rl.model.tiny import build_tiny_model
 
-    return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny"), "tiny", seed=0)
+    path = _cache_dir(tmp_path_factory, "tiny")
+    return path if os.path.isfile(os.path.join(path, "config.json")) else build_tiny_model(path, "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +37,23 @@ def sample_dialogues():
     from kardia_rl.data import load_dialogues
 
     return load_dialogues("builtin:sample")
+
+
+# Settings of the short SFT that gives the Ray/GRPO tests a policy that already emits the four spans.
+SFT_TEST_OVERRIDES = ["sft.lr=5e-3", "sft.batch_size=8", "sft.micro_batch_size=8", "sft.max_seq_len=384",
+                      "data.max_history_turns=1", "sft.eval_every=0", "sft.epochs=6", "sft.warmup_steps=10",
+                      "sft.lr_schedule=linear", "learner.zero_stage=0"]
+
+
+@pytest.fixture(scope="session")
+def sft_model_dir(tmp_path_factory, tiny_model_dir) -> str:
+    """The tiny model after a short SFT on the bundled training split (a few CPU minutes, once per session)."""
+    from kardia_rl.config import load_config
+    from kardia_rl.learner.sft import run_sft
+
+    out = _cache_dir(tmp_path_factory, "sft")
+    if os.path.isfile(os.path.join(out, "sft_result.json")):
+        return out
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "conf", "tiny.yaml"),
+                      [f"run_dir={out}-run", f"model.path={tiny_model_dir}", *SFT_TEST_OVERRIDES])
+    return run_sft(cfg, out, generate_eval=False, progress=False)["out_dir"]

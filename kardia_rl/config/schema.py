@@ -150,6 +150,8 @@ class SFTConfig:
     packing: bool = doc(False, "pack several samples into one sequence (else length-grouped batches)")
     eval_every: int = doc(50, "validation loss every N optimizer steps (0 = only at the end)")
     max_steps: int = doc(0, "stop after this many optimizer steps (0 = run all epochs)")
+    warmup_steps: int = doc(10, "linear learning-rate warm-up steps")
+    lr_schedule: str = doc("linear", "learning rate after warm-up: constant | linear (decay to 0 at the last step)")
 
 
 @dataclass
@@ -159,6 +161,8 @@ class SplitConfig:
     reward_threshold: float = doc(0.6, "an answer 'resolves' the sample when its unified reward >= this")
     tau: float = doc(0.5, "samples with resolution rate >= tau are easy (SFT), the rest hard (GRPO)")
     temperature: float = doc(1.0, "sampling temperature of the reference policy")
+    reference: str = doc("base", "reference policy for resolution rates: base (model.path) | warmup (a short SFT on all training turns, for models that cannot produce the format yet)")
+    warmup_epochs: float = doc(3.0, "SFT epochs of the warm-up reference policy (split.reference=warmup)")
 
 
 @dataclass

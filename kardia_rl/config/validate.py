@@ -25,6 +25,8 @@ _CHOICES = {
     "algo.kl_in": ("loss", "reward"),
     "algo.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
     "learner.optimizer": ("torch_adamw", "deepspeed_adamw"),
+    "sft.lr_schedule": ("constant", "linear"),
+    "split.reference": ("base", "warmup"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "ray.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK"),
 }

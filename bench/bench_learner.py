@@ -1,0 +1,122 @@
+"""Learner throughput: tokens/s of GRPO `train_step` (forward + backward + optimizer step) on the DeepSpeed
+learner, for the local tiny and small models.
+
+Method (printed with the results): build the model locally (no downloads), make a synthetic rollout batch
+of `--groups x --group-size` sequences with `--prompt-len` prompt and `--response-len` response tokens
+(random ids, group-normalised random rewards as advantages), run `--warmup` untimed steps, then time
+`--steps` train_steps. tokens/s counts every token the model processes (prompt + response); response
+tokens/s counts the trained ones. CPU: ZeRO-2, world size 1, fp32, client torch AdamW. `--device cuda`:
+bf16, same ZeRO stage, plus peak GPU memory (torch.cuda.max_memory_allocated).
+
+    .venv/bin/python bench/bench_learner.py                  # tiny + small on CPU
+    .venv/bin/python bench/bench_learner.py --device cuda    # on a GPU machine
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def bench_one(size: str, args, workdir: str) -> dict:
+    import torch
+
+    from kardia_rl.algo import group_advantages
+    from kardia_rl.config import load_config
+    from kardia_rl.learner import collate_rollout
+    from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
+    from kardia_rl.model.tiny import build_tiny_model
+
+    model_dir = os.path.join(workdir, size)
+    if not os.path.isdir(model_dir):
+        build_tiny_model(model_dir, size, seed=0)
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    cfg = load_config(None, [f"learner.zero_stage={args.zero_stage}", f"learner.micro_batch_size={args.micro_batch}",
+                             f"model.dtype={dtype}", "algo.kl_beta=0.0", f"model.max_new_tokens={args.response_len}",
+                             "learner.lr=1e-5"])
+    learner = DeepSpeedLearner(cfg, model_dir)
+    g = torch.Generator().manual_seed(0)
+    n = args.groups * args.group_size
+    vocab = len(learner.tokenizer)
+    prompts = [torch.randint(10, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.groups)]
+    prompts = [p for p in prompts for _ in range(args.group_size)]
+    responses = [torch.randint(10, vocab, (args.response_len,), generator=g).tolist() for _ in range(n)]
+    adv = group_advantages(torch.rand(n, generator=g), args.group_size).advantages
+    batch = collate_rollout(prompts, responses, learner.tokenizer.pad_token_id, advantages=adv)
+    for _ in range(args.warmup):
+        learner.train_step(batch)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        m = learner.train_step(batch)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    tokens = float(batch["attention_mask"].sum()) * args.steps
+    resp = float(batch["response_mask"].sum()) * args.steps
+    n_params = sum(p.numel() for p in learner.module.parameters())
+    out = {"model": size, "params_M": round(n_params / 1e6, 2), "device": args.device, "dtype": dtype,
+           "zero_stage": args.zero_stage, "batch": n, "micro_batch": args.micro_batch,
+           "seq_len": args.prompt_len + args.response_len, "step_s": round(dt / args.steps, 3),
+           "tokens_per_s": round(tokens / dt, 1), "response_tokens_per_s": round(resp / dt, 1),
+           "grad_norm_finite": m["train/grad_norm"] == m["train/grad_norm"], "torch_threads": torch.get_num_threads()}
+    if args.device == "cuda":
+        out["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--sizes", default="tiny,small", help="comma-separated model sizes (kardia_rl.model.tiny.SIZES)")
+    p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--groups", type=int, default=None, help="prompts per batch (default: cpu 2, cuda 8)")
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=None, help="default: cpu 128, cuda 512")
+    p.add_argument("--response-len", type=int, default=None, help="default: cpu 128, cuda 512")
+    p.add_argument("--micro-batch", type=int, default=None, help="default: cpu 8, cuda 16")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--workdir", default=None, help="where the models are built (default: a temp dir)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    gpu = args.device == "cuda"
+    args.groups = args.groups or (8 if gpu else 2)
+    args.prompt_len = args.prompt_len or (512 if gpu else 128)
+    args.response_len = args.response_len or (512 if gpu else 128)
+    args.micro_batch = args.micro_batch or (16 if gpu else 8)
+    import torch
+
+    if gpu and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device visible", file=sys.stderr)
+        return 2
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    print(f"method: GRPO train_step (fwd+bwd+AdamW step) on DeepSpeed ZeRO-{args.zero_stage}, world size 1, "
+          f"{'bf16 on ' + args.device if gpu else 'fp32 on cpu'}; batch {args.groups}x{args.group_size} sequences "
+          f"of {args.prompt_len} prompt + {args.response_len} response tokens, micro-batch {args.micro_batch}; "
+          f"{args.warmup} warm-up + {args.steps} timed steps; tokens/s = all processed tokens / time", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes.split(","):
+            r = bench_one(size.strip(), args, args.workdir or tmp)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    if args.json:
+        from kardia_rl.utils.io import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The SFT stage: cross-entropy on the four-span answers (prompt masked), on the same DeepSpeed learner as
+GRPO, then greedy generation on the validation turns to measure the format-valid rate.
+
+Batching: length-grouped batches by default (similar lengths per step, little padding). With
+cfg.sft.packing several examples share one sequence, with position ids restarting per example and labels
+that never cross a boundary. ATTENTION DOES CROSS example boundaries in a pack unless the model runs a
+varlen kernel (flash_attention_2 reads the restarting position ids and isolates the examples); with the
+default sdpa/eager kernels a packed example also sees the examples before it (cross-contamination). That is
+a documented trade-off (packing is off by default, and length grouping already removes most padding).
+
+Every rank runs `run_sft` (collective); rank 0 writes the model (atomically) and the result JSON.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+
+from kardia_rl.data import TurnSample, label_set, normalize_emotion
+from kardia_rl.errors import KardiaError
+from kardia_rl.format.spans import parse_spans
+from kardia_rl.learner import batching as B
+from kardia_rl.learner.distributed import all_reduce_
+from kardia_rl.learner.sft_data import SFTExample, build_examples, encode_prompt, load_sft_samples
+from kardia_rl.utils.io import atomic_write_jsonl, atomic_write_text
+
+
+def ensure_model(cfg) -> str:
+    """cfg.model.path, building the local tiny/small model there first when it is missing."""
+    path = cfg.model.path
+    if os.path.isdir(path) or not cfg.model.init_size:
+        return path
+    from kardia_rl.model.tiny import build_tiny_model
+
+    build_tiny_model(path, cfg.model.init_size, cfg.model.init_seed)
+    return path
+
+
+def step_plan(examples: Sequence[SFTExample], cfg, world_size: int) -> list[list[tuple[list[int], list[int],
+                                                                                        Optional[list[int]]]]]:
+    """All optimizer steps up front: each a list of (input_ids, labels, position_ids) rows.
+
+    Epochs may be fractional; cfg.sft.max_steps caps the total. Each epoch reshuffles (seed + epoch).
+    Steps with fewer rows than ranks are dropped (every rank needs at least one row).
+    """
+    sc = cfg.sft
+    rows = [(e.input_ids, e.labels, None) for e in examples]
+    steps: list[list] = []
+    per_epoch = None
+    epoch = 0
+    target = None
+    while target is None or len(steps) < target:
+        seed = cfg.seed + epoch
+        if sc.packing:
+            order = list(range(len(examples)))
+            random.Random(seed).shuffle(order)
+            packed, pos = B.pack_examples([(rows[i][0], rows[i][1]) for i in order], sc.max_seq_len)
+            epoch_rows = [(ids, lab, p) for (ids, lab), p in zip(packed, pos)]
+            batches = [list(range(i, min(i + sc.batch_size, len(epoch_rows))))
+                       for i in range(0, len(epoch_rows), sc.batch_size)]
+            random.Random(seed).shuffle(batches)
+        else:
+            epoch_rows = rows
+            batches = B.length_grouped_batches([len(e) for e in examples], sc.batch_size, seed)
+        batches = [b for b in batches if len(b) >= world_size]
+        if not batches:
+            raise KardiaError(f"sft.batch_size={sc.batch_size} gives no step with >= {world_size} rows")
+        if per_epoch is None:
+            per_epoch = len(batches)
+            target = max(1, math.ceil(sc.epochs * per_epoch))
+            if sc.max_steps > 0:
+                target = min(target, sc.max_steps)
+        steps.extend([epoch_rows[i] for i in b] for b in batches)
+        epoch += 1
+    return steps[:target]
+
+
+def _collate(rows: Sequence[tuple], pad_id: int) -> dict:
+    pos = [r[2] for r in rows] if rows and rows[0][2] is not None else None
+    return B.collate_sft([(r[0], r[1]) for r in rows], pad_id, pos)
+
+
+def validation_loss(learner, examples: Sequence[SFTExample], batch_size: int) -> float:
+    """Token-mean CE over all validation targets; each rank scores its share (collective).
+
+    A rank with fewer batches scores a batch whose labels are all ignored (adds 0 to sum and count), so
+    every rank makes the same number of collective calls.
+    """
+    if not examples:
+        return float("nan")
+    pad = learner.tokenizer.pad_token_id
+    mine = list(examples)[learner.rank::learner.world_size]
+    n_batches = int(all_reduce_(torch.tensor([math.ceil(len(mine) / batch_size)], device=learner.device),
+                                "max").item())
+    s = n = 0.0
+    for i in range(n_batches):
+        chunk = mine[i * batch_size:(i + 1) * batch_size]
+        if chunk:
+            batch = B.collate_sft([(e.input_ids, e.labels) for e in chunk], pad)
+        else:
+            batch = B.collate_sft([(examples[0].input_ids, [B.IGNORE_INDEX] * len(examples[0]))], pad)
+        ls, cnt = learner.sft_eval_loss(batch)  # already summed over ranks
+        s, n = s + ls, n + cnt
+    return s / max(n, 1.0)
+
+
+@torch.no_grad()
+def generate_answers(learner, samples: Sequence[TurnSample], cfg, batch_size: int = 16) -> list[str]:
+    """Greedy answers (stop at EOS or <|response_end|>) for this rank's `samples`; special tokens kept."""
+    tok, model = learner.tokenizer, learner.module
+    stop = [tok.eos_token_id]
+    resp_end = tok.convert_tokens_to_ids("<|response_end|>")
+    if isinstance(resp_end, int) and resp_end != tok.unk_token_id:
+        stop.append(resp_end)
+    sync = learner.zero_stage == 3 and learner.world_size > 1
+    n_batches = math.ceil(len(samples) / batch_size)
+    if learner.world_size > 1:
+        n_batches = int(all_reduce_(torch.tensor([n_batches], device=learner.device), "max").item())
+    was_training = model.training
+    model.eval()
+    texts: list[str] = []
+    try:
+        for i in range(n_batches):
+            chunk = list(samples[i * batch_size:(i + 1) * batch_size])
+            real = len(chunk)
+            chunk = chunk or list(samples[:1])  # keeps ZeRO-3 ranks stepping together
+            if not chunk:
+                continue
+            prompts = [encode_prompt(s, tok, cfg) for s in chunk]
+            batch = B.collate_rollout(prompts, [[]] * len(prompts), tok.pad_token_id)
+            P = max(len(p) for p in prompts)
+            out = model.generate(input_ids=batch["input_ids"][:, :P].to(learner.device),
+                                 attention_mask=batch["attention_mask"][:, :P].to(learner.device),
+                                 max_new_tokens=cfg.model.max_new_tokens, do_sample=False, eos_token_id=stop,
+                                 pad_token_id=tok.pad_token_id, synced_gpus=sync)
+            for row in out[:real, P:].tolist():
+                while row and row[-1] in (tok.pad_token_id, tok.eos_token_id):
+                    row.pop()
+                texts.append(tok.decode(row, skip_special_tokens=False))
+    finally:
+        model.train(was_training)
+    return texts
+
+
+def format_eval(learner, samples: Sequence[TurnSample], cfg, keep_examples: int = 3) -> dict:
+    """Format-valid rate and emotion accuracy of greedy answers on `samples` (sharded over ranks)."""
+    labels = label_set(cfg.data.emotion_labels or None)
+    mine = list(samples)[learner.rank::learner.world_size]
+    texts = generate_answers(learner, mine, cfg)
+    ok = emo = 0
+    for s, t in zip(mine, texts):
+        res = parse_spans(t, cfg.data.span_notation)
+        ok += int(res.ok)
+        emo += int(normalize_emotion(res.found.get("emotion"), labels) == s.emotion)
+    counts = torch.tensor([ok, emo, len(mine)], dtype=torch.float64, device=learner.device)
+    ok, emo, n = (float(x) for x in all_reduce_(counts, "sum").cpu())
+    return {"format_valid_rate": ok / max(n, 1.0), "emotion_accuracy": emo / max(n, 1.0), "n": int(n),
+            "examples": [{"id": s.id, "output": t} for s, t in list(zip(mine, texts))[:keep_examples]]}
+
+
+def run_sft(cfg, out_dir: Optional[str] = None, *, train_samples: Optional[Sequence[TurnSample]] = None,
+            val_samples: Optional[Sequence[TurnSample]] = None, rank: Optional[int] = None,
+            world_size: Optional[int] = None, eval_before: bool = False, generate_eval: bool = True,
+            progress: bool = True) -> dict[str, Any]:
+    """Train, validate, save; returns (and rank 0 writes to `out_dir/sft_result.json`) the result dict.
+
+    `train_samples` default to every training turn of cfg.data (the difficulty split passes the easy ones).
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
+
+    t0 = time.time()
+    threads = int(getattr(cfg.learner, "cpu_threads", 0))
+    if threads > 0 and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+    out_dir = out_dir or os.path.join(cfg.run_dir, "sft_model")
+    model_path = ensure_model(cfg)
+    if train_samples is None or val_samples is None:
+        tr, va = load_sft_samples(cfg)
+        train_samples = tr if train_samples is None else train_samples
+        val_samples = va if val_samples is None else val_samples
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    train_ex, cut = build_examples(train_samples, tokenizer, cfg)
+    val_ex, _ = build_examples(val_samples, tokenizer, cfg)
+    ws_hint = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    plan = step_plan(train_ex, cfg, ws_hint)
+    learner = DeepSpeedLearner(cfg, model_path, rank=rank, world_size=world_size, role="sft",
+                               total_steps=len(plan))
+    pad = learner.tokenizer.pad_token_id
+    result: dict[str, Any] = {"model_path": model_path, "out_dir": out_dir, "train_examples": len(train_ex),
+                              "val_examples": len(val_ex), "targets_truncated": cut, "steps": len(plan),
+                              "world_size": learner.world_size, "val_loss_history": []}
+    if eval_before and generate_eval and val_samples:
+        result["before"] = {k: v for k, v in format_eval(learner, val_samples, cfg).items() if k != "examples"}
+    result["val_loss_initial"] = validation_loss(learner, val_ex, cfg.sft.micro_batch_size)
+    history: list[dict] = []
+    bar = tqdm(total=len(plan), desc="sft", disable=not progress or learner.rank != 0, dynamic_ncols=True)
+    t_train = time.time()
+    tokens = 0.0
+    seq_tokens = sum(len(r[0]) for rows in plan for r in rows)
+    for i, rows in enumerate(plan, start=1):
+        mine = rows[len(rows) * learner.rank // learner.world_size:len(rows) * (learner.rank + 1) // learner.world_size]
+        m = learner.sft_step(_collate(mine, pad))
+        tokens += m["train/tokens"]
+        m["step"] = i
+        if (cfg.sft.eval_every > 0 and i % cfg.sft.eval_every == 0) or i == len(plan):
+            m["val/loss"] = validation_loss(learner, val_ex, cfg.sft.micro_batch_size)
+            result["val_loss_history"].append([i, m["val/loss"]])
+        history.append(m)
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['train/sft_loss']:.3f}",
+                        **({"val": f"{m['val/loss']:.3f}"} if "val/loss" in m else {}))
+    bar.close()
+    result["train_seconds"] = round(time.time() - t_train, 2)
+    result["train_tokens_per_s"] = round(seq_tokens / max(result["train_seconds"], 1e-9), 1)  # all tokens
+    result["target_tokens"] = tokens
+    result["train_loss_first"] = history[0]["train/sft_loss"]
+    result["train_loss_last"] = history[-1]["train/sft_loss"]
+    result["val_loss_final"] = history[-1]["val/loss"]
+    result["skipped_steps"] = learner.skipped_steps
+    learner.save_pretrained(out_dir)
+    if generate_eval and val_samples:
+        t_eval = time.time()
+        result["after"] = format_eval(learner, val_samples, cfg)
+        result["format_valid_rate"] = result["after"]["format_valid_rate"]
+        result["emotion_accuracy"] = result["after"]["emotion_accuracy"]
+        result["eval_seconds"] = round(time.time() - t_eval, 2)
+    result["seconds"] = round(time.time() - t0, 2)
+    if learner.rank == 0:
+        atomic_write_jsonl(os.path.join(out_dir, "sft_metrics.jsonl"), history)
+        atomic_write_text(os.path.join(out_dir, "sft_result.json"), json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,214 @@
+"""The GRPO driver: a thin single controller over the rollout group, judge pool and learner group.
+
+Each step reads as a list (see `GRPOTrainer.step`): sample prompts -> generate N and score each candidate
+as soon as it is generated -> group-normalised advantages -> learner update -> weight sync (verified) ->
+log -> checkpoint. All heavy work happens in the actors; the driver only moves token ids and numbers.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from kardia_rl.errors import KardiaError
+
+NON_DETERMINISTIC_PREFIXES = ("timing/", "perf/", "judge/latency")  # wall-clock numbers
+
+
+class GRPOTrainer:
+    def __init__(self, cfg, samples: Sequence, policy_path: str):
+        if not samples:
+            raise KardiaError("GRPO needs at least one training prompt (the hard split is empty?)")
+        self.cfg, self.samples, self.policy_path = cfg, list(samples), policy_path
+        self.start_step = 1
+
+    # --- set-up -----------------------------------------------------------------------------------------
+    def setup(self) -> "GRPOTrainer":
+        from transformers import AutoTokenizer
+
+        from kardia_rl.config import RUBRIC_DIMENSIONS
+        from kardia_rl.data import label_set
+        from kardia_rl.format.spans import SPAN_TOKENS
+        from kardia_rl.learner.sft_data import encode_prompt, encode_target
+        from kardia_rl.monitoring import HackingMonitor, MetricsLogger
+        from kardia_rl.rewards.unified import UnifiedReward
+        from kardia_rl.trainer.checkpoint import CheckpointManager
+        from kardia_rl.trainer.judge_pool import PoolJudge
+        from kardia_rl.trainer.learner_group import LearnerGroup
+        from kardia_rl.trainer.prompt_source import PromptSource
+        from kardia_rl.trainer.ray_cluster import init_ray
+        from kardia_rl.trainer.rollout_group import RolloutGroup
+
+        cfg = self.cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
+        missing = [t for t in SPAN_TOKENS if t not in self.tokenizer.get_vocab()]
+        if missing:
+            raise KardiaError(f"model.path {self.policy_path!r} has no span tokens ({missing[0]} ...): GRPO starts from a "
+                              f"checkpoint that knows the format; run `kardia-rl sft` (or the pipeline) first")
+        self.dims = RUBRIC_DIMENSIONS
+        init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        cpus = cfg.ray.cpus_per_actor
+        self.prompt_ids = {s.id: encode_prompt(s, self.tokenizer, cfg) for s in self.samples}
+        first = self.samples[0]
+        # A fixed probe (a real prompt and its reference answer) for verifying every weight sync.
+        self.probe = (self.prompt_ids[first.id] + encode_target(first, self.tokenizer))[-256:]
+        self.learner = LearnerGroup(cfg, self.policy_path, cpus)
+        self.rollout = RolloutGroup(cfg, self.policy_path, cpus)
+        self.judge = PoolJudge(cfg, cpus)
+        self.reward = UnifiedReward(cfg.reward, cfg.judge, self.judge, label_set(cfg.data.emotion_labels),
+                                    cfg.data.span_notation, history_mode=cfg.data.history,
+                                    max_history_turns=cfg.data.max_history_turns)
+        self.prompts = PromptSource(self.samples, cfg.algo.prompts_per_step, cfg.seed)
+        self.monitor = HackingMonitor(cfg.monitor)
+        self.ckpt = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep_last)
+        latest = self.ckpt.latest() if cfg.checkpoint.resume else None
+        self.logger = MetricsLogger(cfg.run_dir, cfg, resume=latest is not None)
+        if latest:
+            self._resume(latest)
+        return self
+
+    def _resume(self, path: str) -> None:
+        from kardia_rl.trainer.checkpoint import restore_rng
+
+        state = self.ckpt.load_driver_state(path)
+        self.learner.load_checkpoint(os.path.join(path, "learner"))
+        self.prompts.load_state_dict(state["prompts"])
+        self.monitor.load_state_dict(state["monitor"])
+        restore_rng(state["rng"])
+        self.logger.truncate_after(state["step"])
+        self.start_step = state["step"] + 1
+        diffs = self.sync_weights()  # the engines restarted from the base weights: bring them up to date
+        print(f"[resume] from {path} at step {state['step']}; engines re-synced (max diff {max(diffs):.2e})")
+
+    # --- the loop ---------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        last = {}
+        for step in range(self.start_step, self.cfg.algo.num_steps + 1):
+            last = self.step(step)
+        return last
+
+    def step(self, step: int) -> dict:
+        t0, timing = time.perf_counter(), {}
+        samples = self.prompts.next_batch()                                          # 1. sample prompts
+        rollout = self.generate_and_score(samples, step)                             # 2-3. generate N, score
+        timing.update(rollout.timing)
+        with _timed(timing, "timing/advantages"):
+            batch, adv = self.build_batch(rollout)                                   # 4. group advantages
+        with _timed(timing, "timing/train"):
+            train_metrics = self.update(batch)                                       # 5. learner update
+        with _timed(timing, "timing/weight_sync"):
+            diffs = self.sync_weights()                                              # 6. weight sync, verified
+        metrics = self.metrics(rollout, adv, train_metrics, diffs)                   # 7. log
+        self.log(step, metrics, rollout, adv, timing, t0)
+        with _timed(timing, "timing/checkpoint"):
+            self.maybe_checkpoint(step)                                              # 8. checkpoint
+        return metrics
+
+    # --- the steps ----------------------------------------------------------------------------------------
+    def generate_and_score(self, samples, step: int):
+        from kardia_rl.trainer.rollout import generate_and_score
+
+        self.reward.reset_stats()
+        return generate_and_score(self.rollout, self.reward, samples, [self.prompt_ids[s.id] for s in samples],
+                                  n=self.cfg.algo.group_size, seed=self.cfg.seed, step=step)
+
+    def build_batch(self, rollout):
+        from kardia_rl.algo import apply_kl_to_rewards, group_advantages
+        from kardia_rl.learner.batching import collate_rollout
+
+        ac, n = self.cfg.algo, rollout.group_size
+        prompts = [p for p in rollout.prompt_ids for _ in range(n)]
+        responses = [c.token_ids for c in rollout.completions]
+        batch = collate_rollout(prompts, responses, self.tokenizer.pad_token_id,
+                                engine_logprobs=[c.logprobs for c in rollout.completions])
+        rewards = torch.tensor([r.total for r in rollout.rewards], dtype=torch.float32)
+        if ac.kl_in == "reward" and ac.kl_beta > 0:
+            logp = self.learner.compute_logprobs(batch, "policy")
+            ref = self.learner.compute_logprobs(batch, "ref")
+            rewards = apply_kl_to_rewards(rewards, logp, ref, batch["response_mask"], ac.kl_beta, ac.kl_estimator)
+        adv = group_advantages(rewards, n, mode=ac.advantage, drop_zero_std=ac.drop_zero_std)
+        batch["advantages"], batch["keep"] = adv.advantages, adv.keep
+        if ac.updates_per_step > 1:  # several passes need the pre-update policy as the ratio's denominator
+            batch["old_logprobs"] = self.learner.compute_logprobs(batch, "policy")
+        return batch, adv
+
+    def update(self, batch: dict) -> dict:
+        out: dict = {}
+        for _ in range(self.cfg.algo.updates_per_step):
+            out = self.learner.train_step(batch)
+        return out
+
+    def sync_weights(self) -> list[float]:
+        diffs = self.rollout.sync_weights(self.learner.hf_state_dict(), self.probe)
+        limit = self.cfg.rollout.sync_check_threshold
+        if not all(math.isfinite(d) and d <= limit for d in diffs):
+            raise KardiaError(f"weight sync verification failed: engine vs learner log-prob diff {max(diffs):.3e} > "
+                              f"rollout.sync_check_threshold={limit} on actor(s) "
+                              f"{[i for i, d in enumerate(diffs) if not d <= limit]}; refusing to train on stale weights")
+        return diffs
+
+    def metrics(self, rollout, adv, train_metrics: dict, diffs: list[float]) -> dict:
+        from kardia_rl.monitoring import rollout_metrics
+        from kardia_rl.rewards.unified import summary
+
+        lengths = [len(c.token_ids) for c in rollout.completions]
+        m = rollout_metrics(rollout.rewards, rollout.group_size, lengths,
+                            [c.finish_reason for c in rollout.completions], dimensions=self.dims)
+        m.update(summary(rollout.rewards))
+        m.update(self.reward.stats_summary())
+        m["judge/actor_failures"] = float(self.judge.actor_failures)
+        m.update({f"rollout/{k}": v for k, v in adv.stats().items()})
+        m.update(train_metrics)
+        m["rollout/sync_logprob_diff"] = max(diffs)
+        m["rollout/generated_tokens"] = float(sum(lengths))
+        return m
+
+    def log(self, step: int, metrics: dict, rollout, adv, timing: dict, t0: float) -> None:
+        from kardia_rl.monitoring import batch_sample_rows
+
+        timing["timing/step"] = time.perf_counter() - t0
+        timing["timing/other"] = timing["timing/step"] - sum(v for k, v in timing.items() if k != "timing/step")
+        metrics.update(timing)
+        metrics["perf/tokens_per_sec"] = metrics["rollout/generated_tokens"] / max(timing["timing/step"], 1e-9)
+        rows = None
+        if self.logger.is_logging_step(step):
+            rows = batch_sample_rows(
+                step, [self.tokenizer.decode(p) for p in rollout.prompt_ids], [c.text for c in rollout.completions],
+                rollout.rewards, adv.advantages.tolist(), rollout.group_size, self.cfg.logging.samples_per_table,
+                [s.emotion for s in rollout.samples], self.cfg.data.span_notation)
+        self.logger.log(step, metrics, alerts=self.monitor.update(step, metrics), samples=rows)
+
+    def maybe_checkpoint(self, step: int) -> Optional[str]:
+        from kardia_rl.trainer.checkpoint import capture_rng
+
+        every, last = self.cfg.checkpoint.every, self.cfg.algo.num_steps
+        if not (step == last or (every > 0 and step % every == 0)):
+            return None
+        state = {"prompts": self.prompts.state_dict(), "monitor": self.monitor.state_dict(), "rng": capture_rng()}
+        return self.ckpt.save(step, state, self.learner.save_checkpoint)
+
+    # --- end ------------------------------------------------------------------------------------------
+    def export(self, out_dir: str) -> str:
+        """The final policy as a save_pretrained folder (loads as-is in transformers and vLLM)."""
+        return self.learner.save_pretrained(out_dir)
+
+    def shutdown(self) -> None:
+        for part in ("rollout", "judge", "learner"):
+            if hasattr(self, part):
+                getattr(self, part).shutdown()
+        if hasattr(self, "logger"):
+            self.logger.close()
+
+
+class _timed:
+    def __init__(self, into: dict, key: str):
+        self.into, self.key = into, key
+
+    def __enter__(self):
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.into[self.key] = time.perf_counter() - self.t

@@ -1,0 +1,112 @@
+"""The judge pool: J Ray actors serving the rubric judge, behind the ordinary `JudgeBackend` contract.
+
+`PoolJudge` is what the driver's `UnifiedReward` calls: each batch of judge requests goes to the actor with
+the fewest requests in flight, so candidates are scored as soon as they are generated and judging
+overlaps generation. Actors are async (many requests in flight each, bounded by the judge's own
+`max_in_flight`). Ray restarts a dead actor (max_restarts=-1); the request that was in flight is re-sent
+to another actor, counted in `actor_failures`, and only after `max_attempts` does it become a failed
+Judgment, which the reward layer turns into a counted fallback. Nothing here raises into training.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Sequence
+
+import ray
+from ray.exceptions import RayActorError
+
+from kardia_rl.config import from_dict, to_dict
+from kardia_rl.rewards.judge.base import JudgeBackend, JudgeRequest, Judgment
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class JudgeActor:
+    def __init__(self, cfg_dict: dict, index: int):
+        from kardia_rl.rewards.judge import make_judge
+
+        cfg = from_dict(cfg_dict)
+        self.index = index
+        self.backend = make_judge(cfg.judge, seed=cfg.seed + index)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    async def judge(self, requests: list[JudgeRequest]) -> list[Judgment]:
+        _maybe_inject_crash()
+        return await self.backend.judge(requests)
+
+    async def stats(self) -> dict:
+        st = getattr(self.backend, "stats", None)
+        out = st.as_dict() if hasattr(st, "as_dict") else {}
+        cache = getattr(self.backend, "cache", None)
+        if cache is not None and hasattr(cache, "hit_rate"):
+            out.update(cache_hits=cache.hits, cache_misses=cache.misses)
+        return out
+
+
+FAULT_FILE_ENV = "KARDIA_FAULT_JUDGE_CRASH_FILE"
+
+
+def _maybe_inject_crash() -> None:
+    """Fault injection for the fault-tolerance test: if the file named by $KARDIA_FAULT_JUDGE_CRASH_FILE exists,
+    the first request to see it deletes it and kills this actor's process mid-request (consumed once, so the
+    restarted actor runs normally). Unset in normal runs: costs one environment lookup."""
+    path = os.environ.get(FAULT_FILE_ENV)
+    if path:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            return
+        os._exit(1)
+
+
+class PoolJudge(JudgeBackend):
+    name = "pool"
+
+    def __init__(self, cfg, cpus_per_actor: float = 0.0, max_attempts: int = 3):
+        d = to_dict(cfg)
+        opts = {"num_cpus": cpus_per_actor, "num_gpus": cfg.judge.gpus_per_actor}
+        self.actors = [JudgeActor.options(**opts).remote(d, i) for i in range(cfg.judge.num_actors)]
+        self.in_flight = [0] * len(self.actors)
+        self.max_attempts = max_attempts
+        self.actor_failures = 0
+        ray.get([a.pid.remote() for a in self.actors])
+
+    def _pick(self, exclude: set[int]) -> int:
+        live = [i for i in range(len(self.actors)) if i not in exclude] or list(range(len(self.actors)))
+        return min(live, key=lambda i: (self.in_flight[i], i))
+
+    async def judge(self, requests: Sequence[JudgeRequest]) -> list[Judgment]:
+        tried: set[int] = set()
+        last_error = ""
+        for _ in range(self.max_attempts):
+            i = self._pick(tried)
+            self.in_flight[i] += 1
+            try:
+                return await self.actors[i].judge.remote(list(requests))
+            except RayActorError as e:  # the actor died mid-request: Ray restarts it; re-send elsewhere
+                self.actor_failures += 1
+                tried.add(i)
+                last_error = f"judge actor {i} died: {type(e).__name__}"
+                await asyncio.sleep(0.5)
+            finally:
+                self.in_flight[i] -= 1
+        return [Judgment(scores={}, ok=False, error=last_error, fallback=True) for _ in requests]
+
+    def stats(self) -> dict:
+        """Summed counters of every actor (calls, failures, cache hits ...) plus actor deaths seen here."""
+        total: dict = {"actor_failures": self.actor_failures}
+        for st in ray.get([a.stats.remote() for a in self.actors]):
+            for k, v in st.items():
+                if isinstance(v, (int, float)) and not k.startswith("latency"):
+                    total[k] = total.get(k, 0) + v
+        return total
+
+    def kill_actor(self, index: int) -> None:
+        """Fault injection for tests: kill one actor's process (Ray restarts it)."""
+        ray.kill(self.actors[index], no_restart=False)
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)

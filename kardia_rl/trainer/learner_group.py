@@ -1,0 +1,116 @@
+"""The learner group: W DeepSpeed data-parallel ranks as Ray actors, with the reference model fused in.
+
+Ranks are placed by a placement group (`ray.placement_strategy`, one bundle per rank). Rank 0 reports its
+node address and a free port, then every rank initialises the process group (gloo on CPU, NCCL on GPU)
+concurrently — `init_process_group` blocks until all ranks join, so construction and set-up are separate
+calls. Each step the driver hands every rank its contiguous share of the rollout batch; the learner
+all-reduces token counts and metrics itself, so the loss is the global token mean whatever W is.
+Collective operations (export under ZeRO-3, checkpoints) are called on all ranks; rank 0's result is used.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from kardia_rl.config import from_dict, to_dict
+
+
+@ray.remote
+class LearnerActor:
+    def __init__(self, cfg_dict: dict, model_path: str, rank: int, world_size: int):
+        self.cfg, self.model_path, self.rank, self.world_size = from_dict(cfg_dict), model_path, rank, world_size
+        self.learner = None
+
+    def address(self) -> tuple[str, int]:
+        from kardia_rl.learner.distributed import free_port
+
+        host = ray.util.get_node_ip_address()
+        return host, free_port(host)
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
+
+        os.environ["MASTER_ADDR"] = master_addr
+        # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so the local device is always index 0.
+        self.learner = DeepSpeedLearner(self.cfg, self.model_path, rank=self.rank, world_size=self.world_size,
+                                        role="policy", local_rank=0, master_port=master_port)
+        return self.rank
+
+    def train_step(self, batch: dict) -> dict:
+        return self.learner.train_step(batch)
+
+    def compute_logprobs(self, batch: dict, which: str):
+        return self.learner.compute_logprobs(batch, which)
+
+    def hf_state_dict(self) -> Optional[dict]:
+        sd = self.learner.hf_state_dict()  # collective under ZeRO-3
+        return sd if self.rank == 0 else None
+
+    def save_checkpoint(self, path: str) -> str:
+        return self.learner.save_checkpoint(path)
+
+    def load_checkpoint(self, path: str) -> dict:
+        return self.learner.load_checkpoint(path)
+
+    def save_pretrained(self, path: str) -> str:
+        return self.learner.save_pretrained(path)
+
+
+class LearnerGroup:
+    def __init__(self, cfg, model_path: str, cpus_per_actor: float = 0.0):
+        lc = cfg.learner
+        self.world_size = lc.num_workers
+        # A bundle must reserve something: a token CPU share keeps CPU-only runs schedulable on 2 cores.
+        bundle = {"CPU": max(cpus_per_actor, 0.01)}
+        if lc.gpus_per_worker:
+            bundle["GPU"] = lc.gpus_per_worker
+        self.pg = placement_group([dict(bundle) for _ in range(self.world_size)], strategy=cfg.ray.placement_strategy)
+        ray.get(self.pg.ready())
+        d = to_dict(cfg)
+        self.actors = [
+            LearnerActor.options(
+                num_cpus=bundle["CPU"], num_gpus=lc.gpus_per_worker,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=self.pg,
+                                                                     placement_group_bundle_index=r),
+            ).remote(d, model_path, r, self.world_size)
+            for r in range(self.world_size)]
+        addr, port = ray.get(self.actors[0].address.remote())
+        ray.get([a.setup.remote(addr, port) for a in self.actors])
+
+    def _shards(self, batch: dict) -> list[dict]:
+        from kardia_rl.learner.batching import shard_rows
+
+        return [shard_rows(batch, r, self.world_size) for r in range(self.world_size)]
+
+    def train_step(self, batch: dict) -> dict:
+        results = ray.get([a.train_step.remote(s) for a, s in zip(self.actors, self._shards(batch))])
+        return results[0]  # metrics are already all-reduced across ranks
+
+    def compute_logprobs(self, batch: dict, which: str):
+        import torch
+
+        parts = ray.get([a.compute_logprobs.remote(s, which) for a, s in zip(self.actors, self._shards(batch))])
+        width = max(p.shape[1] for p in parts)
+        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+
+    def hf_state_dict(self) -> dict:
+        return ray.get([a.hf_state_dict.remote() for a in self.actors])[0]
+
+    def save_checkpoint(self, path: str) -> None:
+        ray.get([a.save_checkpoint.remote(path) for a in self.actors])
+
+    def load_checkpoint(self, path: str) -> None:
+        ray.get([a.load_checkpoint.remote(path) for a in self.actors])
+
+    def save_pretrained(self, path: str) -> str:
+        ray.get([a.save_pretrained.remote(path) for a in self.actors])
+        return path
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        ray.util.remove_placement_group(self.pg)

@@ -1,0 +1,89 @@
+"""The rollout group: R Ray actors, each owning one generation engine (vLLM, or transformers).
+
+Work goes to the least-loaded actor (fewest outstanding requests). Weight sync ships the learner's HF state
+dict once through the Ray object store as safetensors bytes (works across nodes; no shared filesystem
+needed), every actor reloads it into its live engine and returns the verification diff (engine vs a
+transformers forward on a fixed probe), which the driver logs and checks against a threshold.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import ray
+
+from kardia_rl.config import from_dict
+
+
+@ray.remote
+class RolloutActor:
+    def __init__(self, cfg_dict: dict, model_path: str, index: int):
+        from kardia_rl.engines import make_engine
+
+        cfg = from_dict(cfg_dict)
+        r = cfg.rollout
+        self.index = index
+        self.engine = make_engine(
+            r.engine, model_path, seed=cfg.seed + index, dtype=cfg.model.dtype,
+            max_model_len=cfg.model.max_prompt_tokens + cfg.model.max_new_tokens, kv_cache_bytes=r.kv_cache_bytes,
+            enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization,
+            tensor_parallel_size=max(1, int(r.gpus_per_actor)))
+
+    def ready(self) -> int:
+        return self.index
+
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int,
+                 seed: int, greedy: bool = False):
+        return self.engine.generate(prompts, n, temperature=temperature, top_p=top_p,
+                                    max_new_tokens=max_new_tokens, seed=seed, greedy=greedy)
+
+    def load_weights(self, blob: bytes, probe_ids: list[int]) -> float:
+        from safetensors.torch import load as load_safetensors
+
+        self.engine.load_state_dict(load_safetensors(blob))
+        return float(self.engine.verify(probe_ids))
+
+    def verify(self, probe_ids: list[int]) -> float:
+        return float(self.engine.verify(probe_ids))
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+class RolloutGroup:
+    def __init__(self, cfg, model_path: str, cpus_per_actor: float = 0.0):
+        self.cfg = cfg
+        opts = {"num_cpus": cpus_per_actor, "num_gpus": cfg.rollout.gpus_per_actor}
+        from kardia_rl.config import to_dict
+
+        d = to_dict(cfg)
+        self.actors = [RolloutActor.options(**opts).remote(d, model_path, i) for i in range(cfg.rollout.num_actors)]
+        self.outstanding = [0] * len(self.actors)
+        ray.get([a.ready.remote() for a in self.actors])
+
+    def submit(self, prompts: list[list[int]], n: int, *, seed: int, greedy: bool = False,
+               temperature: Optional[float] = None, max_new_tokens: Optional[int] = None):
+        """Send a chunk of prompts to the least-loaded actor; returns (actor index, ObjectRef)."""
+        i = min(range(len(self.actors)), key=lambda k: (self.outstanding[k], k))
+        self.outstanding[i] += 1
+        r = self.cfg.rollout
+        ref = self.actors[i].generate.remote(prompts, n, temperature or r.temperature, r.top_p,
+                                             max_new_tokens or self.cfg.model.max_new_tokens, seed, greedy)
+        return i, ref
+
+    def done(self, index: int) -> None:
+        self.outstanding[index] -= 1
+
+    def sync_weights(self, state_dict: dict, probe_ids: Sequence[int]) -> list[float]:
+        """Reload every engine from `state_dict`; returns each actor's verification diff."""
+        from safetensors.torch import save as save_safetensors
+
+        blob = ray.put(save_safetensors({k: v.contiguous() for k, v in state_dict.items()}))
+        return ray.get([a.load_weights.remote(blob, list(probe_ids)) for a in self.actors])
+
+    def shutdown(self) -> None:
+        try:
+            ray.get([a.shutdown.remote() for a in self.actors], timeout=60)
+        except Exception:  # an engine that already died has nothing left to release
+            pass
+        for a in self.actors:
+            ray.kill(a)

@@ -1,0 +1,72 @@
+"""`ray job submit` against a real head node on 127.0.0.1: the job trains for a step and writes its metrics."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def _free_port() -> int:
+    from kardia_rl.learner.distributed import free_port
+
+    return free_port("127.0.0.1")
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    port, dash = _free_port(), _free_port()
+    temp = str(tmp_path / "ray")  # a private session dir: never touches another Ray on this machine
+    cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}",
+           "--disable-usage-stats"]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=180)
+    try:
+        yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_submit_trains_and_writes_metrics(head_node, sft_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [f"run_dir={run_dir}", f"model.path={sft_model_dir}", "algo.num_steps=1", "algo.group_size=4",
+                 "algo.prompts_per_step=2", "learner.micro_batch_size=8", "model.max_new_tokens=32",
+                 "rollout.num_actors=1", "judge.num_actors=1", "logging.wandb_mode=disabled",
+                 "data.max_history_turns=1", "checkpoint.every=0"]
+    env = dict(head_node["env"], RAY_ADDRESS=head_node["dashboard"], RAY_BIN=RAY, KARDIA_CMD="train",
+               KARDIA_SUBMIT_ARGS="--no-wait")
+    out = subprocess.run(["bash", os.path.join(ROOT, "launch", "submit.sh"), "conf/tiny.yaml", *overrides],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    found = re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout + out.stderr)
+    assert found, out.stdout + out.stderr
+    job_id = found.group(0)
+    status = ""
+    deadline = time.time() + 900  # a bound on waiting, not a speed assertion
+    while time.time() < deadline:
+        st = subprocess.run([RAY, "job", "status", "--address", head_node["dashboard"], job_id], env=env,
+                            capture_output=True, text=True, timeout=120)
+        status = st.stdout
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(3)
+    logs = subprocess.run([RAY, "job", "logs", "--address", head_node["dashboard"], job_id], env=env,
+                          capture_output=True, text=True, timeout=120).stdout
+    assert "SUCCEEDED" in status, f"job did not succeed: {status}\n--- logs:\n{logs[-4000:]}"
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1] and rows[0]["rollout/sync_logprob_diff"] < 1e-3
+    assert os.path.isfile(run_dir / "policy" / "config.json")

@@ -40,7 +40,7 @@ def sample_dialogues():
 
 
 # Settings of the short SFT that gives the Ray/GRPO tests a policy that already emits the four spans.
-SFT_TEST_OVERRIDES = ["sft.lr=5e-3", "sft.batch_size=8", "sft.micro_batch_size=8", "sft.max_seq_len=384",
+SFT_TEST_OVERRIDES = ["sft.lr=5e-3", "sft.batch_size=8", "sft.micro_batch_size=8", "sft.max_seq_len=768",
                       "data.max_history_turns=1", "sft.eval_every=0", "sft.epochs=6", "sft.warmup_steps=10",
                       "sft.lr_schedule=linear", "learner.zero_stage=0"]
 

@@ -13,7 +13,6 @@ from kardia_rl.engines.base import RESPONSE_END, request_seed, stop_token_ids
 from kardia_rl.engines.verify import ReferenceScorer, max_abs_diff
 from kardia_rl.errors import KardiaError
 from kardia_rl.format.prompt import build_messages, build_prompt
-from kardia_rl.model.tiny import build_tiny_model
 
 TOL = 1e-3
 N = 8
@@ -28,11 +27,6 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return build_tiny_model(str(tmp_path_factory.mktemp("engine-hf") / "tiny"), "tiny", seed=0)
 
 
 @pytest.fixture(scope="module")

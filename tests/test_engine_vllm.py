@@ -19,7 +19,6 @@ from kardia_rl.engines.base import RESPONSE_END  # noqa: E402
 from kardia_rl.engines.verify import ReferenceScorer, max_abs_diff  # noqa: E402
 from kardia_rl.errors import KardiaError  # noqa: E402
 from kardia_rl.format.prompt import build_messages, build_prompt  # noqa: E402
-from kardia_rl.model.tiny import build_tiny_model  # noqa: E402
 
 TOL = 1e-3  # fp32 engine vs fp32 transformers (rollout.sync_check_threshold)
 N = 8
@@ -34,11 +33,6 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return build_tiny_model(str(tmp_path_factory.mktemp("engine-vllm") / "tiny"), "tiny", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,6 @@ PROMPTS = ["Hello there, how are you?", "I feel sad today.", "My dog ran away th
            "I got the job!"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from kardia_rl.model.tiny import build_tiny_model
-
-    return build_tiny_model(str(tmp_path_factory.mktemp("learner") / "tiny"), "tiny", seed=0)
-
-
 def make_cfg(*overrides):
     base = ["learner.zero_stage=2", "learner.lr=1e-3", "learner.micro_batch_size=4", "rollout.temperature=1.0",
             "algo.kl_beta=0.0", "model.max_new_tokens=8"]

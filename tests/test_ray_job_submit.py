@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -21,15 +22,30 @@ def _free_port() -> int:
     return free_port("127.0.0.1")
 
 
+def _kill_session(temp: str) -> None:
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if temp in " ".join(proc.info["cmdline"] or []):
+                for child in proc.children(recursive=True):
+                    child.kill()
+                proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 @pytest.fixture
 def head_node(tmp_path):
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    # Loopback-only throwaway cluster: token auth off on the head and on every client alike.
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
     port, dash = _free_port(), _free_port()
-    temp = str(tmp_path / "ray")  # a private session dir: never touches another Ray on this machine
+    # A private, short session dir (Ray's unix socket paths must stay under 107 characters).
+    temp = tempfile.mkdtemp(prefix="kray-", dir="/tmp")
     cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}",
            "--disable-usage-stats"]
@@ -37,7 +53,7 @@ def head_node(tmp_path):
     try:
         yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _kill_session(temp)  # only this head's processes (`ray stop` would stop every Ray on the machine)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -49,8 +65,12 @@ def test_ray_job_submit_trains_and_writes_metrics(head_node, sft_model_dir, tmp_
                  "data.max_history_turns=1", "checkpoint.every=0"]
     env = dict(head_node["env"], RAY_ADDRESS=head_node["dashboard"], RAY_BIN=RAY, KARDIA_CMD="train",
                KARDIA_SUBMIT_ARGS="--no-wait")
-    out = subprocess.run(["bash", os.path.join(ROOT, "launch", "submit.sh"), "conf/tiny.yaml", *overrides],
-                         env=env, capture_output=True, text=True, timeout=300)
+    for _ in range(40):  # right after `ray start` the job agent may not be up yet: Ray says so, we retry
+        out = subprocess.run(["bash", os.path.join(ROOT, "launch", "submit.sh"), "conf/tiny.yaml", *overrides],
+                             env=env, capture_output=True, text=True, timeout=300)
+        if "No available agent" not in out.stderr + out.stdout:
+            break
+        time.sleep(3)
     assert out.returncode == 0, out.stdout + out.stderr
     found = re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout + out.stderr)
     assert found, out.stdout + out.stderr

@@ -16,13 +16,6 @@ from kardia_rl.learner.sft_data import build_examples, encode_prompt, load_sft_s
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from kardia_rl.model.tiny import build_tiny_model
-
-    return build_tiny_model(str(tmp_path_factory.mktemp("sft") / "tiny"), "tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
@@ -30,7 +23,7 @@ def tokenizer(tiny_model_dir):
 
 
 def cfg_for(model_dir, run_dir, *overrides):
-    return load_config("conf/tiny.yaml", [f"model.path={model_dir}", f"run_dir={run_dir}",
+    return load_config("conf/tiny.yaml", [f"model.path={model_dir}", f"run_dir={run_dir}", "sft.max_seq_len=768",
                                           "data.max_history_turns=1"] + list(overrides))
 
 
@@ -38,8 +31,8 @@ def test_labels_mask_exactly_the_prompt(tiny_model_dir, tokenizer, tmp_path):
     cfg = cfg_for(tiny_model_dir, tmp_path)
     train, val = load_sft_samples(cfg)
     assert train and val and not {s.dialogue_id for s in train} & {s.dialogue_id for s in val}
-    examples, cut = build_examples(train[:5], tokenizer, cfg)
-    assert cut == 0
+    examples, cut, prompts_cut = build_examples(train[:5], tokenizer, cfg)
+    assert cut == 0 and prompts_cut == 0  # sft.max_seq_len is set to fit the whole prompt and target
     for ex, s in zip(examples, train[:5]):
         n_prompt = len(encode_prompt(s, tokenizer, cfg))
         assert ex.prompt_ids == encode_prompt(s, tokenizer, cfg)
@@ -65,6 +58,14 @@ def test_prompt_budget_drops_oldest_history_first(tiny_model_dir, tokenizer, tmp
     assert len(cut) < len(full)
     assert tokenizer.decode(cut).startswith("<|im_start|>system")  # whole turns dropped, not the system prompt
     assert tokenizer.decode(cut).endswith(long.user_turn + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_short_max_seq_len_cuts_prompts_and_says_so(tiny_model_dir, tokenizer, tmp_path):
+    cfg = cfg_for(tiny_model_dir, tmp_path, "sft.max_seq_len=200")
+    train, _ = load_sft_samples(cfg)
+    examples, _, prompts_cut = build_examples(train[:4], tokenizer, cfg)
+    assert prompts_cut == 4 and all(len(e) <= 200 for e in examples)
+    assert all(e.input_ids[-1] == tokenizer.eos_token_id for e in examples)  # the answer keeps its end
 
 
 def test_packing_restarts_positions_and_keeps_labels():

@@ -138,6 +138,8 @@ class LearnerConfig:
     micro_batch_size: int = doc(8, "sequences per forward/backward on one rank")
     max_grad_norm: float = doc(1.0, "gradient clipping norm")
     gradient_checkpointing: bool = doc(False, "recompute activations to save memory")
+    max_tokens_per_micro_batch: int = doc(0, "token budget per micro-batch (0 = only micro_batch_size limits it)")
+    cpu_threads: int = doc(0, "torch threads on CPU (0 = torch default; 1 is fastest on a busy 2-core machine)")
 
 
 @dataclass

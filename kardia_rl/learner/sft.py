@@ -187,15 +187,20 @@ def run_sft(cfg, out_dir: Optional[str] = None, *, train_samples: Optional[Seque
         train_samples = tr if train_samples is None else train_samples
         val_samples = va if val_samples is None else val_samples
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train_ex, cut = build_examples(train_samples, tokenizer, cfg)
-    val_ex, _ = build_examples(val_samples, tokenizer, cfg)
+    train_ex, cut, prompts_cut = build_examples(train_samples, tokenizer, cfg)
+    val_ex, _, _ = build_examples(val_samples, tokenizer, cfg)
+    if prompts_cut and progress:
+        print(f"[sft] warning: {prompts_cut} of {len(train_ex)} training prompts were cut to fit sft.max_seq_len="
+              f"{cfg.sft.max_seq_len}; generation sees the uncut prompts. Raise sft.max_seq_len to avoid it.",
+              flush=True)
     ws_hint = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
     plan = step_plan(train_ex, cfg, ws_hint)
     learner = DeepSpeedLearner(cfg, model_path, rank=rank, world_size=world_size, role="sft",
                                total_steps=len(plan))
     pad = learner.tokenizer.pad_token_id
     result: dict[str, Any] = {"model_path": model_path, "out_dir": out_dir, "train_examples": len(train_ex),
-                              "val_examples": len(val_ex), "targets_truncated": cut, "steps": len(plan),
+                              "val_examples": len(val_ex), "targets_truncated": cut,
+                              "prompts_truncated": prompts_cut, "steps": len(plan),
                               "world_size": learner.world_size, "val_loss_history": []}
     if eval_before and generate_eval and val_samples:
         result["before"] = {k: v for k, v in format_eval(learner, val_samples, cfg).items() if k != "examples"}

@@ -42,3 +42,6 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 cmd_sft.configure = configure_sft
+
+
+cmd_sft.configure = configure_sft  # read by kardia_rl.cli.command() when the subcommand is registered

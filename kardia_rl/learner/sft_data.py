@@ -83,16 +83,20 @@ def encode_target(sample: TurnSample, tokenizer: Any) -> list[int]:
     return tokenizer(sample.target, add_special_tokens=False)["input_ids"] + [eos]
 
 
-def build_examples(samples: Sequence[TurnSample], tokenizer: Any, cfg) -> tuple[list[SFTExample], int]:
-    """Examples within cfg.sft.max_seq_len, and how many targets had to be cut (they lose their end)."""
+def build_examples(samples: Sequence[TurnSample], tokenizer: Any, cfg) -> tuple[list[SFTExample], int, int]:
+    """Examples within cfg.sft.max_seq_len; also how many targets were cut (they lose their end) and how many
+    prompts are shorter than at inference (cut to make room: the model then trains on a context it will
+    not see at generation time, so raise sft.max_seq_len when this count is large)."""
     max_len = cfg.sft.max_seq_len
-    out, cut = [], 0
+    out, targets_cut, prompts_cut = [], 0, 0
     for s in samples:
         target = encode_target(s, tokenizer)
         # keep at least a quarter of the sequence for the prompt: an answer without its context teaches little
         room_for_target = max_len - max(1, max_len // 4)
         if len(target) > room_for_target:
-            target, cut = target[:room_for_target], cut + 1
+            target, targets_cut = target[:room_for_target], targets_cut + 1
         prompt = encode_prompt(s, tokenizer, cfg, max_len - len(target))
+        if len(prompt) + len(target) >= max_len and len(prompt) < len(encode_prompt(s, tokenizer, cfg)):
+            prompts_cut += 1
         out.append(SFTExample(s.id, prompt, target))
-    return out, cut
+    return out, targets_cut, prompts_cut

@@ -141,6 +141,44 @@ def stage_eval(cfg: KardiaConfig, state: dict) -> dict:
 
 STAGES = [("data", stage_data), ("model", stage_model), ("split", stage_split), ("sft", stage_sft),
           ("grpo", stage_grpo), ("eval", stage_eval)]
+# Stages that start DeepSpeed, vLLM or Ray run in a fresh process each: in-process vLLM engines and DeepSpeed
+# keep process-wide state (torch.distributed groups, thread settings, RNG) that the next stage must not inherit.
+ISOLATED = {"split", "sft", "grpo", "eval"}
+
+
+def _child(fn, cfg, state, queue) -> None:
+    try:
+        queue.put(("ok", fn(cfg, state)))
+    except KardiaError as e:
+        queue.put(("user", str(e)))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which fails the pipeline
+        import traceback
+
+        traceback.print_exc()
+        queue.put(("crash", f"{type(e).__name__}: {e}"))
+
+
+def run_isolated(name: str, fn, cfg: KardiaConfig, state: dict) -> dict:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, cfg, state, queue), name=f"kardia-{name}")
+    proc.start()
+    status, payload = None, None
+    while proc.is_alive() or not queue.empty():
+        try:
+            status, payload = queue.get(timeout=1.0)
+            break
+        except Exception:  # queue.Empty: keep waiting while the stage runs
+            continue
+    proc.join()
+    if status == "ok":
+        return payload
+    if status == "user":
+        raise KardiaError(payload)
+    raise KardiaError(f"stage {name} failed ({payload or f'exit code {proc.exitcode}'}); see the output above. "
+                      f"Re-run the same command to continue from this stage.")
 
 
 def run_pipeline(cfg: KardiaConfig) -> int:
@@ -151,7 +189,7 @@ def run_pipeline(cfg: KardiaConfig) -> int:
     for name, fn in STAGES:
         t0 = time.time()
         print(f"[pipeline] stage {name}")
-        state[name] = fn(cfg, state)
+        state[name] = run_isolated(name, fn, cfg, state) if name in ISOLATED else fn(cfg, state)
         report["stages"][name] = {"result": state[name], "seconds": round(time.time() - t0, 2)}
         report["seconds"] = round(time.time() - t_all, 2)
         atomic_write_text(os.path.join(cfg.run_dir, "report.json"), json.dumps(report, indent=2, default=str))

@@ -44,11 +44,17 @@ def head_node(tmp_path):
     # Loopback-only throwaway cluster: token auth off on the head and on every client alike.
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
     port, dash = _free_port(), _free_port()
+    # Every port explicit: Ray's defaults (e.g. the dashboard agent's 52365) collide with any other Ray here.
+    lo = 20000 + (os.getpid() % 200) * 100
+    ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+             f"--ray-client-server-port={_free_port()}", f"--node-manager-port={_free_port()}",
+             f"--object-manager-port={_free_port()}", f"--min-worker-port={lo}", f"--max-worker-port={lo + 99}"]
     # A private, short session dir (Ray's unix socket paths must stay under 107 characters).
     temp = tempfile.mkdtemp(prefix="kray-", dir="/tmp")
     cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}",
-           "--disable-usage-stats"]
+           "--disable-usage-stats", *ports]
     subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=180)
     try:
         yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}

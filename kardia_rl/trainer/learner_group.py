@@ -35,6 +35,12 @@ class LearnerActor:
         from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
 
         os.environ["MASTER_ADDR"] = master_addr
+        if self.cfg.learner.cpu_threads > 0:
+            # Ray gives actors that reserve < 1 CPU a single thread; the learner may use more while the
+            # rollout and judge actors idle during the update.
+            import torch
+
+            torch.set_num_threads(self.cfg.learner.cpu_threads)
         # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so the local device is always index 0.
         self.learner = DeepSpeedLearner(self.cfg, self.model_path, rank=self.rank, world_size=self.world_size,
                                         role="policy", local_rank=0, master_port=master_port)

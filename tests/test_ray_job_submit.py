@@ -42,7 +42,9 @@ def head_node(tmp_path):
     if ray.is_initialized():
         ray.shutdown()
     # Loopback-only throwaway cluster: token auth off on the head and on every client alike.
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    # The project's environment is active on the cluster (as on a real one): its `python` runs the job.
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     port, dash = _free_port(), _free_port()
     # Every port explicit: Ray's defaults (e.g. the dashboard agent's 52365) collide with any other Ray here.
     lo = 20000 + (os.getpid() % 200) * 100
@@ -86,8 +88,8 @@ def test_ray_job_submit_trains_and_writes_metrics(head_node, sft_model_dir, tmp_
     while time.time() < deadline:
         st = subprocess.run([RAY, "job", "status", "--address", head_node["dashboard"], job_id], env=env,
                             capture_output=True, text=True, timeout=120)
-        status = st.stdout
-        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+        status = st.stdout + st.stderr
+        if any(s in status.upper() for s in ("SUCCEEDED", "FAILED", "STOPPED")):
             break
         time.sleep(3)
     logs = subprocess.run([RAY, "job", "logs", "--address", head_node["dashboard"], job_id], env=env,

@@ -156,3 +156,21 @@ class EngineThread:
                 return
             if fut is not None and fut.set_running_or_notify_cancel():
                 fut.set_exception(RuntimeError("the judge engine has been closed"))
+
+
+async def complete_on_engine(engine: "EngineThread", generate, stats: dict, conversations, *, temperature: float,
+                             max_tokens: int, seed) -> list:
+    """The `ChatBackend.complete` body shared by the in-process backends (vllm, hf): validate, run the batch on
+    the engine thread (failures come back per item as exceptions), and count requests, failures and latency."""
+    import time
+
+    if max_tokens < 1 or temperature < 0:
+        raise ValueError(f"need max_tokens >= 1 and temperature >= 0, got {max_tokens}, {temperature}")
+    start = time.monotonic()
+    items = [(list(c), float(temperature), int(max_tokens), seed) for c in conversations]
+    results = await engine.run_batch(generate, items)
+    done = time.monotonic() - start
+    stats["requests"] += len(results)
+    stats["failures"] += sum(isinstance(r, Exception) for r in results)
+    stats["latencies"].extend(done for r in results if not isinstance(r, Exception))
+    return results

@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 
 from kardia_rl.errors import ConfigError
 from kardia_rl.rewards.judge.base import ChatBackend
-from kardia_rl.rewards.judge.engine_thread import DEFAULT_CHAT_TEMPLATE_KWARGS, EngineThread, engine_stats
+from kardia_rl.rewards.judge.engine_thread import (DEFAULT_CHAT_TEMPLATE_KWARGS, EngineThread, complete_on_engine,
+                                                   engine_stats)
 
 
 class PromptTooLongError(ValueError):
@@ -73,16 +74,8 @@ class HFChatBackend(ChatBackend):
 
     async def complete(self, conversations: Sequence[list[dict]], *, temperature: float, max_tokens: int,
                        seed: Optional[int] = None) -> list:
-        if max_tokens < 1 or temperature < 0:
-            raise ValueError(f"need max_tokens >= 1 and temperature >= 0, got {max_tokens}, {temperature}")
-        start = time.monotonic()
-        items = [(list(c), float(temperature), int(max_tokens), seed) for c in conversations]
-        results = await self._engine.run_batch(self._generate, items)
-        done = time.monotonic() - start
-        self.stats["requests"] += len(results)
-        self.stats["failures"] += sum(isinstance(r, Exception) for r in results)
-        self.stats["latencies"].extend(done for r in results if not isinstance(r, Exception))
-        return results
+        return await complete_on_engine(self._engine, self._generate, self.stats, conversations,
+                                        temperature=temperature, max_tokens=max_tokens, seed=seed)
 
     async def close(self) -> None:
         if self._engine.alive:

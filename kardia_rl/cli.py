@@ -157,4 +157,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m kardia_rl.cli` runs this file as __main__, a second copy of the module; kardia_rl.commands
+    # registers into the canonical `kardia_rl.cli`, so dispatch through that one.
+    from kardia_rl.cli import main as canonical_main
+
+    sys.exit(canonical_main())

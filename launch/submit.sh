@@ -10,5 +10,5 @@ address="${RAY_ADDRESS:-http://127.0.0.1:8265}"
 cmd="${KARDIA_CMD:-pipeline}"
 ray_bin="${RAY_BIN:-$(command -v ray || echo "$root/.venv/bin/ray")}"
 exec "$ray_bin" job submit --address "$address" --working-dir "$root" \
-  --runtime-env-json '{"excludes": [".venv", "runs", "wandb", ".git"], "env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}' \
+  --runtime-env-json '{"excludes": [".venv", "runs", "wandb", ".git"]}' \
   ${KARDIA_SUBMIT_ARGS:-} -- python -m kardia_rl.cli "$cmd" "$config" "$@"

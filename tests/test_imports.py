@@ -12,5 +12,6 @@ def test_data_and_config_do_not_import_heavy_runtimes():
 
 def test_cli_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "kardia_rl.cli", "--help"], capture_output=True, text=True, check=True)
-    for cmd in ("validate-data", "init-model", "config", "pipeline"):
+    for cmd in ("validate-data", "init-model", "config", "pipeline", "train", "sft", "score", "eval", "split",
+                "judge-agreement"):
         assert cmd in out.stdout

@@ -94,7 +94,7 @@ def test_ray_job_submit_trains_and_writes_metrics(head_node, sft_model_dir, tmp_
         time.sleep(3)
     logs = subprocess.run([RAY, "job", "logs", "--address", head_node["dashboard"], job_id], env=env,
                           capture_output=True, text=True, timeout=120).stdout
-    assert "SUCCEEDED" in status, f"job did not succeed: {status}\n--- logs:\n{logs[-4000:]}"
+    assert "SUCCEEDED" in status.upper(), f"job did not succeed: {status}\n--- logs:\n{logs[-4000:]}"
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1] and rows[0]["rollout/sync_logprob_diff"] < 1e-3
     assert os.path.isfile(run_dir / "policy" / "config.json")

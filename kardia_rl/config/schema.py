@@ -122,7 +122,6 @@ class AlgoConfig:
     importance_correction: bool = doc(False, "truncated IS correction for engine vs learner logprobs")
     is_cap: float = doc(2.0, "cap of the importance weight")
     updates_per_step: int = doc(1, "optimizer passes over each rollout batch")
-    one_step_off_policy: bool = doc(False, "overlap the next generation with the current update")
     train_samples: str = doc("", "per-turn samples JSONL to train on (e.g. hard.jsonl of `kardia-rl split`); empty = training turns of data.path")
 
 

@@ -27,6 +27,9 @@ def init_ray(address: str = "", num_cpus: int = 0, runtime_env: dict | None = No
                                            *LOOPBACK_ENV) if k in os.environ}
     renv = {"env_vars": env_vars, **(runtime_env or {})}
     if address:
+        # Inside `ray job submit` the job already has a runtime env (working_dir, env vars); Ray refuses to merge
+        # it with ours on overlapping keys unless told to combine them.
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, runtime_env=renv, log_to_driver=True)
         return address
     ray.init(num_cpus=num_cpus or None, include_dashboard=False, _node_ip_address="127.0.0.1",

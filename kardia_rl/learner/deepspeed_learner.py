@@ -62,12 +62,11 @@ class DeepSpeedLearner:
         if role == "sft":
             lr, self.micro_batch_size = cfg.sft.lr, cfg.sft.micro_batch_size
             # proposed keys sft.warmup_steps / sft.lr_schedule (defaults: 10 steps, linear decay to 0)
-            warmup = int(getattr(cfg.sft, "warmup_steps", 10))
-            schedule = getattr(cfg.sft, "lr_schedule", "linear")
+            warmup, schedule = cfg.sft.warmup_steps, cfg.sft.lr_schedule
         else:
             lr, self.micro_batch_size = lc.lr, lc.micro_batch_size
             warmup, schedule = lc.warmup_steps, "constant"
-        self.max_tokens = int(getattr(lc, "max_tokens_per_micro_batch", 0))
+        self.max_tokens = lc.max_tokens_per_micro_batch
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path)

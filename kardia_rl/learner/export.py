@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import shutil
-import tempfile
 from typing import Any, Optional
 
 import torch
+
+from kardia_rl.utils.io import atomic_dir
 
 
 def _gathered(params: list, zero3: bool):
@@ -85,11 +84,7 @@ def save_hf_folder(state_dict: dict[str, torch.Tensor], out_dir: str, config: An
     over `out_dir` at the end, so a crash never leaves a half-written model where a loader looks."""
     from huggingface_hub import save_torch_state_dict
 
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out_dir)}-", dir=parent)
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_torch_state_dict(state_dict, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
         dtypes = {t.dtype for t in state_dict.values() if t.is_floating_point()}
         config = copy.deepcopy(config)  # do not touch the live model's config
@@ -100,14 +95,4 @@ def save_hf_folder(state_dict: dict[str, torch.Tensor], out_dir: str, config: An
             generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        old = None
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(out_dir)}-", dir=parent)
-            os.replace(out_dir, os.path.join(old, "x"))
-        os.replace(tmp, out_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -177,7 +177,7 @@ def run_sft(cfg, out_dir: Optional[str] = None, *, train_samples: Optional[Seque
     from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
 
     t0 = time.time()
-    threads = int(getattr(cfg.learner, "cpu_threads", 0))
+    threads = cfg.learner.cpu_threads
     if threads > 0 and not torch.cuda.is_available():
         torch.set_num_threads(threads)
     out_dir = out_dir or os.path.join(cfg.run_dir, "sft_model")

@@ -40,13 +40,6 @@ TRACKED = {"format": "rollout/format_rate", "emotion": "rollout/emotion_acc",
 SPREAD_KEY = "judge/rubric_group_std_mean"
 KL_KEY = "train/kl"
 
-# Defaults of the knobs not (yet) in MonitorConfig; read with getattr so the lead can add them as keys.
-DEFAULT_WINDOW = 3
-DEFAULT_EMOTION_RISE = 0.05
-DEFAULT_EMPATHY_FALL = 0.1
-DEFAULT_SPREAD_STEPS = 2
-
-
 @dataclass(frozen=True)
 class Alert:
     step: int
@@ -125,10 +118,10 @@ class HackingMonitor:
         self.min_judge_spread = float(cfg.min_judge_spread)
         self.length_ratio = float(cfg.length_ratio)
         self.max_kl = float(cfg.max_kl)
-        self.window = int(getattr(cfg, "window", DEFAULT_WINDOW))
-        self.emotion_rise = float(getattr(cfg, "emotion_rise", DEFAULT_EMOTION_RISE))
-        self.empathy_fall = float(getattr(cfg, "empathy_fall", DEFAULT_EMPATHY_FALL))
-        self.spread_steps = int(getattr(cfg, "spread_steps", DEFAULT_SPREAD_STEPS))
+        self.window = int(cfg.window)
+        self.emotion_rise = float(cfg.emotion_rise)
+        self.empathy_fall = float(cfg.empathy_fall)
+        self.spread_steps = int(cfg.spread_steps)
         bad = [f"monitor.{k}={v!r}: must be > 0" for k, v in
                [("format_drop", self.format_drop), ("safety_drop", self.safety_drop),
                 ("max_kl", self.max_kl), ("emotion_rise", self.emotion_rise), ("empathy_fall", self.empathy_fall)]

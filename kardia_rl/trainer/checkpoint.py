@@ -12,10 +12,9 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from typing import Callable, Optional
 
-from kardia_rl.utils.io import atomic_write_text
+from kardia_rl.utils.io import atomic_dir, atomic_write_text
 
 
 def capture_rng() -> dict:
@@ -48,18 +47,10 @@ class CheckpointManager:
 
     def save(self, step: int, driver_state: dict, save_learner: Callable[[str], None]) -> str:
         """Write driver state and let `save_learner(dir)` write the learner state, then publish atomically."""
-        os.makedirs(self.root, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".tmp-step_{step:06d}-", dir=self.root)
-        try:
+        final = self.path(step)
+        with atomic_dir(final) as tmp:
             save_learner(os.path.join(tmp, "learner"))
             atomic_write_text(os.path.join(tmp, "driver.json"), json.dumps({"step": step, **driver_state}))
-            final = self.path(step)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         atomic_write_text(os.path.join(self.root, "latest"), os.path.basename(final))
         self._prune()
         return final

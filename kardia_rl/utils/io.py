@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from typing import Iterable, Iterator
@@ -26,6 +27,31 @@ def atomic_open(path: str, mode: str = "w", encoding: str | None = "utf-8") -> I
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+
+
+@contextmanager
+def atomic_dir(final: str) -> Iterator[str]:
+    """Build a directory in a temporary sibling (yielded), then publish it at `final` in one rename.
+
+    An existing `final` is moved aside first and deleted only after the new one is in place; on any error the
+    temporary directory is removed and `final` is left as it was. Readers never see a half-written directory.
+    """
+    final = os.path.abspath(final)
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(final)}-", dir=parent)
+    try:
+        yield tmp
+        old = None
+        if os.path.exists(final):
+            old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(final)}-", dir=parent)
+            os.replace(final, os.path.join(old, "x"))
+        os.replace(tmp, final)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -121,7 +121,7 @@ class EmbeddingJudge(JudgeBackend):
 
     @classmethod
     def from_config(cls, cfg_judge, seed: int = 0) -> "EmbeddingJudge":
-        device = "cuda" if getattr(cfg_judge, "gpus_per_actor", 0) and _cuda_available() else "cpu"
+        device = "cuda" if cfg_judge.gpus_per_actor and _cuda_available() else "cpu"
         return cls(device=device, cache_size=cfg_judge.cache_size)
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:

@@ -66,8 +66,8 @@ class HFChatBackend(ChatBackend):
     @classmethod
     def from_config(cls, cfg) -> "HFChatBackend":
         """Build from JudgeConfig: cfg.model is a local directory or hub id; rows per batch = max_in_flight."""
-        return cls(cfg.model, batch_size=cfg.max_in_flight, device=getattr(cfg, "device", None),
-                   dtype=getattr(cfg, "dtype", "auto"), chat_template_kwargs=getattr(cfg, "chat_template_kwargs", None))
+        return cls(cfg.model, batch_size=cfg.max_in_flight, device=cfg.device or None, dtype=cfg.dtype,
+                   chat_template_kwargs=cfg.chat_template_kwargs)
 
     def __repr__(self) -> str:
         return f"HFChatBackend(model={self.model_path!r}, batch_size={self.batch_size}, device={self.device!r})"

@@ -133,7 +133,7 @@ class OpenAIChatBackend(ChatBackend):
             log.info("judge.api_key_env=%s is not set: sending requests without an API key", cfg.api_key_env)
         return cls(cfg.api_base, cfg.model, api_key=api_key, max_in_flight=cfg.max_in_flight,
                    timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s,
-                   requests_per_minute=cfg.requests_per_minute, extra_body=getattr(cfg, "extra_body", None))
+                   requests_per_minute=cfg.requests_per_minute, extra_body=cfg.extra_body)
 
     def __repr__(self) -> str:
         return (f"OpenAIChatBackend(url={self.url!r}, model={self.model!r}, max_in_flight={self.max_in_flight}, "

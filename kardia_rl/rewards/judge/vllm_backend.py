@@ -125,10 +125,9 @@ class VLLMChatBackend(ChatBackend):
 
     @classmethod
     def from_config(cls, cfg) -> "VLLMChatBackend":
-        return cls(cfg.model, dtype=getattr(cfg, "dtype", "auto"), max_model_len=getattr(cfg, "max_model_len", 0),
-                   kv_cache_memory_bytes=getattr(cfg, "kv_cache_memory_bytes", 0),
-                   gpu_memory_utilization=getattr(cfg, "gpu_memory_utilization", 0.0),
-                   chat_template_kwargs=getattr(cfg, "chat_template_kwargs", None))
+        return cls(cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+                   kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                   chat_template_kwargs=cfg.chat_template_kwargs)
 
     def __repr__(self) -> str:
         return f"VLLMChatBackend(model={self.model!r}, on_cpu={self.on_cpu}, dtype={self.engine_kwargs['dtype']!r})"

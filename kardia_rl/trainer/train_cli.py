@@ -52,3 +52,27 @@ def configure_train(p) -> None:
 
 
 cmd_train.configure = configure_train
+
+
+def cmd_checkpoints(args) -> int:
+    """`kardia-rl checkpoints RUN_DIR`: every checkpoint with its size and status (manifest verified); exit 2 when
+    checkpoints exist but none is intact (a resume would fail)."""
+    from kardia_rl.errors import KardiaError
+    from kardia_rl.trainer.checkpoint import CheckpointManager
+
+    if not os.path.isdir(args.run_dir):
+        raise KardiaError(f"{args.run_dir}: no such run directory")
+    found = CheckpointManager(args.run_dir).status()
+    if not found:
+        print(f"{args.run_dir}: no checkpoints")
+        return 0
+    for path, problems in found:
+        size = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)
+        state = "ok" if not problems else "DAMAGED: " + "; ".join(problems)
+        print(f"{os.path.basename(path)}  {size / 2**20:9.1f} MiB  {state}")
+    intact = [p for p, problems in found if not problems]
+    print(f"resume would use: {os.path.basename(intact[-1])}" if intact else "no intact checkpoint: resume would fail")
+    return 0 if intact else 2
+
+
+cmd_checkpoints.configure = lambda p: p.add_argument("run_dir", help="run directory (its checkpoints/ folder)")

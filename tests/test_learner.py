@@ -255,3 +255,36 @@ def test_grpo_world_size_2_matches_world_size_1(tiny_model_dir):
         assert all(finite_metrics(m) and m["train/step_applied"] == 1.0 for m in r["later"])
         assert all(b > 1.5 * a for a, b in zip(r["p0"], r["p1"]))
     assert res[0]["norm"] == pytest.approx(res[1]["norm"], rel=1e-6)  # replicas stay identical
+
+
+# --- gradient checkpointing -------------------------------------------------------------------------------
+def test_gradient_checkpointing_really_runs_in_grpo_and_sft(tiny_model_dir, monkeypatch):
+    """HF layers checkpoint only in train mode: count the calls that reach torch's checkpoint (independently of
+    the learner's own counter), in train_step and sft_step, none in no-grad scoring; same update as without."""
+    import transformers.modeling_utils as mu
+
+    from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
+
+    calls = []
+    real = mu.checkpoint
+    monkeypatch.setattr(mu, "checkpoint", lambda fn, *a, **k: calls.append(1) or real(fn, *a, **k))
+    gc = DeepSpeedLearner(make_cfg("learner.gradient_checkpointing=true"), tiny_model_dir)
+    plain = DeepSpeedLearner(make_cfg(), tiny_model_dir)
+    layers = gc.hf_config.num_hidden_layers
+    batch, probe, _ = rollout(gc.tokenizer)
+    n_micro = len(B.rollout_micro_batches(batch, gc.micro_batch_size))
+    gc.compute_logprobs(probe)
+    assert calls == []  # scoring runs in eval mode under no_grad: nothing to checkpoint
+    m = gc.train_step(batch)
+    assert len(calls) == layers * n_micro > 0
+    assert m["train/checkpointed_layer_calls"] == len(calls) and m["train/grad_checkpointing"] == 1.0
+    assert gc.module.training  # left in train mode after compute_logprobs restored it
+    m_plain = plain.train_step(batch)
+    assert m_plain["train/checkpointed_layer_calls"] == 0.0 and len(calls) == layers * n_micro
+    assert m["train/policy_loss"] == pytest.approx(m_plain["train/policy_loss"], abs=1e-7)
+    assert max_change(weights(gc), weights(plain)) < 1e-6  # recomputation changes memory, not the update
+    ids = gc.tokenizer("I feel sad today. I am here for you.")["input_ids"]
+    sft_batch = B.collate_sft([(ids, [B.IGNORE_INDEX] * 4 + ids[4:])] * 2, gc.tokenizer.pad_token_id)
+    calls.clear()
+    s = gc.sft_step(sft_batch)
+    assert len(calls) == layers and s["train/checkpointed_layer_calls"] == layers

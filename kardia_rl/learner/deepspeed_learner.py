@@ -82,8 +82,10 @@ class DeepSpeedLearner:
         # LoRA/DeepSpeed wrapping; with LoRA the reference is the base model with the adapter disabled.
         ref_model = copy.deepcopy(model).eval().requires_grad_(False) if need_ref and not cfg.model.lora.enabled \
             else None
+        self.ckpt_calls = 0  # checkpointed layer calls since the last train/sft step began (a metric)
         if lc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self._count_checkpointed_calls(model)
         self.lora = bool(cfg.model.lora.enabled)
         if self.lora:
             from peft import LoraConfig, get_peft_model
@@ -105,6 +107,9 @@ class DeepSpeedLearner:
             model_parameters=None if client_opt is not None else param_groups(model.named_parameters(),
                                                                              lc.weight_decay),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lam))
+        # from_pretrained returns the model in eval mode and DeepSpeed does not change it; HF layers checkpoint
+        # only `if self.gradient_checkpointing and self.training`, so updates must run in train mode.
+        self.engine.train()
         self.global_step = 0  # train/sft steps attempted (applied + skipped)
         self.skipped_steps = 0
         self.ref = None
@@ -112,6 +117,28 @@ class DeepSpeedLearner:
             self.ref = "adapter_disabled" if self.lora else self._wrap_ref(ref_model)
 
     # --- models ---------------------------------------------------------------------------------------
+    def _count_checkpointed_calls(self, model: torch.nn.Module) -> None:
+        """Wrap each layer's checkpoint function with a counter, so metrics show checkpointing really ran."""
+        def counted(fn):
+            def call(*args, **kwargs):
+                self.ckpt_calls += 1
+                return fn(*args, **kwargs)
+            return call
+
+        for mod in model.modules():
+            if getattr(mod, "gradient_checkpointing", False) and callable(getattr(mod, "_gradient_checkpointing_func",
+                                                                                   None)):
+                mod._gradient_checkpointing_func = counted(mod._gradient_checkpointing_func)
+
+    def _begin_update(self) -> None:
+        """Train mode for a gradient step (checkpointing, dropout); scoring switches to eval and back."""
+        self.engine.train()
+        self.ckpt_calls = 0
+
+    def _update_metrics(self) -> dict:
+        return {"train/grad_checkpointing": float(bool(self.cfg.learner.gradient_checkpointing)),
+                "train/checkpointed_layer_calls": float(self.ckpt_calls)}
+
     def _wrap_ref(self, ref: torch.nn.Module):
         """The frozen reference on this rank's device; under ZeRO-3 partitioned by an inference-only engine."""
         if self.zero_stage == 3:
@@ -157,8 +184,14 @@ class DeepSpeedLearner:
     def _ref_logprobs(self, mb: dict, temperature: float) -> torch.Tensor:
         with torch.no_grad():
             if self.ref == "adapter_disabled":
-                with self.engine.module.disable_adapter():
-                    return response_logprobs(self.engine.module, mb, temperature=temperature)[0]
+                # no-grad scoring: eval mode (no checkpointing, no dropout), then back to the caller's mode
+                was_training = self.engine.module.training
+                self.engine.module.eval()
+                try:
+                    with self.engine.module.disable_adapter():
+                        return response_logprobs(self.engine.module, mb, temperature=temperature)[0]
+                finally:
+                    self.engine.module.train(was_training)
             return response_logprobs(self.ref, mb, temperature=temperature)[0]
 
     def _finish_step(self, bad_loss: bool) -> dict:
@@ -222,6 +255,7 @@ class DeepSpeedLearner:
             return {"train/empty_batch": 1.0, "train/tokens": 0.0, "train/lr": self.lr(),
                     "train/skipped_steps": float(self.skipped_steps)}
         beta_loss = float(ac.kl_beta) if ac.kl_in == "loss" else 0.0
+        self._begin_update()
         temp = float(self.cfg.rollout.temperature)
         micro = self._synced(B.rollout_micro_batches(b, self.micro_batch_size, self.max_tokens), "response_mask")
         sums = dict.fromkeys(("loss", "policy_loss", "kl", "entropy", "clip_frac", "clip_frac_low",
@@ -256,6 +290,7 @@ class DeepSpeedLearner:
         for (name, _), v in zip(sums.items(), red):
             out[f"train/{name}"] = v if name in ("loss", "policy_loss") else v / n_tok
         out["train/tokens"], out["train/sequences"] = n_tok, n_seq
+        out.update(self._update_metrics())
         return out
 
     # --- SFT ------------------------------------------------------------------------------------------
@@ -269,6 +304,7 @@ class DeepSpeedLearner:
         if n_tok == 0:
             raise KardiaError("SFT batch has no target tokens (all labels are -100)")
         micro = self._synced(B.sft_micro_batches(b, self.micro_batch_size, self.max_tokens), "labels")
+        self._begin_update()
         total, bad = 0.0, 0.0
         for mb in micro:
             s, _ = sft_loss_sum(self.engine, mb)
@@ -279,7 +315,7 @@ class DeepSpeedLearner:
             total += float(loss.detach())
         total, bad = self._sum([total, bad])
         out = self._finish_step(bad_loss=bad > 0)
-        out.update({"train/sft_loss": total, "train/tokens": n_tok})
+        out.update({"train/sft_loss": total, "train/tokens": n_tok, **self._update_metrics()})
         return out
 
     @torch.no_grad()

@@ -26,23 +26,51 @@ def load_train_samples(cfg) -> list:
 
 
 def run_train(cfg) -> dict:
-    from kardia_rl.trainer.driver import GRPOTrainer
+    """GRPO to the end, then export. A dead actor or lost object mid-run (a learner rank, an engine, a judge)
+    restarts the trainer from the newest intact checkpoint up to `checkpoint.auto_resume` times; past that, or
+    with auto_resume=0, one line says what died and how to resume."""
+    from dataclasses import replace
 
-    trainer = GRPOTrainer(cfg, load_train_samples(cfg), cfg.model.path)
-    try:
-        trainer.setup()
-        last = trainer.train()
-        out = trainer.export(os.path.join(cfg.run_dir, "policy"))
-        print(f"[train] done: final policy in {out}")
-        return {"policy": out, "last_metrics": last, "steps": cfg.algo.num_steps}
-    finally:
-        trainer.shutdown()
+    from kardia_rl.errors import KardiaError
+    from kardia_rl.trainer.driver import GRPOTrainer
+    from kardia_rl.trainer.preemption import retryable
+
+    from kardia_rl.model.prepare import ensure_prepared
+
+    samples = load_train_samples(cfg)
+    policy = ensure_prepared(cfg)  # a hub id, a .gguf or a folder without span tokens is prepared first
+    for attempt in range(cfg.checkpoint.auto_resume + 1):
+        trainer = GRPOTrainer(cfg, samples, policy)
+        try:
+            trainer.setup()
+            last = trainer.train()
+            out = trainer.export(os.path.join(cfg.run_dir, "policy"))
+            print(f"[train] done: final policy in {out}")
+            return {"policy": out, "last_metrics": last, "steps": cfg.algo.num_steps, "auto_resumes": attempt}
+        except Exception as e:  # noqa: BLE001 - only Ray actor/object failures are retried, the rest re-raised
+            if not retryable(e):
+                raise
+            what = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            if attempt == cfg.checkpoint.auto_resume:
+                raise KardiaError(f"the run failed ({what}) after {attempt} automatic resume(s); continue from the newest "
+                                  f"intact checkpoint in {cfg.run_dir}/checkpoints with checkpoint.resume=true "
+                                  f"(or set checkpoint.auto_resume > 0)") from e
+            print(f"[auto-resume] {attempt + 1}/{cfg.checkpoint.auto_resume} after {what}: restarting from the "
+                  f"newest intact checkpoint", flush=True)
+            cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, resume=True))
+        finally:
+            trainer.shutdown()
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def cmd_train(args) -> int:
     from kardia_rl.config import load_config
 
-    run_train(load_config(args.config, args.overrides))
+    from kardia_rl.plan import preflight
+
+    cfg = load_config(args.config, args.overrides)
+    preflight(cfg, "train")  # resources, memory and preconditions of GRPO; exit 2 naming the problem
+    run_train(cfg)
     return 0
 
 

@@ -11,6 +11,8 @@ from kardia_rl.algo import (
     group_advantages,
     kl_penalty,
     masked_mean,
+    overlong_keep,
+    overlong_penalty,
     policy_loss,
 )
 
@@ -55,6 +57,44 @@ def test_eps_changes_grpo_scale():
     assert a_small > a_big
 
 
+def test_default_eps_is_trls_and_near_tie_sizes():
+    # rewards 0 vs 0.001: unbiased std sqrt(2) * 5e-4; the documented sizes (+-0.62 at 1e-4, +-0.71 at 1e-6)
+    near_tie = torch.tensor([0.0, 0.001])
+    std = math.sqrt(2) * 5e-4
+    default = group_advantages(near_tie, 2).advantages
+    torch.testing.assert_close(default, torch.tensor([-5e-4, 5e-4]) / (std + 1e-4))
+    assert float(default[1]) == pytest.approx(0.62, abs=0.005)
+    tiny_eps = float(group_advantages(near_tie, 2, eps=1e-6).advantages[1])
+    clear_split = float(group_advantages(torch.tensor([0.0, 1.0]), 2, eps=1e-6).advantages[1])
+    assert tiny_eps == pytest.approx(clear_split, abs=2e-3)  # why eps matters: a near-tie as big as 0 vs 1
+
+
+# ---- overlong answers (DAPO)
+def test_overlong_penalty_hand_computed():
+    # max 10 tokens, buffer 4: no penalty up to 6, then a ramp down to -1 at 10
+    pen = overlong_penalty([3, 6, 7, 8, 10], max_len=10, buffer=4)
+    torch.testing.assert_close(pen, torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0]))
+    torch.testing.assert_close(overlong_penalty([12, 9], 10, 4, penalty=0.5), torch.tensor([-0.5, -0.375]))
+    torch.testing.assert_close(overlong_penalty([10, 9], 10, 1), torch.tensor([-1.0, 0.0]))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_len=0, buffer=1), "max_len"), (dict(max_len=10, buffer=0), "buffer"),
+    (dict(max_len=10, buffer=11), "buffer"), (dict(max_len=10, buffer=2, penalty=-1.0), "penalty"),
+])
+def test_overlong_penalty_bad_args(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        overlong_penalty([1], **kwargs)
+
+
+def test_overlong_keep_modes():
+    truncated = [False, True, False, True]
+    assert overlong_keep(truncated, "filter").tolist() == [True, False, True, False]
+    assert overlong_keep(truncated, "keep").all() and overlong_keep(truncated, "penalty").all()
+    with pytest.raises(ValueError, match="overlong mode"):
+        overlong_keep(truncated, "drop")
+
+
 def test_zero_std_detection_and_drop():
     res = group_advantages(REWARDS, 4, drop_zero_std=True)
     assert res.keep.tolist() == [True] * 4 + [False] * 4
@@ -65,7 +105,7 @@ def test_zero_std_detection_and_drop():
     assert s["frac_zero_std"] == pytest.approx(0.5)
     assert s["adv_mean"] == pytest.approx(0.0, abs=1e-6)
     assert s["adv_max"] == pytest.approx(-s["adv_min"])
-    assert s["adv_max"] == pytest.approx(0.5 / math.sqrt(1 / 3), rel=1e-5)
+    assert s["adv_max"] == pytest.approx(0.5 / (math.sqrt(1 / 3) + 1e-4), rel=1e-6)  # default eps 1e-4
 
 
 def test_group_size_one():
@@ -143,6 +183,23 @@ def test_apply_kl_to_rewards():
     assert k3[1].item() == pytest.approx(2.0 - exp_seq1, abs=1e-6)
     with pytest.raises(ValueError, match="rewards"):
         apply_kl_to_rewards(torch.zeros(3), logp, ref, mask, beta=0.1)
+
+
+def test_only_k1_gives_the_kl_gradient_as_a_reward_penalty():
+    """Why the reward-KL default is k1: a reward acts through the score function E[grad log pi(y) * R(y)].
+    Exact expectations over a 4-token vocabulary: with R = k1 that is grad KL(pi || ref); with k3 it is not."""
+    logits = torch.tensor([0.3, -1.2, 0.8, 0.0], requires_grad=True)
+    ref = torch.log_softmax(torch.tensor([1.0, 0.0, -0.5, 0.2]), -1)
+    logp = torch.log_softmax(logits, -1)
+    (true_grad,) = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), logits, retain_graph=True)
+
+    def score_function_grad(kind):
+        penalty = kl_penalty(logp.detach(), ref, kind)
+        (g,) = torch.autograd.grad((logp.exp().detach() * logp * penalty).sum(), logits, retain_graph=True)
+        return g
+
+    torch.testing.assert_close(score_function_grad("k1"), true_grad)
+    assert (score_function_grad("k3") - true_grad).abs().max() > 1e-2
 
 
 # ---- policy loss

@@ -83,11 +83,46 @@ def test_wrong_type_and_override_errors_all_reported(tmp_path):
     (["algo.group_size=1"], "group-normalised advantages need at least 2 candidates"),
     (["judge.dimension_weights={empathy: 1, kindness: 2}"], "unknown dimension(s) ['kindness']"),
     (["sft.batch_size=10", "sft.micro_batch_size=4"], "sft.batch_size (10) must be a multiple"),
+    (["algo.advantage=drgrpo"], "algo.advantage='drgrpo' with algo.loss_agg='token_mean' is half of Dr. GRPO"),
+    (["algo.loss_agg=seq_mean_token_sum_norm"], "is half of Dr. GRPO"),
+    (["algo.preset=drgrpo", "algo.advantage=grpo"], "is half of Dr. GRPO"),
+    (["algo.preset=ppo"], "algo.preset: 'ppo' is not one of"),
+    (["algo.overlong=truncate"], "algo.overlong: 'truncate' is not one of"),
+    (["algo.overlong_buffer=0"], "algo.overlong_buffer: must be in (0, 1]"),
+    (["algo.adv_eps=0"], "algo.adv_eps: must be > 0"),
+    (["rollout.top_p=0.9"], "rollout.top_p: must be 1 for GRPO, got 0.9"),
 ])
 def test_cross_field_rules(overrides, expected):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, overrides)
     assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("preset, expected", [
+    ("grpo", dict(advantage="grpo", loss_agg="token_mean", clip_eps_high=0.0, drop_zero_std=False, overlong="keep")),
+    ("drgrpo", dict(advantage="drgrpo", loss_agg="seq_mean_token_sum_norm", clip_eps_high=0.0, drop_zero_std=False,
+                    overlong="keep")),
+    ("dapo", dict(advantage="grpo", loss_agg="token_mean", clip_eps_high=0.28, drop_zero_std=True,
+                  overlong="penalty")),
+])
+def test_algo_preset_sets_every_governed_key(preset, expected):
+    cfg = load_config(TINY, [f"algo.preset={preset}"])
+    assert {k: getattr(cfg.algo, k) for k in expected} == expected
+    assert from_dict(to_dict(cfg)) == cfg  # resolved once; actors rebuilding the config get the same values
+
+
+def test_algo_preset_explicit_key_wins_and_unset_keys_follow():
+    cfg = load_config(TINY, ["algo.preset=dapo", "algo.overlong=filter", "algo.clip_eps_high=0.3"])
+    assert (cfg.algo.overlong, cfg.algo.clip_eps_high, cfg.algo.drop_zero_std) == ("filter", 0.3, True)
+    # cluster.yaml does not list the governed keys: the preset still fills them
+    cluster = load_config(os.path.join(ROOT, "conf", "cluster.yaml"), ["algo.preset=drgrpo"])
+    assert (cluster.algo.advantage, cluster.algo.loss_agg) == ("drgrpo", "seq_mean_token_sum_norm")
+
+
+def test_kl_estimator_default_depends_on_placement():
+    assert load_config(TINY, ["algo.kl_in=loss"]).algo.kl_estimator == "k3"
+    assert load_config(TINY, ["algo.kl_in=reward"]).algo.kl_estimator == "k1"  # k3's reward gradient is biased
+    assert load_config(TINY, ["algo.kl_in=reward", "algo.kl_estimator=k2"]).algo.kl_estimator == "k2"
 
 
 def test_missing_and_invalid_yaml_files(tmp_path):

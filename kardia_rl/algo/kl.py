@@ -64,7 +64,10 @@ def apply_kl_to_rewards(
     advantage normalisation sees, so a sequence that drifted far from the reference is ranked lower within
     its group; a KL *loss* term (GRPO-style) instead regularises every token directly and leaves the
     rewards untouched. Use one or the other, not both. The result is detached: it is a reward, not a path
-    for gradients. ``kind`` defaults to k1 because the summed k1 is the exact sequence log-ratio.
+    for gradients. ``kind`` defaults to k1, the only unbiased choice here: the reward reaches the policy
+    through the score function, and ``E[grad log pi(y) * sum_t k1_t]`` is exactly ``grad KL(pi || ref)``
+    (the summed k1 is the sequence log-ratio). k2/k3 are fine loss terms, but as a reward the same product
+    drops their own dependence on pi, so the penalty's gradient is biased.
 
     Args:
         rewards: ``[B]`` scalar rewards per completion.

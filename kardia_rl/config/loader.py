@@ -101,9 +101,10 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ka
         cfg: KardiaConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(f"invalid config: {str(e).splitlines()[0]}") from None
+    from kardia_rl.config.presets import resolve_algo
     from kardia_rl.config.validate import validate_config
 
-    validate_config(cfg)
+    validate_config(resolve_algo(cfg))  # presets fill the unset algo keys before the rules see them
     return cfg
 
 
@@ -118,9 +119,10 @@ def to_dict(cfg: Any) -> dict:
 def from_dict(d: dict) -> KardiaConfig:
     """Rebuild a config saved with `to_dict` (checkpoints, Ray actors) and re-validate it."""
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(KardiaConfig), d))
+    from kardia_rl.config.presets import resolve_algo
     from kardia_rl.config.validate import validate_config
 
-    validate_config(cfg)
+    validate_config(resolve_algo(cfg))
     return cfg
 
 

@@ -20,7 +20,9 @@ _CHOICES = {
     "judge.fallback": ("neutral", "zero", "midpoint"),
     "reward.format_mode": ("strict", "graded"),
     "reward.emotion_mode": ("exact", "soft"),
+    "algo.preset": ("grpo", "drgrpo", "dapo"),
     "algo.advantage": ("grpo", "drgrpo", "batch_std"),
+    "algo.overlong": ("keep", "filter", "penalty"),
     "algo.kl_estimator": ("k1", "k2", "k3"),
     "algo.kl_in": ("loss", "reward"),
     "algo.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
@@ -56,8 +58,12 @@ def config_problems(cfg: KardiaConfig) -> list[str]:
                 "judge.timeout_s", "rollout.sync_check_threshold"):
         if not _get(cfg, key) > 0:
             p.append(f"{key}: must be > 0, got {_get(cfg, key)}")
-    if not 0 < cfg.rollout.top_p <= 1:
-        p.append(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
+    if cfg.rollout.top_p != 1:
+        # The learner (ratio, KL, importance weights) scores tokens under the full softmax(logits / T); with
+        # top_p < 1 the sampler draws from a renormalised nucleus, so every log-prob would refer to another
+        # distribution than the one sampled.
+        p.append(f"rollout.top_p: must be 1 for GRPO, got {cfg.rollout.top_p}: the learner's log-probs use the full "
+                 "softmax(logits / rollout.temperature); lower rollout.temperature to sample more narrowly")
     w = {k: _get(cfg, f"reward.{k}_weight") for k in ("format", "emotion", "rubric")}
     for k, v in w.items():
         if v < 0:
@@ -85,6 +91,17 @@ def config_problems(cfg: KardiaConfig) -> list[str]:
         p.append(f"algo.group_size = {cfg.algo.group_size}: group-normalised advantages need at least 2 candidates")
     if not 0 <= cfg.algo.clip_eps < 1 or cfg.algo.clip_eps_high < 0:
         p.append(f"algo.clip_eps ({cfg.algo.clip_eps}) must be in [0,1) and clip_eps_high ({cfg.algo.clip_eps_high}) >= 0")
+    ac = cfg.algo
+    if (ac.advantage == "drgrpo") != (ac.loss_agg == "seq_mean_token_sum_norm"):
+        p.append(f"algo.advantage={ac.advantage!r} with algo.loss_agg={ac.loss_agg!r} is half of Dr. GRPO (it "
+                 "needs both the mean-only advantage and the constant normaliser seq_mean_token_sum_norm); "
+                 "use algo.preset=drgrpo, or change both keys")
+    if not ac.adv_eps > 0:
+        p.append(f"algo.adv_eps: must be > 0 (a tied group would divide 0 by 0), got {ac.adv_eps}")
+    if not 0 < ac.overlong_buffer <= 1:
+        p.append(f"algo.overlong_buffer: must be in (0, 1] (a fraction of model.max_new_tokens), got {ac.overlong_buffer}")
+    if ac.overlong_penalty < 0:
+        p.append(f"algo.overlong_penalty: must be >= 0, got {ac.overlong_penalty}")
     if cfg.algo.kl_beta < 0:
         p.append(f"algo.kl_beta: must be >= 0, got {cfg.algo.kl_beta}")
     if cfg.learner.zero_stage not in (0, 1, 2, 3):

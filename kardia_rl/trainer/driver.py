@@ -116,7 +116,7 @@ class GRPOTrainer:
                                   n=self.cfg.algo.group_size, seed=self.cfg.seed, step=step)
 
     def build_batch(self, rollout):
-        from kardia_rl.algo import apply_kl_to_rewards, group_advantages
+        from kardia_rl.algo import apply_kl_to_rewards, group_advantages, overlong_keep
         from kardia_rl.learner.batching import collate_rollout
 
         ac, n = self.cfg.algo, rollout.group_size
@@ -125,15 +125,35 @@ class GRPOTrainer:
         batch = collate_rollout(prompts, responses, self.tokenizer.pad_token_id,
                                 engine_logprobs=[c.logprobs for c in rollout.completions])
         rewards = torch.tensor([r.total for r in rollout.rewards], dtype=torch.float32)
+        truncated, penalty = self.overlong(rollout)
+        if penalty is not None:  # DAPO's soft overlong penalty is part of the reward the group is ranked on
+            rewards = rewards + penalty
         if ac.kl_in == "reward" and ac.kl_beta > 0:
             logp = self.learner.compute_logprobs(batch, "policy")
             ref = self.learner.compute_logprobs(batch, "ref")
             rewards = apply_kl_to_rewards(rewards, logp, ref, batch["response_mask"], ac.kl_beta, ac.kl_estimator)
-        adv = group_advantages(rewards, n, mode=ac.advantage, drop_zero_std=ac.drop_zero_std)
-        batch["advantages"], batch["keep"] = adv.advantages, adv.keep
-        if ac.updates_per_step > 1:  # several passes need the pre-update policy as the ratio's denominator
+            # Handed on, so the learner logs its KL from these instead of running the reference again, and
+            # the pre-update policy is not run twice either (same weights, same numbers).
+            batch["ref_logprobs"] = ref
+            if ac.updates_per_step > 1:
+                batch["old_logprobs"] = logp
+        adv = group_advantages(rewards, n, mode=ac.advantage, eps=ac.adv_eps, drop_zero_std=ac.drop_zero_std)
+        batch["advantages"], batch["keep"] = adv.advantages, adv.keep & overlong_keep(truncated, ac.overlong)
+        if ac.updates_per_step > 1 and "old_logprobs" not in batch:  # ratio denominator for several passes
             batch["old_logprobs"] = self.learner.compute_logprobs(batch, "policy")
         return batch, adv
+
+    def overlong(self, rollout):
+        """Per candidate: cut at model.max_new_tokens? And with algo.overlong=penalty, its reward penalty."""
+        from kardia_rl.algo import overlong_penalty
+        from kardia_rl.monitoring.stats import LENGTH_FINISH
+
+        ac, max_len = self.cfg.algo, self.cfg.model.max_new_tokens
+        truncated = [c.finish_reason == LENGTH_FINISH for c in rollout.completions]
+        if ac.overlong != "penalty":
+            return truncated, None
+        return truncated, overlong_penalty([len(c.token_ids) for c in rollout.completions], max_len,
+                                           max(1, round(max_len * ac.overlong_buffer)), ac.overlong_penalty)
 
     def update(self, batch: dict) -> dict:
         out: dict = {}
@@ -164,6 +184,10 @@ class GRPOTrainer:
         m.update(train_metrics)
         m["rollout/sync_logprob_diff"] = max(diffs)
         m["rollout/generated_tokens"] = float(sum(lengths))
+        truncated, penalty = self.overlong(rollout)
+        m["rollout/truncated"] = float(sum(truncated))  # a count: under overlong=filter, answers without loss
+        if penalty is not None:
+            m["rollout/overlong_penalty_mean"] = float(penalty.mean())
         return m
 
     def log(self, step: int, metrics: dict, rollout, adv, timing: dict, t0: float) -> None:

@@ -1,9 +1,14 @@
 """One rollout: generate N candidates per prompt on the rollout group and score each chunk the moment it
 is generated (judging overlaps generation), all inside one asyncio loop.
 
-Determinism: prompts are cut into a fixed number of contiguous chunks and chunk c of step s is sampled
-with seed hash(seed, s, c), so results do not depend on which actor served a chunk or in which order
-chunks finished; a resumed run regenerates exactly the same candidates.
+Batching: one chunk per rollout actor, so each engine gets its whole share of the step in ONE generate call
+(vLLM batches across all of it). Two chunks per actor would queue the second call on the synchronous actor
+and run two half batches back to back (bench/bench_generation.py --split-calls measures the cost).
+
+Determinism: prompts are cut into contiguous chunks whose layout depends only on the number of prompts and
+of actors (config, never timing), and chunk c of step s is sampled with seed hash(seed, s, c), so results
+do not depend on which actor served a chunk or in which order chunks finished; a resumed run regenerates
+exactly the same candidates.
 """
 from __future__ import annotations
 
@@ -41,8 +46,8 @@ class Rollout:
 
 
 def generate_and_score(rollout_group: Any, reward: Any, samples: Sequence[Any], prompt_ids: Sequence[list[int]],
-                       *, n: int, seed: int, step: int, chunks_per_actor: int = 2) -> Rollout:
-    chunks = contiguous_chunks(len(samples), len(rollout_group.actors) * chunks_per_actor)
+                       *, n: int, seed: int, step: int) -> Rollout:
+    chunks = contiguous_chunks(len(samples), len(rollout_group.actors))
     comps: list = [None] * len(samples)
     rewards: list = [None] * len(samples)
     marks: dict[str, float] = {}

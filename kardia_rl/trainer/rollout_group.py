@@ -1,6 +1,6 @@
 """The rollout group: R Ray actors, each owning one generation engine (vLLM, or transformers).
 
-Work goes to the least-loaded actor (fewest outstanding requests). Weight sync ships the learner's HF state
+Work goes to an idle actor, one generate call per actor at a time. Weight sync ships the learner's HF state
 dict once through the Ray object store as safetensors bytes (works across nodes; no shared filesystem
 needed), every actor reloads it into its live engine and returns the verification diff (engine vs a
 transformers forward on a fixed probe), which the driver logs and checks against a threshold.
@@ -62,8 +62,17 @@ class RolloutGroup:
 
     def submit(self, prompts: list[list[int]], n: int, *, seed: int, greedy: bool = False,
                temperature: Optional[float] = None, max_new_tokens: Optional[int] = None):
-        """Send a chunk of prompts to the least-loaded actor; returns (actor index, ObjectRef)."""
-        i = min(range(len(self.actors)), key=lambda k: (self.outstanding[k], k))
+        """Send a chunk of prompts to an idle actor; returns (actor index, ObjectRef).
+
+        Never a busy one: the actor is synchronous, so a second call would wait in its queue and the engine
+        would batch each call's prompts alone (two half batches run one after the other). Callers submit at
+        most one chunk per actor at a time (see rollout.generate_and_score).
+        """
+        idle = [k for k in range(len(self.actors)) if self.outstanding[k] == 0]
+        if not idle:
+            raise RuntimeError(f"all {len(self.actors)} rollout actors are busy: submit at most one chunk per actor "
+                               "at a time (a queued call would split the engine's batch)")
+        i = idle[0]
         self.outstanding[i] += 1
         r = self.cfg.rollout
         ref = self.actors[i].generate.remote(prompts, n, temperature or r.temperature, r.top_p,

@@ -118,6 +118,17 @@ _pipeline.configure = _config_args
 command("pipeline", "the main job: data check -> model -> split -> SFT -> GRPO -> eval -> report")(_pipeline)
 
 
+# --- plan ----------------------------------------------------------------------------------------------
+def _plan_cmd():
+    from kardia_rl.plan import cmd_plan  # light: no torch/ray import unless it looks at the local cluster
+
+    return cmd_plan
+
+
+command("plan", "preflight: resources vs the cluster, memory per GPU per role, stage preconditions; exit 2 "
+        "naming each problem")(_plan_cmd())
+
+
 def build_parser() -> argparse.ArgumentParser:
     import kardia_rl.commands  # noqa: F401  (registers the subcommands of later stages)
 

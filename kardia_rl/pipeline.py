@@ -182,8 +182,11 @@ def run_isolated(name: str, fn, cfg: KardiaConfig, state: dict) -> dict:
 
 
 def run_pipeline(cfg: KardiaConfig) -> int:
+    from kardia_rl.plan import preflight
+
+    plan = preflight(cfg, "pipeline")  # seconds, no GPU: exit 2 naming the problem before any stage starts
     os.makedirs(cfg.run_dir, exist_ok=True)
-    report = {"config": to_dict(cfg), "stages": {}}
+    report = {"config": to_dict(cfg), "plan_gib": plan.estimates, "stages": {}}
     state: dict = {}
     t_all = time.time()
     for name, fn in STAGES:

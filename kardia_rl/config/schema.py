@@ -61,7 +61,7 @@ class RolloutConfig:
     gpus_per_actor: float = doc(0.0, "GPUs per rollout actor (tensor parallel size when >= 1)")
     temperature: float = doc(1.0, "sampling temperature for GRPO candidates")
     top_p: float = doc(1.0, "nucleus sampling threshold; GRPO needs 1 (the learner scores tokens under the full softmax/temperature)")
-    kv_cache_bytes: int = doc(1073741824, "vLLM KV cache size in bytes (CPU needs an explicit size)")
+    kv_cache_bytes: int = doc(0, "vLLM KV cache bytes per rollout/split/eval engine (0 = sized from gpu_memory_utilization on GPU, 1 GiB on CPU)")
     gpu_memory_utilization: float = doc(0.5, "vLLM GPU memory fraction (GPU only)")
     enforce_eager: bool = doc(True, "disable CUDA graphs / compilation in vLLM (faster start, needed on CPU)")
     sync_check_threshold: float = doc(0.001, "max |engine - learner| logprob diff allowed after a weight sync")

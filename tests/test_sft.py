@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import types
 
 import pytest
 import torch
 
 from kardia_rl.config import load_config
+from kardia_rl.data import normalize_emotion
+from kardia_rl.format.spans import parse_spans, render_spans
 from kardia_rl.learner import batching as B
 from kardia_rl.learner.sft_data import build_examples, encode_prompt, load_sft_samples
 
@@ -77,11 +80,44 @@ def test_packing_restarts_positions_and_keeps_labels():
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1]
 
 
-def test_short_sft_lowers_val_loss_and_saves_loadable_model(tiny_model_dir, tmp_path):
+def count_independently(samples, texts):
+    """(format-valid rate, emotion accuracy) of answers, straight from the parser: a label counts only in a
+    well-formed answer."""
+    parsed = [parse_spans(t) for t in texts]
+    ok = [p.ok for p in parsed]
+    emo = [p.ok and normalize_emotion(p.spans.emotion) == s.emotion for p, s in zip(parsed, samples)]
+    return sum(ok) / len(texts), sum(emo) / len(texts)
+
+
+def test_format_eval_counts_only_well_formed_answers(tiny_model_dir, tmp_path, monkeypatch):
+    """format_eval's counting on crafted answers (generation replaced): the old rule also credited the emotion
+    span of a malformed answer (0.5 here instead of 0.25)."""
+    from kardia_rl.learner import sft
+
+    cfg = cfg_for(tiny_model_dir, tmp_path)
+    _, val = load_sft_samples(cfg)
+    samples = val[:4]
+    other = next(e for e in ("joyful", "sad") if e != samples[1].emotion)
+    texts = [render_spans("u", "r", samples[0].emotion, "ok"),  # well-formed, right label
+             render_spans("u", "r", other, "ok"),  # well-formed, wrong label
+             render_spans("u", "r", samples[2].emotion, "ok")[:-5],  # right label, malformed (response unclosed)
+             samples[3].emotion]  # a bare label
+    monkeypatch.setattr(sft, "generate_answers", lambda learner, mine, cfg: texts[:len(mine)])
+    learner = types.SimpleNamespace(rank=0, world_size=1, device="cpu")
+    res = sft.format_eval(learner, samples, cfg, keep_examples=4)
+    assert (res["format_valid_rate"], res["emotion_accuracy"], res["n"]) == (0.5, 0.25, 4)
+    assert (res["format_valid_rate"], res["emotion_accuracy"]) == count_independently(samples, texts)
+    assert [e["output"] for e in res["examples"]] == texts
+
+
+def test_short_sft_lowers_val_loss_and_saves_loadable_model(tiny_model_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
+    from kardia_rl.learner import sft
     from kardia_rl.learner.sft import run_sft
 
+    keep_all = sft.format_eval  # keep every validation answer, so the reported rates can be recounted below
+    monkeypatch.setattr(sft, "format_eval", lambda learner, samples, cfg: keep_all(learner, samples, cfg, len(samples)))
     cfg = cfg_for(tiny_model_dir, tmp_path, "sft.lr=3e-3", "sft.batch_size=8", "sft.micro_batch_size=4",
                   "sft.max_steps=6", "sft.eval_every=3", "sft.max_seq_len=384", "model.max_new_tokens=16")
     train, val = load_sft_samples(cfg)
@@ -90,7 +126,9 @@ def test_short_sft_lowers_val_loss_and_saves_loadable_model(tiny_model_dir, tmp_
     assert res["steps"] == 6 and res["skipped_steps"] == 0
     assert [s for s, _ in res["val_loss_history"]] == [3, 6]
     assert res["val_loss_final"] < res["val_loss_initial"] - 0.5, res
-    assert 0.0 <= res["format_valid_rate"] <= 1.0 and res["after"]["n"] == 8
+    answers = [e["output"] for e in res["after"]["examples"]]
+    assert res["after"]["n"] == len(answers) == 8  # one answer per validation sample
+    assert (res["format_valid_rate"], res["emotion_accuracy"]) == count_independently(val[:8], answers)
     saved = json.loads((out / "sft_result.json").read_text())
     assert saved["val_loss_final"] == pytest.approx(res["val_loss_final"])
     assert len((out / "sft_metrics.jsonl").read_text().splitlines()) == 6

@@ -20,10 +20,11 @@ import re
 import time
 from typing import Any, Optional, Sequence
 
-from kardia_rl.data import TurnSample, expand_turns, label_set, load_dialogues, split_dialogues
+from kardia_rl.data import EMOTIONS_32, TurnSample, expand_turns, label_set, load_dialogues, split_dialogues
 from kardia_rl.errors import KardiaError
 from kardia_rl.evaluation.metrics import recompute_metrics
-from kardia_rl.format.spans import SPAN_NAMES, parse_spans
+from kardia_rl.format.spans import SPAN_NAMES, ParseResult, parse_spans
+from kardia_rl.rewards.emotion_reward import credited_emotion
 from kardia_rl.rewards.judge.base import DIMENSIONS
 
 SPLITS = ("test", "validation", "train")
@@ -135,9 +136,9 @@ def close_judge(judge) -> None:
 
 
 # ------------------------------------------------------------------------------------------- rows
-def spans_and_response(completion: str, notation: str) -> tuple[bool, dict, str]:
+def spans_and_response(completion: str, notation: str, res: Optional[ParseResult] = None) -> tuple[bool, dict, str]:
     """(format ok, the four spans (None when missing), the response text a user would see)."""
-    res = parse_spans(completion, notation)
+    res = res if res is not None else parse_spans(completion, notation)
     spans = {name: res.found.get(name) for name in SPAN_NAMES}
     response = res.found.get("response")
     if response is None:
@@ -145,16 +146,22 @@ def spans_and_response(completion: str, notation: str) -> tuple[bool, dict, str]
     return res.ok, spans, response
 
 
-def sample_row(sample: TurnSample, prompt_text: str, completion, breakdown, model_name: str, notation: str) -> dict:
-    """One line of samples_<name>.jsonl: everything recompute_metrics needs, plus what a reader wants."""
-    ok, spans, response = spans_and_response(completion.text, notation)
+def sample_row(sample: TurnSample, prompt_text: str, completion, breakdown, model_name: str, notation: str,
+               labels: Sequence[str] = EMOTIONS_32) -> dict:
+    """One line of samples_<name>.jsonl: everything recompute_metrics needs, plus what a reader wants.
+
+    predicted_emotion is the table's (strict rule: only a well-formed answer predicts a label), whatever
+    reward.format_mode gave the training reward (reward.emotion holds that)."""
+    res = parse_spans(completion.text, notation)
+    ok, spans, response = spans_and_response(completion.text, notation, res)
+    predicted = credited_emotion(res, labels, "strict")
     return {
         "id": sample.id, "model": model_name, "dialogue_id": sample.dialogue_id, "turn": sample.turn,
         "prompt": prompt_text, "completion": completion.text, "finish_reason": completion.finish_reason,
         "completion_tokens": len(completion.token_ids), "format_valid": ok, "parse_error": breakdown.parse_error,
-        "spans": spans, "response_text": response, "predicted_emotion": breakdown.predicted_emotion,
+        "spans": spans, "response_text": response, "predicted_emotion": predicted,
         "gold_emotion": sample.emotion,
-        "emotion_correct": breakdown.predicted_emotion is not None and breakdown.predicted_emotion == sample.emotion,
+        "emotion_correct": predicted is not None and predicted == sample.emotion,
         "scores": {d: breakdown.dims.get(d) for d in DIMENSIONS}, "rationale": dict(breakdown.rationale or {}),
         "judge_response": breakdown.response,
         "reward": {"total": breakdown.total, "format": breakdown.format, "emotion": breakdown.emotion,
@@ -169,7 +176,8 @@ def score_rows(cfg, name: str, samples: Sequence[TurnSample], prompt_texts: Sequ
     """Score one answer per sample (engine Completions) and build the sample rows."""
     breakdowns = score_chunked(reward, list(samples), [c.text for c in completions], [s.id for s in samples],
                                progress=progress, desc=f"judge [{name}]")
-    return [sample_row(s, p, c, b, name, cfg.data.span_notation)
+    labels = label_set(cfg.data.emotion_labels or None)
+    return [sample_row(s, p, c, b, name, cfg.data.span_notation, labels)
             for s, p, c, b in zip(samples, prompt_texts, completions, breakdowns)]
 
 
@@ -236,6 +244,7 @@ def run_eval(cfg, models: Sequence[tuple[str, str]], data: str, out_dir: str, *,
     reward, judge = build_reward(cfg, judge)
     doc = {"data": data, "data_source": source, "n_samples": len(chosen), "n_available": len(all_samples),
            "judge": cfg.judge.backend, "judge_is_proxy": cfg.judge.backend == "embedding",
+           "judge_malformed": bool(cfg.judge.judge_malformed),
            "decoding": {"greedy": cfg.eval.greedy, "temperature": None if cfg.eval.greedy else cfg.eval.temperature,
                         "top_p": None if cfg.eval.greedy else cfg.rollout.top_p,
                         "max_new_tokens": cfg.model.max_new_tokens, "seed": cfg.seed},

@@ -6,10 +6,18 @@ that file, so metrics.json cannot drift from the samples.
 
 Definitions (each row is one generated answer to one test sample; see harness.sample_row):
 - format_valid_rate: fraction of answers the strict four-span parser accepts;
-- emotion_accuracy: fraction whose predicted label (the emotion span, normalised onto the label set) equals
-  the gold label exactly, whatever reward.emotion_mode is; per_emotion groups it by the GOLD label;
-- dims[d].mean: mean 1-5 judge score over the answers the judge scored on d (failed/unjudged excluded,
-  `n` says how many), dims[d].normalized = (mean - 1) / 4;
+- emotion_accuracy: fraction whose predicted label equals the gold label exactly, whatever
+  reward.emotion_mode and reward.format_mode are. The predicted label is the emotion span of a WELL-FORMED
+  answer only (emotion_reward.credited_emotion, strict rule), so a malformed answer or a bare label is never
+  correct and emotion_accuracy <= format_valid_rate; per_emotion groups it by the GOLD label;
+- dims[d].mean: mean 1-5 judge score over ALL n answers, so every model is compared on the same samples. An
+  answer without a score on d (malformed and not judged, or a failed judgment) counts at the scale floor
+  RUBRIC_FLOOR = 1, the rubric score of the worst answer; a model that breaks the format on hard cases cannot
+  look better by leaving them out. With judge.judge_malformed=true malformed answers are judged instead.
+  None when a well-formed answer was not judged at all (the judge is off: reward.rubric_weight=0);
+  dims[d].normalized = (mean - 1) / 4; dims[d].scored = answers the judge scored on d and scored_mean their
+  mean (diagnostics only: the judged subsets of two models differ);
+- judged_rate: fraction of answers the judge was asked about (the rubric columns' coverage);
 - reward_mean (and format/emotion/rubric component means): the unified reward as trained on;
 - distinct_1/2: corpus-level distinct-n (Li et al. 2016): unique n-grams / all n-grams over the response
   texts of all answers; tokens are whitespace-separated words, lower-cased; None when there is no n-gram;
@@ -26,6 +34,7 @@ from typing import Optional, Sequence
 from kardia_rl.rewards.judge.base import DIMENSIONS
 
 REWARD_PARTS = ("total", "format", "emotion", "rubric")
+RUBRIC_FLOOR = 1.0  # the lowest score of the 1-5 rubric scale
 
 
 def words(text: str) -> list[str]:
@@ -46,27 +55,37 @@ def _mean(values: Sequence[float]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
+def _emotion_correct(row: dict) -> bool:
+    """Correct only for a well-formed answer, re-checked here so an old or hand-edited samples file counts the
+    same way as the harness's rows."""
+    return bool(row["emotion_correct"]) and bool(row["format_valid"])
+
+
 def recompute_metrics(rows: Sequence[dict]) -> dict:
     """Every number of the evaluation report for one model, from its sample rows (harness.sample_row)."""
     n = len(rows)
     if n == 0:
         raise ValueError("recompute_metrics: no sample rows")
+    correct = _emotion_correct
     per_emotion: dict[str, dict] = {}
     for gold, count in sorted(Counter(r["gold_emotion"] for r in rows).items()):
-        correct = sum(1 for r in rows if r["gold_emotion"] == gold and r["emotion_correct"])
-        per_emotion[gold] = {"n": count, "correct": correct, "accuracy": correct / count}
+        n_correct = sum(1 for r in rows if r["gold_emotion"] == gold and correct(r))
+        per_emotion[gold] = {"n": count, "correct": n_correct, "accuracy": n_correct / count}
     dims = {}
+    # a well-formed answer the judge was never asked about (reward.rubric_weight=0) has no rubric to floor
+    judge_off = any(r["format_valid"] and not r["judged"] for r in rows)
     for d in DIMENSIONS:
-        vals = [float(r["scores"][d]) for r in rows if r["scores"].get(d) is not None]
-        mean = _mean(vals)
-        dims[d] = {"mean": mean, "normalized": None if mean is None else (mean - 1.0) / 4.0, "n": len(vals)}
+        scored = [float(r["scores"][d]) for r in rows if r["scores"].get(d) is not None]
+        mean = None if judge_off else (sum(scored) + RUBRIC_FLOOR * (n - len(scored))) / n
+        dims[d] = {"mean": mean, "normalized": None if mean is None else (mean - 1.0) / 4.0, "n": n,
+                   "scored": len(scored), "scored_mean": _mean(scored)}
     responses = [r["response_text"] for r in rows]
     out = {
         "n": n,
         "format_valid": sum(bool(r["format_valid"]) for r in rows),
         "format_valid_rate": sum(bool(r["format_valid"]) for r in rows) / n,
-        "emotion_correct": sum(bool(r["emotion_correct"]) for r in rows),
-        "emotion_accuracy": sum(bool(r["emotion_correct"]) for r in rows) / n,
+        "emotion_correct": sum(correct(r) for r in rows),
+        "emotion_accuracy": sum(correct(r) for r in rows) / n,
         "emotion_predicted_rate": sum(r["predicted_emotion"] is not None for r in rows) / n,
         "per_emotion": per_emotion,
         "dims": dims,
@@ -76,6 +95,7 @@ def recompute_metrics(rows: Sequence[dict]) -> dict:
         "completion_tokens_mean": sum(int(r["completion_tokens"]) for r in rows) / n,
         "truncated_rate": sum(r["finish_reason"] == "length" for r in rows) / n,
         "judged": sum(bool(r["judged"]) for r in rows),
+        "judged_rate": sum(bool(r["judged"]) for r in rows) / n,
         "judge_failures": sum(bool(r["judge_failed"]) for r in rows),
         "fallbacks": sum(bool(r["fallback"]) for r in rows),
     }

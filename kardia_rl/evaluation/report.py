@@ -53,14 +53,15 @@ def fmt(x: Optional[float], spec: str = ".2f", scale: float = 1.0) -> str:
 # --------------------------------------------------------------------------------------------- eval
 def main_table(doc: dict) -> str:
     """Rows = models, columns as in the paper's main table (plus Format, Reward, Distinct-2, Len)."""
-    head = ["Model", "Emotion Acc", *[DIM_TITLES[d] for d in DIMENSIONS], "Format", "Reward", "Distinct-2", "Len"]
+    head = ["Model", "Emotion Acc", *[DIM_TITLES[d] for d in DIMENSIONS], "Format", "Judged", "Reward", "Distinct-2",
+            "Len"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for name, entry in doc["models"].items():
         m = entry["metrics"]
         cells = [name, fmt(m["emotion_accuracy"], ".1f", 100)]
         cells += [fmt(m["dims"][d]["mean"]) for d in DIMENSIONS]
-        cells += [fmt(m["format_valid_rate"], ".1f", 100), fmt(m["reward_mean"], ".3f"), fmt(m["distinct_2"], ".3f"),
-                  fmt(m["response_len_mean"], ".1f")]
+        cells += [fmt(m["format_valid_rate"], ".1f", 100), fmt(m["judged_rate"], ".1f", 100),
+                  fmt(m["reward_mean"], ".3f"), fmt(m["distinct_2"], ".3f"), fmt(m["response_len_mean"], ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -89,6 +90,16 @@ def emotion_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def rubric_counting(doc: dict) -> str:
+    """How the rubric columns count malformed answers (metrics.recompute_metrics applies the rule)."""
+    if doc.get("judge_malformed"):
+        how = "malformed answers were judged too (judge.judge_malformed=true: their response text)"
+    else:
+        how = ("malformed answers were not judged and count at the scale floor 1 (judge.judge_malformed=false; "
+               "set it to true to judge their text, e.g. for base models without span tokens)")
+    return f"means over all answers; {how}; a failed judgment also counts at the floor."
+
+
 def render_eval_markdown(doc: dict) -> str:
     dec = doc["decoding"]
     decoding = "greedy" if dec["greedy"] else f"sampling (temperature {dec['temperature']}, top-p {dec['top_p']})"
@@ -100,14 +111,16 @@ def render_eval_markdown(doc: dict) -> str:
     ]
     if doc.get("judge_is_proxy"):
         parts.append(f"- **{PROXY_NOTE}**")
+    parts.append(f"- Rubric columns: {rubric_counting(doc)}")
     unjudged = {n: e["metrics"]["n"] - e["metrics"]["judged"] for n, e in doc["models"].items()}
     if any(unjudged.values()):
-        parts.append("- Not judged (malformed answers get rubric 0 and no judge call; set judge.judge_malformed=true "
-                     "to judge their text, e.g. for base models without span tokens): "
+        parts.append("- Not judged (scored at the floor 1 in the rubric columns, rubric reward 0): "
                      + ", ".join(f"{n}: {k}" for n, k in unjudged.items()))
     parts += ["", "## Main table", "",
-              "Emotion Acc and Format in %, the five rubric dimensions as judge means on the 1-5 scale (over "
-              "judged answers), Reward = mean unified reward, Len = mean words of the response.", "",
+              "Emotion Acc, Format and Judged in %; the five rubric dimensions are judge means on the 1-5 scale "
+              "over ALL answers (see 'Rubric columns' above), so every model is scored on the same samples; "
+              "Emotion Acc counts only well-formed answers whose emotion span matches the gold label; Judged = "
+              "answers the judge scored; Reward = mean unified reward; Len = mean words of the response.", "",
               main_table(doc), "", "## Details", "", detail_table(doc), "",
               "## Emotion accuracy by gold emotion (%)", "", emotion_table(doc), "",
               "## Plots", "", "![rubric dimensions](dimensions.png)", "", "![emotion accuracy](emotion_accuracy.png)",

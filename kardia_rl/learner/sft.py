@@ -21,12 +21,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from kardia_rl.data import TurnSample, label_set, normalize_emotion
+from kardia_rl.data import TurnSample, label_set
 from kardia_rl.errors import KardiaError
 from kardia_rl.format.spans import parse_spans
 from kardia_rl.learner import batching as B
 from kardia_rl.learner.distributed import all_reduce_
 from kardia_rl.learner.sft_data import SFTExample, build_examples, encode_prompt, load_sft_samples
+from kardia_rl.rewards.emotion_reward import credited_emotion
 from kardia_rl.utils.io import atomic_write_jsonl, atomic_write_text
 
 
@@ -156,7 +157,7 @@ def format_eval(learner, samples: Sequence[TurnSample], cfg, keep_examples: int 
     for s, t in zip(mine, texts):
         res = parse_spans(t, cfg.data.span_notation)
         ok += int(res.ok)
-        emo += int(normalize_emotion(res.found.get("emotion"), labels) == s.emotion)
+        emo += int(credited_emotion(res, labels, "strict") == s.emotion)  # the eval's rule: well-formed answers only
     counts = torch.tensor([ok, emo, len(mine)], dtype=torch.float64, device=learner.device)
     ok, emo, n = (float(x) for x in all_reduce_(counts, "sum").cpu())
     return {"format_valid_rate": ok / max(n, 1.0), "emotion_accuracy": emo / max(n, 1.0), "n": int(n),

@@ -1,5 +1,15 @@
 """Emotion reward: the predicted label (the answer's emotion span) against the sample's gold `emotion`.
 
+Credit comes ONLY from an emotion span the structure accepts (`credited_emotion`), decided by the same
+parser and mode as the format reward:
+- `format_mode="strict"`: the whole answer must be well-formed; a malformed answer predicts nothing, even
+  when it contains a closed emotion span;
+- `format_mode="graded"`: the emotion span itself must be well-formed: closed, exactly once, non-empty and
+  with no span tag inside it (the rest of the answer may be broken; the format reward grades that).
+A bare label ("sad") or a label outside an emotion span is never a prediction. Why: otherwise a policy
+collects 1/3 of the unified reward by emitting the label alone and abandoning the format (or appending an
+emotion span to junk), and the eval's Emotion Acc would credit answers its Format column rejects.
+
 Both sides go through `normalize_emotion`, so "Anxiety", "feeling anxious." and "ANXIOUS" all match
 "anxious"; a label outside the active set never matches (an unknown word earns nothing).
 
@@ -18,15 +28,16 @@ so the soft reward cannot be gamed by always answering a generic label of the ri
 """
 from __future__ import annotations
 
-import re
 from typing import Optional, Sequence
 
 from kardia_rl.data.emotions import EMOTIONS_32, normalize_emotion
-from kardia_rl.format.spans import parse_spans
+from kardia_rl.format.spans import SPAN_NAMES, SPAN_TOKENS, ParseResult, parse_spans
 
 EMOTION_MODES = ("exact", "soft")
+CREDIT_MODES = ("strict", "graded")  # = the format reward's modes (reward.format_mode)
 SAME_CLUSTER_CREDIT = 0.5
-_ANY_SPAN_TAG = re.compile(r"<\|?/?(?:understanding|reasoning|emotion|response)(?:_begin|_end)?\|?>")
+# Every span tag of both notations the parser reads: a graded-mode emotion span containing one is not well-formed.
+_SPAN_TAG_STRINGS = SPAN_TOKENS + tuple(f"<{c}{n}>" for n in SPAN_NAMES for c in ("", "/"))
 
 # Fine clusters over the 32 labels (each label exactly once; a test checks the partition).
 EMOTION_CLUSTERS: dict[str, tuple[str, ...]] = {
@@ -56,19 +67,28 @@ def emotion_similarity(a: Optional[str], b: Optional[str]) -> float:
     return SAME_CLUSTER_CREDIT if ca is not None and ca == cb else 0.0
 
 
-def predicted_emotion(text_or_label: Optional[str], labels: Sequence[str] = EMOTIONS_32,
-                      notation: str = "kardia") -> Optional[str]:
-    """Canonical predicted label: the emotion span of a four-span answer (its first closed emotion span,
-    even when the answer is otherwise malformed; the format reward punishes the structure), or the text
-    itself when it has no span tags (a bare label)."""
-    if text_or_label is None:
+def credited_emotion(result: ParseResult, labels: Sequence[str] = EMOTIONS_32,
+                     format_mode: str = "strict") -> Optional[str]:
+    """Canonical predicted label of a parsed answer, or None when no emotion span may earn credit
+    (see the module docstring for the strict and graded rules)."""
+    if format_mode not in CREDIT_MODES:
+        raise ValueError(f"unknown format mode {format_mode!r}; expected one of {CREDIT_MODES}")
+    if format_mode == "strict":
+        return normalize_emotion(result.spans.emotion, labels) if result.ok else None
+    span = result.found.get("emotion")
+    if span is None or any(e.span == "emotion" for e in result.errors):  # duplicated, empty, nested, unclosed
         return None
-    res = parse_spans(text_or_label, notation)
-    if "emotion" in res.found:
-        return normalize_emotion(res.found["emotion"], labels)
-    if _ANY_SPAN_TAG.search(text_or_label):
-        return None  # a span answer without a closed emotion span: no prediction
-    return normalize_emotion(text_or_label, labels)
+    if any(tag in span for tag in _SPAN_TAG_STRINGS):  # a tag swallowed by the span: not a label
+        return None
+    return normalize_emotion(span, labels)
+
+
+def predicted_emotion(text: Optional[str], labels: Sequence[str] = EMOTIONS_32, notation: str = "kardia",
+                      format_mode: str = "strict") -> Optional[str]:
+    """Canonical predicted label of a raw completion under `credited_emotion`'s rule."""
+    if not isinstance(text, str):
+        return None
+    return credited_emotion(parse_spans(text, notation), labels, format_mode)
 
 
 def emotion_score(predicted: Optional[str], gold: Optional[str], mode: str = "exact",
@@ -84,7 +104,7 @@ def emotion_score(predicted: Optional[str], gold: Optional[str], mode: str = "ex
     return emotion_similarity(predicted, g)
 
 
-def emotion_reward(text_or_label: Optional[str], gold: Optional[str], mode: str = "exact",
-                   labels: Sequence[str] = EMOTIONS_32, notation: str = "kardia") -> float:
-    """Emotion reward in [0, 1] of a completion (or bare label) against the gold label."""
-    return emotion_score(predicted_emotion(text_or_label, labels, notation), gold, mode, labels)
+def emotion_reward(text: Optional[str], gold: Optional[str], mode: str = "exact",
+                   labels: Sequence[str] = EMOTIONS_32, notation: str = "kardia", format_mode: str = "strict") -> float:
+    """Emotion reward in [0, 1] of a completion against the gold label (0 without a credited emotion span)."""
+    return emotion_score(predicted_emotion(text, labels, notation, format_mode), gold, mode, labels)

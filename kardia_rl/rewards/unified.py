@@ -6,6 +6,9 @@ situation, history, emotion; TurnSample objects or plain dicts) and the raw comp
 and for the reward-hacking monitors.
 
 Rules:
+- Emotion credit only from an emotion span the parser accepts under reward.format_mode (strict: the whole
+  answer well-formed; graded: the emotion span itself well-formed); a bare label earns nothing
+  (`emotion_reward.credited_emotion`).
 - A malformed answer (strict parser fails) gets no judge call and rubric 0, unless
   `judge.judge_malformed` is set; then the judge sees its response span if one was closed, else the whole
   text with span tags removed.
@@ -35,7 +38,7 @@ from kardia_rl.data.emotions import EMOTIONS_32, label_set
 from kardia_rl.errors import DataError
 from kardia_rl.format.prompt import visible_history
 from kardia_rl.format.spans import parse_spans
-from kardia_rl.rewards.emotion_reward import emotion_score, predicted_emotion
+from kardia_rl.rewards.emotion_reward import credited_emotion, emotion_score
 from kardia_rl.rewards.format_reward import format_score
 from kardia_rl.rewards.judge.base import DIMENSIONS, JudgeBackend, Judgment, JudgeRequest
 from kardia_rl.rewards.rubric import aggregate_scores, failed_judgment, percentile
@@ -167,7 +170,7 @@ class UnifiedReward:
         for i, (s, text) in enumerate(zip(samples, completions)):
             text = text if isinstance(text, str) else ""
             res = parse_spans(text, self.notation)
-            pred = predicted_emotion(text, self.labels, self.notation)
+            pred = credited_emotion(res, self.labels, self.format_mode)  # same parse, same mode as format
             b = RewardBreakdown(total=0.0, format=format_score(res, self.format_mode),
                                 emotion=emotion_score(pred, _col(s, "emotion"), self.emotion_mode, self.labels),
                                 rubric=0.0, dims={d: None for d in DIMENSIONS}, predicted_emotion=pred,

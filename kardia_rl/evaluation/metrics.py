@@ -1,8 +1,8 @@
 """The evaluation metrics, as one pure function of the per-sample rows.
 
 `recompute_metrics(rows)` is the ONLY place the numbers of the report are computed: the harness calls it
-on the rows it writes to samples_<name>.jsonl, and the tests call it again on the rows read back from
-that file, so metrics.json cannot drift from the samples.
+on the rows it writes to samples_<name>.jsonl, so metrics.json can be recomputed from that file (the tests
+recount the headline numbers independently from the raw completions and judge scores in it).
 
 Definitions (each row is one generated answer to one test sample; see harness.sample_row):
 - format_valid_rate: fraction of answers the strict four-span parser accepts;

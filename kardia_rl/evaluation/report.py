@@ -114,7 +114,7 @@ def render_eval_markdown(doc: dict) -> str:
     parts.append(f"- Rubric columns: {rubric_counting(doc)}")
     unjudged = {n: e["metrics"]["n"] - e["metrics"]["judged"] for n, e in doc["models"].items()}
     if any(unjudged.values()):
-        parts.append("- Not judged (scored at the floor 1 in the rubric columns, rubric reward 0): "
+        parts.append("- Not judged (rubric reward 0; in the rubric columns as said above): "
                      + ", ".join(f"{n}: {k}" for n, k in unjudged.items()))
     parts += ["", "## Main table", "",
               "Emotion Acc, Format and Judged in %; the five rubric dimensions are judge means on the 1-5 scale "

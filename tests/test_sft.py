@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kardia_rl.config import load_config
+from kardia_rl.errors import KardiaError
 from kardia_rl.data import normalize_emotion
 from kardia_rl.format.spans import parse_spans, render_spans
 from kardia_rl.learner import batching as B
@@ -64,10 +65,15 @@ def test_prompt_budget_drops_oldest_history_first(tiny_model_dir, tokenizer, tmp
 
 
 def test_short_max_seq_len_cuts_prompts_and_says_so(tiny_model_dir, tokenizer, tmp_path):
-    cfg = cfg_for(tiny_model_dir, tmp_path, "sft.max_seq_len=200")
+    cfg = cfg_for(tiny_model_dir, tmp_path, "sft.max_seq_len=380")
     train, _ = load_sft_samples(cfg)
-    examples, _, prompts_cut = build_examples(train[:4], tokenizer, cfg)
-    assert prompts_cut == 4 and all(len(e) <= 200 for e in examples)
+    examples, targets_cut, prompts_cut = build_examples(train[:4], tokenizer, cfg)
+    assert prompts_cut == 4 and targets_cut == 0 and all(len(e) <= 380 for e in examples)
+    for e, s in zip(examples, train):  # the start of the user turn was cut, never the header or system prompt
+        assert tokenizer.decode(e.prompt_ids).startswith("<|im_start|>system\n" + s.system.strip()[:40]) if s.system \
+            else tokenizer.decode(e.prompt_ids).startswith("<|im_start|>system\n")
+    with pytest.raises(KardiaError, match="system prompt and chat header of sample .* alone take"):
+        build_examples(train[:1], tokenizer, cfg_for(tiny_model_dir, tmp_path, "sft.max_seq_len=200"))
     assert all(e.input_ids[-1] == tokenizer.eos_token_id for e in examples)  # the answer keeps its end
 
 

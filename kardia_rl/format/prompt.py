@@ -67,3 +67,35 @@ def build_prompt(tokenizer: Any, messages: Sequence[dict]) -> str:
         raise ValueError("tokenizer has no chat template; build the model with `kardia-rl init-model` or use "
                          "an instruct model whose tokenizer ships one")
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+
+def header_tokens(tokenizer: Any, messages: Sequence[dict]) -> int:
+    """Tokens of the prompt with the last message emptied: what no truncation may cut."""
+    body = [dict(m) for m in messages]
+    body[-1]["content"] = ""
+    return len(tokenizer(build_prompt(tokenizer, body), add_special_tokens=False)["input_ids"])
+
+
+def fit_last_turn(tokenizer: Any, messages: Sequence[dict], budget: int) -> list[int]:
+    """Prompt token ids within `budget` when even one user turn is too long: the header, the system prompt and
+    the generation prompt stay whole, and only the START of the last message is cut (its end is what the
+    answer replies to). The cut is on characters (binary search), so it never splits a special token.
+    """
+    from kardia_rl.errors import KardiaError
+
+    *head, last = [dict(m) for m in messages]
+    text = last["content"]
+
+    def ids(keep: int) -> list[int]:
+        body = head + [{**last, "content": text[len(text) - keep:] if keep else ""}]
+        return tokenizer(build_prompt(tokenizer, body), add_special_tokens=False)["input_ids"]
+
+    empty = header_tokens(tokenizer, messages)
+    if empty > budget:
+        raise KardiaError(f"model.max_prompt_tokens={budget}: the system prompt and chat header alone take {empty} "
+                          f"tokens; raise model.max_prompt_tokens or shorten data.system_template")
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if len(ids(mid)) <= budget else (lo, mid - 1)
+    return ids(lo)

@@ -63,11 +63,12 @@ def ds_config(*, zero_stage: int, micro_batch_size: int, world_size: int, dtype:
 
 
 def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Trainable parameters, with no weight decay on biases and norm weights (1-D tensors), as usual."""
+    """Trainable parameters, with no weight decay on biases and norm weights (1-D tensors), as usual, nor on
+    weights marked `kardia_no_decay` (an embedding trained on a few rows only: decay would move the frozen rows)."""
     decay, no_decay = [], []
     for _, p in named_params:
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if p.dim() >= 2 and not getattr(p, "kardia_no_decay", False) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

@@ -32,14 +32,11 @@ from kardia_rl.utils.io import atomic_write_jsonl, atomic_write_text
 
 
 def ensure_model(cfg) -> str:
-    """cfg.model.path, building the local tiny/small model there first when it is missing."""
-    path = cfg.model.path
-    if os.path.isdir(path) or not cfg.model.init_size:
-        return path
-    from kardia_rl.model.tiny import build_tiny_model
+    """The folder to train: cfg.model.path prepared (tiny model built when missing, hub id / .gguf / a folder
+    without span tokens prepared into run_dir/prepared_model; see kardia_rl.model.prepare)."""
+    from kardia_rl.model.prepare import ensure_prepared
 
-    build_tiny_model(path, cfg.model.init_size, cfg.model.init_seed)
-    return path
+    return ensure_prepared(cfg)
 
 
 def step_plan(examples: Sequence[SFTExample], cfg, world_size: int) -> list[list[tuple[list[int], list[int],

@@ -6,7 +6,8 @@ are tokenised separately and concatenated, which makes the label boundary exact 
 matches what the sampler continues from (the template's generation prompt `<|im_start|>assistant\\n`).
 
 Long prompts lose their oldest history turns first (cfg.model.max_prompt_tokens, and the room left by
-cfg.sft.max_seq_len after the target); only when a single turn is still too long are tokens cut from the left.
+cfg.sft.max_seq_len after the target); when a single turn is still too long, the start of that user turn is cut
+(never the chat header or the system prompt).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 from kardia_rl.data import TurnSample, expand_turns, label_set, load_dialogues, split_dialogues
 from kardia_rl.errors import KardiaError
-from kardia_rl.format.prompt import DEFAULT_SYSTEM_TEMPLATE, build_messages, build_prompt
+from kardia_rl.format.prompt import DEFAULT_SYSTEM_TEMPLATE, build_messages, build_prompt, fit_last_turn, header_tokens
 from kardia_rl.learner.batching import IGNORE_INDEX
 
 
@@ -70,9 +71,12 @@ def encode_prompt(sample: TurnSample, tokenizer: Any, cfg, max_tokens: Optional[
     turns = cfg.data.max_history_turns if cfg.data.max_history_turns > 0 else n_user
     turns = min(turns, n_user)
     while True:
-        ids = tokenizer(build_prompt(tokenizer, _messages(sample, cfg, turns)), add_special_tokens=False)["input_ids"]
-        if len(ids) <= budget or turns <= 1:
-            return ids[-budget:]
+        messages = _messages(sample, cfg, turns)
+        ids = tokenizer(build_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+        if len(ids) <= budget:
+            return ids
+        if turns <= 1:  # one turn left and still too long: cut its start, never the header or system prompt
+            return fit_last_turn(tokenizer, messages, budget)
         turns -= 1
 
 
@@ -91,8 +95,13 @@ def build_examples(samples: Sequence[TurnSample], tokenizer: Any, cfg) -> tuple[
     out, targets_cut, prompts_cut = [], 0, 0
     for s in samples:
         target = encode_target(s, tokenizer)
-        # keep at least a quarter of the sequence for the prompt: an answer without its context teaches little
-        room_for_target = max_len - max(1, max_len // 4)
+        floor = header_tokens(tokenizer, _messages(s, cfg, 1))
+        if floor >= max_len:
+            raise KardiaError(f"sft.max_seq_len={max_len}: the system prompt and chat header of sample {s.id} "
+                              f"alone take {floor} tokens; raise sft.max_seq_len")
+        # keep at least a quarter of the sequence for the prompt (an answer without its context teaches little),
+        # and always the header and system prompt (never cut): the target gives way
+        room_for_target = min(max_len - max(1, max_len // 4), max_len - floor)
         if len(target) > room_for_target:
             target, targets_cut = target[:room_for_target], targets_cut + 1
         prompt = encode_prompt(s, tokenizer, cfg, max_len - len(target))

@@ -1,0 +1,154 @@
+"""Model preparation on small local models (fast): span rows, padding rows, hub cache offline, clear errors,
+and prompt truncation that never cuts the chat header or the system prompt."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from kardia_rl.cli import main
+from kardia_rl.config import load_config
+from kardia_rl.format.spans import SPAN_TOKENS
+from kardia_rl.model.prepare import MARKER, add_span_rows, prepare_model, prepared_record
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "conf", "tiny.yaml")
+WORDS = ["<unk>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant", "hello", "world", "sad", "happy"]
+
+
+def _word_model(folder, extra_rows: int, tied: bool) -> str:
+    """A 1-layer Llama with a word-level tokenizer (not Qwen2) and `extra_rows` spare embedding rows."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from kardia_rl.model.tiny import CHATML_TEMPLATE
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<unk>", eos_token="<|im_end|>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    fast.chat_template = CHATML_TEMPLATE
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(WORDS) + extra_rows, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         tie_word_embeddings=tied))
+    with torch.no_grad():  # spare rows hold junk, as an untrained padding row may
+        model.get_input_embeddings().weight[len(WORDS):] = 50.0
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("extra_rows, tied", [(12, False), (0, True)])
+def test_span_rows_mean_initialised_in_padding_rows_or_grown(tmp_path, extra_rows, tied):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    src = _word_model(tmp_path / "src", extra_rows, tied)
+    rec = prepare_model(src, str(tmp_path / "out"))
+    n = len(WORDS)
+    assert rec["new_ids"] == list(range(n, n + 8)) and rec["architecture"] == "LlamaForCausalLM"
+    if extra_rows:
+        assert rec["rows"].startswith(f"used spare padding rows {n}..{n + 7} of {n + extra_rows}")
+    else:
+        assert rec["rows"] == f"grew the embeddings from {n} to {n + 8} rows"
+    w = load_file(os.path.join(tmp_path, "out", "model.safetensors"))
+    before = load_file(os.path.join(src, "model.safetensors"))
+    for key in ["model.embed_tokens.weight"] + ([] if tied else ["lm_head.weight"]):
+        mean = before[key][:n].mean(0)
+        assert torch.allclose(w[key][n:n + 8], mean.expand(8, -1), atol=1e-6), key
+        assert torch.equal(w[key][:n], before[key][:n])  # existing rows untouched
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert [tok.convert_tokens_to_ids(t) for t in SPAN_TOKENS] == list(range(n, n + 8))
+    assert tok.chat_template == AutoTokenizer.from_pretrained(src).chat_template
+    assert prepared_record(str(tmp_path / "out"))["source_sha256"] == rec["source_sha256"]
+
+
+def test_add_span_rows_is_a_no_op_when_present(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(tiny_model_dir), AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    before = model.get_input_embeddings().weight.clone()
+    info = add_span_rows(tok, model)
+    assert info["new_ids"] == [] and torch.equal(before, model.get_input_embeddings().weight)
+
+
+def _hub_cache(root, repo_id: str, files_from: str) -> str:
+    """A Hugging Face cache holding `files_from` as the snapshot of `repo_id` (the layout huggingface_hub reads)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name in os.listdir(files_from):
+        if not name.startswith("."):
+            os.symlink(os.path.join(files_from, name), snap / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return commit
+
+
+def test_hub_id_prepared_offline_from_the_cache(tmp_path, monkeypatch, tiny_model_dir):
+    from kardia_rl.pipeline import stage_model
+
+    commit = _hub_cache(tmp_path / "hub", "kardia-test/tiny-chat", tiny_model_dir)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "model.path=kardia-test/tiny-chat", "model.init_size=''"])
+    out = stage_model(cfg, {})
+    assert out["path"] == str(tmp_path / "run" / "prepared_model") and out["kind"] == "hub"
+    rec = prepared_record(out["path"])
+    assert rec["source"] == "kardia-test/tiny-chat" and rec["revision"] == commit and len(rec["source_sha256"]) == 64
+    assert os.path.isfile(os.path.join(out["path"], "model.safetensors"))
+    mtime = os.path.getmtime(os.path.join(out["path"], MARKER))
+    assert stage_model(cfg, {})["path"] == out["path"]  # unchanged source: reused, not prepared again
+    assert os.path.getmtime(os.path.join(out["path"], MARKER)) == mtime
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", TINY, "model.path=/nonexistent/model", "model.init_size=''"],
+     "model.path: '/nonexistent/model': no config.json there"),
+    (["prepare", TINY, "--model", "nobody-kardia/no-such-model"],
+     "error: model.path 'nobody-kardia/no-such-model': not a local path, and hub id nobody-kardia/no-such-model is "
+     "not in the Hugging Face cache"),
+    (["prepare", TINY, "--model", "{weightless}"], "no weights (no *.safetensors or pytorch_model*.bin files)"),
+    (["prepare", TINY, "--model", "/nonexistent/model"], "no such file or folder (and not a hub id of the form org/name)"),
+    (["prepare", TINY, "--model", "pkg:no_such_package_xyz/m.gguf"], "package 'no_such_package_xyz' is not installed"),
+])
+def test_bad_model_paths_give_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, expected):
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    (weightless / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    argv = [a.replace("{weightless}", str(weightless)) for a in argv] + [f"run_dir={tmp_path / 'run'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert not os.path.exists(tmp_path / "run" / "prepared_model")
+
+
+def test_truncation_keeps_header_and_system_prompt(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from kardia_rl.data import TurnSample
+    from kardia_rl.format.prompt import build_system_prompt
+    from kardia_rl.learner.sft_data import encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    user = " ".join(f"word{i} and more text" for i in range(400))
+    sample = TurnSample(id="x", dialogue_id="d", turn=0, person="A nurse who loves hiking.", mbti="", emotion="sad",
+                        situation="My dog is ill.", anon_username="u", system=None,
+                        history=[{"role": "user", "content": user}], target="")
+    cfg = load_config(TINY, ["model.max_prompt_tokens=200"])
+    ids = encode_prompt(sample, tok, cfg)
+    text = tok.decode(ids)
+    assert len(ids) <= 200
+    system = build_system_prompt(sample.person, sample.situation)
+    assert text.startswith(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n")
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    kept = text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+    assert kept and user.endswith(kept)  # the START of the user turn was cut, its end kept
+    with pytest.raises(Exception, match="system prompt and chat header alone take"):
+        encode_prompt(sample, tok, load_config(TINY, ["model.max_prompt_tokens=20"]))

@@ -47,14 +47,16 @@ def stage_data(cfg: KardiaConfig, state: dict) -> dict:
 
 
 def stage_model(cfg: KardiaConfig, state: dict) -> dict:
-    from kardia_rl.model.tiny import build_tiny_model
+    """Prepare model.path (hub id, folder or .gguf; the tiny model is built when missing): every later stage
+    loads the prepared folder (run_pipeline puts it into model.path)."""
+    from kardia_rl.model.prepare import ensure_prepared, prepared_record
 
-    if os.path.isdir(cfg.model.path) or not cfg.model.init_size:
-        print(f"[model] using {cfg.model.path}")
-        return {"path": cfg.model.path, "built": False}
-    build_tiny_model(cfg.model.path, cfg.model.init_size, cfg.model.init_seed)
-    print(f"[model] built {cfg.model.init_size} model in {cfg.model.path}")
-    return {"path": cfg.model.path, "built": True}
+    path = ensure_prepared(cfg)
+    rec = prepared_record(path) or {}
+    print(f"[model] using {path}" + (f" (prepared from {rec['source']}, sha256 {rec['source_sha256'][:12]})"
+                                    if rec else ""))
+    return {"path": path, "source": cfg.model.path, "prepared": bool(rec),
+            **({k: rec.get(k) for k in ("kind", "source_sha256", "architecture", "rows")} if rec else {})}
 
 
 def stage_split(cfg: KardiaConfig, state: dict) -> dict:
@@ -143,7 +145,8 @@ STAGES = [("data", stage_data), ("model", stage_model), ("split", stage_split), 
           ("grpo", stage_grpo), ("eval", stage_eval)]
 # Stages that start DeepSpeed, vLLM or Ray run in a fresh process each: in-process vLLM engines and DeepSpeed
 # keep process-wide state (torch.distributed groups, thread settings, RNG) that the next stage must not inherit.
-ISOLATED = {"split", "sft", "grpo", "eval"}
+# The model stage loads whole models (preparation) and is isolated too, so the driver never holds their memory.
+ISOLATED = {"model", "split", "sft", "grpo", "eval"}
 
 
 def _child(fn, cfg, state, queue) -> None:
@@ -193,6 +196,8 @@ def run_pipeline(cfg: KardiaConfig) -> int:
         t0 = time.time()
         print(f"[pipeline] stage {name}")
         state[name] = run_isolated(name, fn, cfg, state) if name in ISOLATED else fn(cfg, state)
+        if name == "model":  # later stages (split, SFT, eval's base) load the prepared folder
+            cfg = _with(cfg, model__path=state["model"]["path"])
         report["stages"][name] = {"result": state[name], "seconds": round(time.time() - t0, 2)}
         report["seconds"] = round(time.time() - t_all, 2)
         atomic_write_text(os.path.join(cfg.run_dir, "report.json"), json.dumps(report, indent=2, default=str))

@@ -93,6 +93,7 @@ class DeepSpeedLearner:
             lcfg = cfg.model.lora
             model = get_peft_model(model, LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
                                                      target_modules=list(lcfg.target_modules), task_type="CAUSAL_LM"))
+            self.span_rows_trained = train_span_rows(model, self.tokenizer)
             if lc.gradient_checkpointing:
                 model.enable_input_require_grads()
         client_opt = make_client_optimizer(model, zero_stage=self.zero_stage, optimizer=lc.optimizer, lr=lr,
@@ -377,3 +378,24 @@ class DeepSpeedLearner:
     def param_norm(self) -> float:
         """L2 norm of the exported weights (a cheap 'did anything change' probe for tests/logs)."""
         return math.sqrt(sum(float(t.float().pow(2).sum()) for t in self.hf_state_dict().values()))
+
+
+def train_span_rows(model: torch.nn.Module, tokenizer) -> list[int]:
+    """Under LoRA, also train the span tokens' embedding rows (and nothing else of the embedding matrix).
+
+    A prepared model starts every span token from the same mean row; with tied embeddings their logits are then
+    identical, and adapters on attention layers alone can never tell `<|emotion_begin|>` from
+    `<|response_begin|>`. So the embedding weight becomes trainable with a gradient mask that keeps every other
+    row frozen (AdamW with zero gradients leaves them unchanged; the weight is marked no-decay). The exported
+    model carries the new rows. Caveat: the LoRA reference (adapter disabled) sees the trained span rows too.
+    """
+    from kardia_rl.format.tokens import span_token_ids
+
+    weight = model.get_input_embeddings().weight
+    ids = sorted(span_token_ids(tokenizer).values())
+    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    mask[ids] = 1
+    weight.requires_grad_(True)
+    weight.register_hook(lambda g: g * mask.to(g.device, g.dtype))
+    weight.kardia_no_decay = True
+    return ids

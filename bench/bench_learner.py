@@ -10,6 +10,16 @@ bf16, same ZeRO stage, plus peak GPU memory (torch.cuda.max_memory_allocated).
 
     .venv/bin/python bench/bench_learner.py                  # tiny + small on CPU
     .venv/bin/python bench/bench_learner.py --device cuda    # on a GPU machine
+    .venv/bin/python bench/bench_learner.py --activation-memory   # small: checkpointing off vs on, vs the plan
+
+Activation memory (`--activation-memory`): each setting runs in a fresh process started with
+MALLOC_MMAP_THRESHOLD_=65536, so every tensor above 64 KiB is its own mmap and goes back to the OS when freed
+(RSS then follows live memory instead of glibc's retained heap). After one warm-up step (optimizer state and
+gradient buffers exist), the peak-RSS counter is reset (/proc/self/clear_refs 5), one train_step runs with the
+whole batch in ONE micro-batch, and peak RSS minus the RSS before the step is the step's transient memory:
+activations + logits + gradient/optimizer temporaries. The off-minus-on difference isolates the activations
+that checkpointing removes; it is compared with the plan's estimate (kardia_rl/plan_estimate.py) of the same
+difference. On CUDA the same runs read torch.cuda.max_memory_allocated instead.
 """
 from __future__ import annotations
 
@@ -73,6 +83,81 @@ def bench_one(size: str, args, workdir: str) -> dict:
     return out
 
 
+def measure_activations(args, checkpointing: bool, model_dir: str) -> dict:
+    """One learner step's transient memory (see the module doc); runs in its own process."""
+    import torch
+
+    from kardia_rl.algo import group_advantages
+    from kardia_rl.config import load_config
+    from kardia_rl.learner import collate_rollout
+    from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
+
+    gpu = args.device == "cuda"
+    n = args.groups * args.group_size
+    cfg = load_config(None, ["learner.zero_stage=2", f"learner.micro_batch_size={n}", "algo.kl_beta=0.0",
+                             f"model.dtype={'bfloat16' if gpu else 'float32'}", f"model.max_new_tokens={args.response_len}",
+                             f"learner.gradient_checkpointing={str(checkpointing).lower()}"])
+    learner = DeepSpeedLearner(cfg, model_dir)
+    g = torch.Generator().manual_seed(0)
+    vocab = len(learner.tokenizer)
+    prompts = [torch.randint(10, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(n)]
+    responses = [torch.randint(10, vocab, (args.response_len,), generator=g).tolist() for _ in range(n)]
+    batch = collate_rollout(prompts, responses, learner.tokenizer.pad_token_id,
+                            advantages=group_advantages(torch.rand(n, generator=g), args.group_size).advantages)
+    learner.train_step(batch)
+    if gpu:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _status_kb("VmRSS") * 1024
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+    m = learner.train_step(batch)
+    peak = torch.cuda.max_memory_allocated() if gpu else _status_kb("VmHWM") * 1024
+    return {"checkpointing": checkpointing, "step_peak_MiB": round((peak - base) / 2 ** 20, 1),
+            "checkpointed_layer_calls": m["train/checkpointed_layer_calls"]}
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def activation_report(args, workdir: str) -> list[dict]:
+    import subprocess
+
+    from kardia_rl.model.tiny import build_tiny_model
+    from kardia_rl.plan_estimate import activation_bytes, arch_from_config, logits_bytes
+
+    size = args.sizes.split(",")[-1].strip()
+    model_dir = os.path.join(workdir, size)
+    if not os.path.isdir(model_dir):
+        build_tiny_model(model_dir, size, seed=0)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    rows = []
+    for on in (False, True):
+        cmd = [sys.executable, os.path.abspath(__file__), "--_measure", model_dir, "--device", args.device,
+               "--groups", str(args.groups), "--group-size", str(args.group_size), "--prompt-len",
+               str(args.prompt_len), "--response-len", str(args.response_len), "--threads", str(args.threads)]
+        out = subprocess.run(cmd + (["--_ckpt"] if on else []), env=env, capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    with open(os.path.join(model_dir, "config.json")) as f:
+        arch = arch_from_config(json.load(f))
+    b = 2 if args.device == "cuda" else 4
+    n, seq = args.groups * args.group_size, args.prompt_len + args.response_len
+    est = {on: activation_bytes(arch, n * seq, b, on) / 2 ** 20 for on in (False, True)}
+    lg = logits_bytes(arch, n, args.response_len + 1, b) / 2 ** 20
+    for r in rows:
+        r["plan_activations_MiB"] = round(est[r["checkpointing"]], 1)
+        r["plan_logits_MiB"] = round(lg, 1)
+    diff_m = rows[0]["step_peak_MiB"] - rows[1]["step_peak_MiB"]
+    diff_e = est[False] - est[True]
+    rows.append({"model": size, "tokens_per_micro_batch": n * seq, "saved_by_checkpointing_measured_MiB": round(diff_m, 1),
+                 "saved_by_checkpointing_plan_MiB": round(diff_e, 1), "plan_over_measured": round(diff_e / diff_m, 2)})
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -88,6 +173,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--workdir", default=None, help="where the models are built (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--activation-memory", action="store_true",
+                   help="step memory with and without gradient checkpointing (last of --sizes) vs the plan's estimate")
+    p.add_argument("--_measure", default=None, help=argparse.SUPPRESS)  # internal: one measurement process
+    p.add_argument("--_ckpt", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
     args.groups = args.groups or (8 if gpu else 2)
@@ -101,6 +190,22 @@ def main(argv=None) -> int:
         return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args._measure:
+        print(json.dumps(measure_activations(args, args._ckpt, args._measure)), flush=True)
+        return 0
+    if args.activation_memory:
+        print("method: see the module doc (--activation-memory): fresh process per setting, "
+              f"{args.groups * args.group_size} x ({args.prompt_len}+{args.response_len}) tokens in one micro-batch, "
+              "step peak above the pre-step baseline", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            results = activation_report(args, args.workdir or tmp)
+        for r in results:
+            print(json.dumps(r), flush=True)
+        if args.json:
+            from kardia_rl.utils.io import atomic_write_text
+
+            atomic_write_text(args.json, json.dumps(results, indent=2))
+        return 0
     print(f"method: GRPO train_step (fwd+bwd+AdamW step) on DeepSpeed ZeRO-{args.zero_stage}, world size 1, "
           f"{'bf16 on ' + args.device if gpu else 'fp32 on cpu'}; batch {args.groups}x{args.group_size} sequences "
           f"of {args.prompt_len} prompt + {args.response_len} response tokens, micro-batch {args.micro_batch}; "

@@ -110,3 +110,35 @@ def test_parameter_count_and_formulas_match_the_built_model(tiny_model_dir):
     assert kv_bytes_per_token(q7, 2) == 2 * 28 * 4 * 128 * 2
     # checkpointing keeps one hidden state per layer plus one layer's activations: 10x+ less at 7B
     assert activation_bytes(q7, 4096, 2, False) > 10 * activation_bytes(q7, 4096, 2, True)
+
+
+def test_kv_cache_zero_means_gpu_share_on_gpu_and_1gib_on_cpu():
+    from kardia_rl.config import load_config
+    from kardia_rl.engines.vllm_compat import engine_kwargs
+    from kardia_rl.errors import KardiaError
+
+    common = dict(seed=0, dtype="bfloat16", max_model_len=2560, enforce_eager=True, gpu_memory_utilization=0.85,
+                  tensor_parallel_size=1)
+    gpu = engine_kwargs("m", kv_cache_bytes=0, gpu=True, **common)
+    assert "kv_cache_memory_bytes" not in gpu and gpu["gpu_memory_utilization"] == 0.85
+    assert engine_kwargs("m", kv_cache_bytes=1 << 28, gpu=True, **common)["kv_cache_memory_bytes"] == 1 << 28
+    assert engine_kwargs("m", kv_cache_bytes=0, gpu=False, **common)["kv_cache_memory_bytes"] == 1 << 30
+    assert load_config(CLUSTER).rollout.kv_cache_bytes == 0
+    with pytest.raises(KardiaError, match="rollout.kv_cache_bytes: must be >= 0"):
+        load_config(CLUSTER, ["rollout.kv_cache_bytes=-1"])
+
+
+def test_gpu_check_runs_on_cpu(tmp_path):
+    """bench/gpu_check.sh is for a GPU machine (no ray/deepspeed/vllm there); --cpu runs the same code small."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--cpu"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [r["checkpointing"] for r in res["learner_step"]] == [False, True]
+    assert all(r["loss_finite"] for r in res["learner_step"])
+    fp32 = next(r for r in res["logprob_agreement"] if r["dtype"] == "float32")
+    assert fp32["max_abs_diff"] < 1e-4  # cached incremental decoding and a full forward agree in fp32

@@ -142,3 +142,21 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert all(r["loss_finite"] for r in res["learner_step"])
     fp32 = next(r for r in res["logprob_agreement"] if r["dtype"] == "float32")
     assert fp32["max_abs_diff"] < 1e-4  # cached incremental decoding and a full forward agree in fp32
+
+
+def test_pipeline_and_train_run_the_plan_first(capsys, monkeypatch, tmp_path):
+    """A problem stops the command with exit 2 before anything starts (no run_dir, no Ray, no model)."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    tiny = os.path.join(ROOT, "conf", "tiny.yaml")
+    run_dir = tmp_path / "run"
+    code, text = run_cmd(capsys, ["pipeline", tiny, f"data.path={tmp_path / 'missing.jsonl'}", f"run_dir={run_dir}"])
+    assert code == 2 and "[plan] PROBLEM: data.path" in text and not run_dir.exists()
+    code, text = run_cmd(capsys, ["train", tiny, "learner.num_workers=2", "learner.gpus_per_worker=1",
+                                  "learner.micro_batch_size=4", f"run_dir={run_dir}"])
+    assert code == 2 and "learner.num_workers x learner.gpus_per_worker = 2" in text and not run_dir.exists()
+
+
+def run_cmd(capsys, argv):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out + out.err

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -81,17 +82,22 @@ def detect_cluster(cfg, gpus=None, gpu_mem_gb=None, host_mem_gb=None, shm_gb=Non
             local_gpus = torch.cuda.device_count()
             local_mem = float(min(torch.cuda.get_device_properties(i).total_memory for i in range(local_gpus)))
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    loaded = sys.modules.get("ray")
+    if loaded is not None and loaded.is_initialized():  # this process is already a driver: ask its cluster
+        address = address if address and not address.startswith("http") else "the connected cluster"
     if address and not address.startswith("http"):
         import ray
 
+        connected_before = ray.is_initialized()  # then read it, and leave the caller's connection alone
         try:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            if not connected_before:
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
             res = ray.cluster_resources()
         except Exception as e:  # noqa: BLE001 - any connection failure is reported as one line
             raise KardiaError(f"ray.address / RAY_ADDRESS {address!r}: cannot connect to the Ray cluster "
                               f"({type(e).__name__}: {e}); or pass --gpus/--gpu-mem to plan for it") from None
         finally:
-            if ray.is_initialized():
+            if not connected_before and ray.is_initialized():
                 ray.shutdown()
         return Cluster(float(res.get("GPU", 0)), gb(gpu_mem_gb) or local_mem,
                        gb(host_mem_gb) or res.get("memory"), gb(shm_gb) or res.get("object_store_memory"),

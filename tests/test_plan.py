@@ -160,3 +160,23 @@ def run_cmd(capsys, argv):
     code = main(argv)
     out = capsys.readouterr()
     return code, out.out + out.err
+
+
+def test_requests_are_checked_against_the_connected_ray_cluster():
+    """A driver already connected to Ray (here a local one declaring 2 GPUs) is asked for its resources."""
+    import ray
+
+    from kardia_rl.config import load_config
+    from kardia_rl.plan import build_plan, detect_cluster
+
+    cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), ["learner.gpus_per_worker=1", "learner.num_workers=4",
+                                                                 "learner.micro_batch_size=4"])
+    ray.init(num_cpus=1, num_gpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        cluster = detect_cluster(cfg)
+        assert ray.is_initialized()  # the plan leaves the caller's connection alone
+    finally:
+        ray.shutdown()
+    assert cluster.gpus == 2 and cluster.source.startswith("Ray cluster")
+    plan = build_plan(cfg, cluster, "train")
+    assert any("4 GPUs requested" in p and "has 2" in p for p in plan.problems)

@@ -147,3 +147,21 @@ def test_failure_past_auto_resume_is_one_line_naming_the_way_back(monkeypatch, t
     monkeypatch.setattr(driver, "GRPOTrainer", BuggyTrainer)
     with pytest.raises(ValueError):  # not retried: it would fail the same way again
         train_cli.run_train(cfg)
+
+
+def test_unreachable_ray_cluster_is_one_clear_line(monkeypatch):
+    import ray
+
+    from kardia_rl.errors import KardiaError
+    from kardia_rl.trainer.ray_cluster import init_ray
+
+    assert not ray.is_initialized(), "a previous test left its Ray cluster connected"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(KardiaError, match=r"ray.address='127.0.0.1:1': no Ray cluster reachable there"):
+        init_ray("127.0.0.1:1")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    with pytest.raises(KardiaError, match=r"RAY_ADDRESS='127.0.0.1:1'"):
+        init_ray()
+    with pytest.raises(KardiaError, match=r"expected HOST:PORT"):
+        init_ray("nonsense")
+    assert not ray.is_initialized()

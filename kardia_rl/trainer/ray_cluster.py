@@ -30,8 +30,30 @@ def init_ray(address: str = "", num_cpus: int = 0, runtime_env: dict | None = No
         # Inside `ray job submit` the job already has a runtime env (working_dir, env vars); Ray refuses to merge
         # it with ours on overlapping keys unless told to combine them.
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
+        _check_reachable(address)
         ray.init(address=address, runtime_env=renv, log_to_driver=True)
         return address
     ray.init(num_cpus=num_cpus or None, include_dashboard=False, _node_ip_address="127.0.0.1",
              runtime_env=renv, log_to_driver=True)
     return "local"
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """One clear line when the cluster's GCS port does not answer: ray.init itself retries for many minutes,
+    printing a warning every few seconds. `auto` (a cluster found from the local node) is left to Ray."""
+    import socket
+
+    from kardia_rl.errors import KardiaError
+
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise KardiaError(f"ray.address={address!r}: expected HOST:PORT (or ray://HOST:PORT, or auto)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        source = "RAY_ADDRESS" if address == os.environ.get("RAY_ADDRESS") else "ray.address"
+        raise KardiaError(f"{source}={address!r}: no Ray cluster reachable there ({e}); start one with "
+                          f"`ray start --head` or leave {source} empty for a local cluster on 127.0.0.1") from None

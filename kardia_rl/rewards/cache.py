@@ -1,10 +1,13 @@
 """A bounded LRU cache of judgments.
 
 GRPO samples N candidates per prompt and tiny or early policies often repeat themselves, and evaluation
-re-scores the same references, so identical judge requests are common. The key is (rubric version hash,
-person, situation, history, response) (`JudgeRequest.cache_key`): a rubric or prompt change bumps the
-version hash, so stale judgments are never reused. Only successful judgments are stored, so a failure is
-retried next time instead of being cached.
+re-scores the same references, so identical judge requests are common. The key is `JudgeRequest.cache_key`:
+("single", rubric version hash, person, situation, history, response) for a candidate judged alone, and
+("group", ..., sorted sibling responses, response) for one judged next to its siblings, so single and
+group judgments never share an entry and a group score is reused only for the same sibling set (`get_all`
+serves a whole group or nothing). A rubric or prompt change bumps the version hash, so stale judgments are
+never reused. Only successful judgments are stored, so a failure is retried next time instead of being
+cached.
 
 Keys are stored as SHA-256 digests (profiles and histories are long; a digest bounds memory per entry).
 A `threading.Lock` makes it safe from several threads (the Ray actor's event loop plus executor threads);
@@ -17,7 +20,7 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
-from typing import Optional
+from typing import Optional, Sequence
 
 from kardia_rl.rewards.judge.base import Judgment
 
@@ -48,6 +51,23 @@ class JudgmentCache:
             self.hits += 1
         out = copy.deepcopy(j)
         out.cached, out.latency_s = True, 0.0
+        return out
+
+    def get_all(self, keys: Sequence[tuple]) -> Optional[list[Judgment]]:
+        """Copies of the judgments of every key (marked cached), or None if any is missing: a judged group is
+        served whole or re-judged whole, never mixed from two calls. Counts one hit or miss per key."""
+        digests = [_digest(k) for k in keys]
+        with self._lock:
+            found = [self._data.get(d) for d in digests]
+            if any(j is None for j in found):
+                self.misses += len(keys)
+                return None
+            for d in digests:
+                self._data.move_to_end(d)
+            self.hits += len(keys)
+        out = [copy.deepcopy(j) for j in found]
+        for j in out:
+            j.cached, j.latency_s = True, 0.0
         return out
 
     def put(self, key: tuple, judgment: Judgment) -> None:

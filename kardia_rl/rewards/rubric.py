@@ -8,10 +8,17 @@ error set, scores None). The fallback VALUE is chosen by the caller that knows t
 (UnifiedReward: neutral/zero/midpoint); this class never raises for a per-request failure and never
 invents a score.
 
-Group-wise mode (`group_wise=True`): the unique uncached candidates sharing a non-empty group_id are
-scored in one call (numbered, each in its own nonce-marked quote, so the judge sees the contrast and the
-backend sees one long prompt instead of N); candidates the group answer does not cover are re-judged one
-by one. The output has the same shape as per-candidate mode.
+Group-wise mode (`group_wise=True`): the unique candidates of one call sharing a non-empty group_id and
+context are scored in one call (numbered, each in its own nonce-marked quote, so the judge sees the
+contrast and the backend sees one long prompt instead of N), in an order fixed by the judge seed and the
+set (a keyed hash of each response), never by arrival order; candidates the group answer does not cover
+are re-judged one by one. The output has the same shape as per-candidate mode. A group judgment is cached
+under a key that holds the whole sibling set and is served whole or re-judged whole (cache.py).
+
+Reproducibility: the judge seed (the run's `seed`, the same in every judge actor) and the request alone
+decide the prompt's nonce and the backend's sampling seed (`request_seed`: a hash of the seed, the cache
+key and the attempt number), so a request gives the same prompt and the same sampling whichever actor
+serves it, in whichever batch, and also when it is re-sent after an actor died.
 
 Transport retries: a backend that retries by itself (it has an int `max_retries`, like
 OpenAIChatBackend with its per-attempt timeout, backoff and Retry-After handling) owns transport
@@ -27,10 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import logging
 import secrets
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
@@ -132,8 +140,8 @@ class RubricJudge(JudgeBackend):
         self.cache = JudgmentCache(cache_size) if cache_size > 0 else None
         # The nonce secret: deterministic for a seed (reproducible prompts); the candidate never sees it.
         self._secret = f"seed={seed}" if seed is not None else secrets.token_hex(16)
-        mode = "group" if group_wise else "single"
-        self.version = rubric_version_hash(f"{chat.name}|{_backend_model_name(chat)}|{mode}")
+        # single vs group is part of every cache key (JudgeRequest.cache_key), not of the version
+        self.version = rubric_version_hash(f"{chat.name}|{_backend_model_name(chat)}")
         backend_retries = getattr(chat, "max_retries", None)
         self.backend_retries = backend_retries if isinstance(backend_retries, int) and backend_retries >= 0 else None
         # A backend with its own retries also owns per-attempt timeouts, Retry-After and rate-limit waits, and
@@ -164,14 +172,28 @@ class RubricJudge(JudgeBackend):
         await self.chat.close()
 
     # ------------------------------------------------------------------------------------------ calls
-    async def _call(self, conv: list[dict]) -> tuple[Optional[str], Optional[str]]:
+    def request_seed(self, key: tuple, attempt: int = 0) -> Optional[int]:
+        """The backend's sampling seed for attempt `attempt` of the request with cache key `key`: a function of
+        (judge seed, request, attempt) only, never of the actor or batch (None when the judge is unseeded)."""
+        if self.seed is None:
+            return None
+        h = hashlib.sha256(repr((self._secret, "sampling", key, attempt)).encode("utf-8")).digest()
+        return int.from_bytes(h[:4], "big") >> 1  # 31 bits: a valid seed for every backend (OpenAI, vLLM, torch)
+
+    def _canonical_order(self, responses: Sequence[str]) -> list[int]:
+        """Positions of a group's responses in the order they are shown to the judge: by a keyed hash, so the
+        order depends on (seed, set) only and carries no systematic position bias (unlike sorting by text)."""
+        return sorted(range(len(responses)), key=lambda i: (
+            hashlib.sha256(f"{self._secret}|{responses[i]}".encode("utf-8")).digest(), responses[i]))
+
+    async def _call(self, conv: list[dict], seed: Optional[int]) -> tuple[Optional[str], Optional[str]]:
         """(text, None) or (None, error) for one backend call, bounded by the semaphore and the timeout."""
         async with self._semaphore():
             self.stats.calls += 1
             try:
                 res = await asyncio.wait_for(
                     self.chat.complete([conv], temperature=self.temperature, max_tokens=self.max_tokens,
-                                       seed=self.seed), self.call_timeout_s)
+                                       seed=seed), self.call_timeout_s)
             except asyncio.TimeoutError:
                 self.stats.timeouts += 1
                 return None, f"timeout after {self.call_timeout_s}s"
@@ -199,7 +221,7 @@ class RubricJudge(JudgeBackend):
             if attempt:
                 self.stats.retries += 1
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
-            text, call_err = await self._call(conv)
+            text, call_err = await self._call(conv, self.request_seed(key, attempt))
             if text is None:
                 err = call_err or "backend error"
                 if self.backend_retries is not None:
@@ -219,10 +241,12 @@ class RubricJudge(JudgeBackend):
         return failed_judgment(err, raw, time.perf_counter() - t0, attempt + 1)
 
     async def _judge_group(self, reqs: list[JudgeRequest], keys: list[tuple]) -> list[Judgment]:
-        nonce = make_nonce(self._secret, ("group", *keys))
+        """One call for a group already in canonical order; `keys` are its members' group cache keys."""
+        group_key = keys[0][:-1]  # ("group", version, context..., siblings): the set, without the member
+        nonce = make_nonce(self._secret, group_key)
         t0 = time.perf_counter()
         self.stats.group_calls += 1
-        text, _ = await self._call(build_group_messages(reqs, nonce))
+        text, _ = await self._call(build_group_messages(reqs, nonce), self.request_seed(group_key))
         lat = time.perf_counter() - t0
         parsed = parse_group_judgment(text or "", nonce, len(reqs))
         out: list[Optional[Judgment]] = []
@@ -244,57 +268,64 @@ class RubricJudge(JudgeBackend):
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------------------ public
+    def _plan(self, reqs: list[JudgeRequest]) -> tuple[list[tuple[list[int], list[tuple]]], list[tuple]]:
+        """(units, the cache key of every request). A unit is ([request index per unique candidate], [their
+        keys]): several candidates are one group call (in canonical order), one candidate a single call.
+        Duplicates (same key) are in no unit: they get a copy of their first occurrence's judgment."""
+        keys: list[Optional[tuple]] = [None] * len(reqs)
+        groups: dict = {}
+        for i, r in enumerate(reqs):
+            if self.group_wise and r.group_id:
+                groups.setdefault((r.group_id, r.context()), {}).setdefault(r.response, []).append(i)
+        units = []
+        for by_response in groups.values():
+            if len(by_response) < 2:
+                continue  # a group of one is judged alone, under a single key
+            first = [idx[0] for idx in by_response.values()]
+            first = [first[k] for k in self._canonical_order([reqs[i].response for i in first])]
+            siblings = tuple(sorted(by_response))
+            for idx in by_response.values():
+                for i in idx:
+                    keys[i] = reqs[i].cache_key(self.version, siblings)
+            units.append((first, [keys[i] for i in first]))
+        seen: set = set()
+        for i, r in enumerate(reqs):
+            if keys[i] is None:
+                keys[i] = r.cache_key(self.version)
+                if keys[i] not in seen:
+                    seen.add(keys[i])
+                    units.append(([i], [keys[i]]))
+        return units, keys  # type: ignore[return-value]
+
     async def judge(self, requests: Sequence[JudgeRequest]) -> list[Judgment]:
         reqs = list(requests)
         self.stats.requests += len(reqs)
         out: list[Optional[Judgment]] = [None] * len(reqs)
         try:
-            keys = [r.cache_key(self.version) for r in reqs]
-            pending: "OrderedDict[tuple, list[int]]" = OrderedDict()
-            for i, k in enumerate(keys):
-                if k in pending:
-                    pending[k].append(i)
-                    continue
-                hit = self.cache.get(k) if self.cache is not None else None
-                if hit is not None:
-                    out[i] = hit
-                else:
-                    pending[k] = [i]
-            uniq = [(k, idx[0]) for k, idx in pending.items()]
-            jobs, job_keys = [], []
-            if self.group_wise:
-                groups: "OrderedDict[str, list[tuple[tuple, int]]]" = OrderedDict()
-                singles = []
-                for k, i in uniq:
-                    (groups.setdefault(reqs[i].group_id, []) if reqs[i].group_id else singles).append((k, i))
-                for g in groups.values():
-                    if len(g) >= 2:
-                        jobs.append(self._judge_group([reqs[i] for _, i in g], [k for k, _ in g]))
-                        job_keys.append([k for k, _ in g])
-                    else:
-                        singles.extend(g)
-                for k, i in singles:
-                    jobs.append(self._judge_one(reqs[i], k))
-                    job_keys.append(k)
-            else:
-                for k, i in uniq:
-                    jobs.append(self._judge_one(reqs[i], k))
-                    job_keys.append(k)
-            results = await asyncio.gather(*jobs)
-            by_key: dict[tuple, Judgment] = {}
-            for ks, res in zip(job_keys, results):
-                if isinstance(ks, list):
-                    by_key.update(zip(ks, res))
-                else:
-                    by_key[ks] = res
-            for k, idx in pending.items():
-                j = by_key[k]
+            units, keys = self._plan(reqs)
+            jobs, job_units = [], []
+            for idx, ukeys in units:
                 if self.cache is not None:
-                    self.cache.put(k, j)
-                out[idx[0]] = j
-                for i in idx[1:]:  # duplicates in the batch: a copy, counted as a cache hit
-                    dup = copy.deepcopy(j)
-                    if j.ok:
+                    hit = self.cache.get(ukeys[0]) if len(ukeys) == 1 else self.cache.get_all(ukeys)
+                    if hit is not None:
+                        for i, j in zip(idx, [hit] if len(ukeys) == 1 else hit):
+                            out[i] = j
+                        continue
+                jobs.append(self._judge_one(reqs[idx[0]], ukeys[0]) if len(idx) == 1
+                            else self._judge_group([reqs[i] for i in idx], ukeys))
+                job_units.append((idx, ukeys))
+            results = await asyncio.gather(*jobs)
+            for (idx, ukeys), res in zip(job_units, results):
+                for i, k, j in zip(idx, ukeys, [res] if len(idx) == 1 else res):
+                    out[i] = j
+                    if self.cache is not None:
+                        self.cache.put(k, j)
+            first = {ukeys[n]: i for idx, ukeys in units for n, i in enumerate(idx)}
+            for i in range(len(reqs)):  # duplicates in the batch: a copy, counted as a cache hit
+                if out[i] is None:
+                    src = out[first[keys[i]]]
+                    dup = copy.deepcopy(src)
+                    if src.ok:
                         dup.cached, dup.latency_s = True, 0.0
                         if self.cache is not None:
                             self.cache.record_hit()

@@ -6,6 +6,8 @@ overlaps generation. Actors are async (many requests in flight each, bounded by 
 `max_in_flight`). Ray restarts a dead actor (max_restarts=-1); the request that was in flight is re-sent
 to another actor, counted in `actor_failures`, and only after `max_attempts` does it become a failed
 Judgment, which the reward layer turns into a counted fallback. Nothing here raises into training.
+All actors judge with the same seed, so which actor serves a request (load, restarts) never changes its
+reward (tests/test_judge_pool.py reverses the chunk-to-actor assignment of two GRPO steps).
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ class JudgeActor:
 
         cfg = from_dict(cfg_dict)
         self.index = index
-        self.backend = make_judge(cfg.judge, seed=cfg.seed + index)
+        # Every actor gets the same judge seed: a request's nonce and sampling seed are derived from (seed,
+        # request) alone (RubricJudge.request_seed), so its reward does not depend on which actor served it.
+        self.backend = make_judge(cfg.judge, seed=cfg.seed)
 
     def pid(self) -> int:
         return os.getpid()

@@ -30,8 +30,18 @@ class JudgeRequest:
     response: str  # the candidate's response span only
     group_id: str = ""  # the prompt this candidate answers (for group-wise judging / neutral fallback)
 
-    def cache_key(self, rubric_version: str) -> tuple:
-        return (rubric_version, self.person, self.situation, self.history, self.response)
+    def context(self) -> tuple:
+        """What the candidate answers (profile, situation, history): requests that share it are siblings."""
+        return (self.person, self.situation, self.history)
+
+    def cache_key(self, rubric_version: str, siblings: Optional[tuple] = None) -> tuple:
+        """The judgment's cache key. A judgment made with the candidate alone ("single") and one made next to
+        its siblings ("group": `siblings` is the sorted tuple of every response judged in that call, this
+        one included) never share an entry, and a group score is only reused for the very same sibling set:
+        a score relative to other candidates is not a score for another set."""
+        if siblings is None:
+            return ("single", rubric_version, *self.context(), self.response)
+        return ("group", rubric_version, *self.context(), tuple(siblings), self.response)
 
 
 @dataclass

@@ -258,9 +258,11 @@ def test_grpo_world_size_2_matches_world_size_1(tiny_model_dir):
 
 
 # --- gradient checkpointing -------------------------------------------------------------------------------
-def test_gradient_checkpointing_really_runs_in_grpo_and_sft(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_gradient_checkpointing_really_runs_in_grpo_and_sft(tiny_model_dir, monkeypatch, stage):
     """HF layers checkpoint only in train mode: count the calls that reach torch's checkpoint (independently of
-    the learner's own counter), in train_step and sft_step, none in no-grad scoring; same update as without."""
+    the learner's own counter), in train_step and sft_step, none in no-grad scoring; same update as without.
+    Stage 3 (cluster.yaml's): the recomputation re-gathers the partitioned weights."""
     import transformers.modeling_utils as mu
 
     from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
@@ -268,8 +270,9 @@ def test_gradient_checkpointing_really_runs_in_grpo_and_sft(tiny_model_dir, monk
     calls = []
     real = mu.checkpoint
     monkeypatch.setattr(mu, "checkpoint", lambda fn, *a, **k: calls.append(1) or real(fn, *a, **k))
-    gc = DeepSpeedLearner(make_cfg("learner.gradient_checkpointing=true"), tiny_model_dir)
-    plain = DeepSpeedLearner(make_cfg(), tiny_model_dir)
+    gc = DeepSpeedLearner(make_cfg("learner.gradient_checkpointing=true", f"learner.zero_stage={stage}"),
+                          tiny_model_dir)
+    plain = DeepSpeedLearner(make_cfg(f"learner.zero_stage={stage}"), tiny_model_dir)
     layers = gc.hf_config.num_hidden_layers
     batch, probe, _ = rollout(gc.tokenizer)
     n_micro = len(B.rollout_micro_batches(batch, gc.micro_batch_size))

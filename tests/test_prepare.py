@@ -152,3 +152,21 @@ def test_truncation_keeps_header_and_system_prompt(tiny_model_dir):
     assert kept and user.endswith(kept)  # the START of the user turn was cut, its end kept
     with pytest.raises(Exception, match="system prompt and chat header alone take"):
         encode_prompt(sample, tok, load_config(TINY, ["model.max_prompt_tokens=20"]))
+
+
+def test_lora_trains_the_span_rows_and_nothing_else_of_the_embedding(tiny_model_dir):
+    """Mean-initialised span rows give the eight span tokens one shared logit: under LoRA their rows must train."""
+    from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
+    from kardia_rl.learner.sft import _collate
+    from kardia_rl.learner.sft_data import build_examples, load_sft_samples
+
+    cfg = load_config(TINY, [f"model.path={tiny_model_dir}", "model.lora.enabled=true", "learner.zero_stage=0",
+                             "sft.lr=1e-2", "sft.warmup_steps=0", "data.max_history_turns=1", "learner.weight_decay=0.1"])
+    learner = DeepSpeedLearner(cfg, tiny_model_dir, role="sft", total_steps=1)
+    examples, _, _ = build_examples(load_sft_samples(cfg)[0][:2], learner.tokenizer, cfg)
+    w0 = learner.module.get_input_embeddings().weight.detach().clone()
+    learner.sft_step(_collate([(e.input_ids, e.labels, None) for e in examples], learner.tokenizer.pad_token_id))
+    changed = (learner.module.get_input_embeddings().weight.detach() - w0).abs().sum(1) > 0
+    ids = sorted(learner.tokenizer.convert_tokens_to_ids(t) for t in SPAN_TOKENS)
+    assert learner.span_rows_trained == ids
+    assert changed[ids].all() and int(changed.sum()) == len(ids)  # weight decay does not touch the frozen rows

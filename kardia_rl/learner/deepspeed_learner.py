@@ -94,6 +94,8 @@ class DeepSpeedLearner:
             model = get_peft_model(model, LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
                                                      target_modules=list(lcfg.target_modules), task_type="CAUSAL_LM"))
             self.span_rows_trained = train_span_rows(model, self.tokenizer)
+            # the initial embedding (frozen except the span rows): the reference (adapter disabled) scores with it
+            self._embed0 = model.get_input_embeddings().weight.detach().clone() if need_ref else None
             if lc.gradient_checkpointing:
                 model.enable_input_require_grads()
         client_opt = make_client_optimizer(model, zero_stage=self.zero_stage, optimizer=lc.optimizer, lr=lr,
@@ -182,6 +184,19 @@ class DeepSpeedLearner:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         return [float(x) for x in all_reduce_(t, op).cpu()]
 
+    def _ref_model(self):
+        """The model the LoRA reference scores with: the peft model (adapter disabled by the caller) whose
+        embedding is the INITIAL matrix, i.e. before the span rows were trained (train_span_rows). Passed as a
+        parameter override (torch.func.functional_call; the tied lm_head follows), never written in place: the
+        policy's autograd graph still holds the live weight. Under ZeRO-3 (partitioned embedding) the reference
+        sees the trained span rows."""
+        module = self.engine.module
+        if getattr(self, "_embed0", None) is None or self.zero_stage == 3:
+            return module
+        name = next(n for n, p in module.named_parameters() if p is module.get_input_embeddings().weight)
+        override = {name: self._embed0}
+        return lambda **kw: torch.func.functional_call(module, override, args=(), kwargs=kw)
+
     def _ref_logprobs(self, mb: dict, temperature: float) -> torch.Tensor:
         with torch.no_grad():
             if self.ref == "adapter_disabled":
@@ -190,7 +205,7 @@ class DeepSpeedLearner:
                 self.engine.module.eval()
                 try:
                     with self.engine.module.disable_adapter():
-                        return response_logprobs(self.engine.module, mb, temperature=temperature)[0]
+                        return response_logprobs(self._ref_model(), mb, temperature=temperature)[0]
                 finally:
                     self.engine.module.train(was_training)
             return response_logprobs(self.ref, mb, temperature=temperature)[0]
@@ -387,7 +402,7 @@ def train_span_rows(model: torch.nn.Module, tokenizer) -> list[int]:
     identical, and adapters on attention layers alone can never tell `<|emotion_begin|>` from
     `<|response_begin|>`. So the embedding weight becomes trainable with a gradient mask that keeps every other
     row frozen (AdamW with zero gradients leaves them unchanged; the weight is marked no-decay). The exported
-    model carries the new rows. Caveat: the LoRA reference (adapter disabled) sees the trained span rows too.
+    model carries the new rows; the reference scores with the initial rows (DeepSpeedLearner._ref_model).
     """
     from kardia_rl.format.tokens import span_token_ids
 

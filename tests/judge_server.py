@@ -20,6 +20,10 @@ by the whole marker. No marker means `ok`. Steps:
                    a 4xx body echoes the request's Authorization header (as careless proxies do), so
                    tests can check that the client redacts it
 
+`ScriptedJudgeServer(prompt_scores=True)` makes `ok` (without =N) an LLM-like judge whose five scores are a
+hash of the request's whole message text and its `seed`: any change of the prompt (e.g. another nonce)
+or of the sampling seed changes the scores, as with a real sampling judge.
+
 The server runs its own event loop in a background thread (so client-side work cannot delay its
 timestamps) and records every arrival (monotonic time, key, attempt number, headers, JSON body) and when it
 replied, so a test can compute how many of its requests were in flight at once.
@@ -27,6 +31,7 @@ replied, so a test can compute how many of its requests were in flight at once.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import socket
@@ -44,9 +49,17 @@ def marker(steps: str, key: str = "") -> str:
     return f"[[judge:{steps}#{key}]]" if key else f"[[judge:{steps}]]"
 
 
-def judgment_text(score: int = 4, nonce: str = "") -> str:
-    body = {d: {"score": score, "rationale": f"{d} looks fine"} for d in DIMENSIONS}
+def judgment_text(score=4, nonce: str = "") -> str:
+    """A judgment with every dimension at `score`, or at `score[d]` when `score` is a dict."""
+    body = {d: {"score": score[d] if isinstance(score, dict) else score, "rationale": f"{d} looks fine"}
+            for d in DIMENSIONS}
     return json.dumps({"id": nonce, **body} if nonce else body)
+
+
+def prompt_hash_scores(body: dict) -> dict:
+    """1-5 per dimension from a hash of the request's messages and seed (prompt_scores mode)."""
+    h = hashlib.sha256(json.dumps([body["messages"], body.get("seed")], sort_keys=True).encode()).digest()
+    return {d: 1 + h[k] % 5 for k, d in enumerate(DIMENSIONS)}
 
 
 def completion_body(content: str, model: str) -> dict:
@@ -56,7 +69,8 @@ def completion_body(content: str, model: str) -> dict:
 
 
 class ScriptedJudgeServer:
-    def __init__(self):
+    def __init__(self, prompt_scores: bool = False):
+        self.prompt_scores = prompt_scores
         self.arrivals: list[dict] = []
         self._attempts: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -135,7 +149,8 @@ class ScriptedJudgeServer:
             await asyncio.sleep(float(step.split("=", 1)[1]))
             step = "ok"
         if step == "ok" or step.startswith("ok="):
-            score = int(step.split("=", 1)[1]) if "=" in step else 4
+            score = int(step.split("=", 1)[1]) if "=" in step else (
+                prompt_hash_scores(body) if self.prompt_scores else 4)
             return web.json_response(completion_body(judgment_text(score, nonce), model))
         if step == "garbage":
             return web.json_response(completion_body("br used ser attribute complexruct sws floor of herself", model))

@@ -3,6 +3,7 @@ hand-written pairs, determinism, rationales, fluency statistics, make_judge. The
 process (about 4 s); the whole file takes about 10-20 s on 2 busy cores."""
 import asyncio
 import json
+import os
 from collections import Counter
 from importlib import resources
 
@@ -89,6 +90,30 @@ def test_cache_serves_repeats():
     r = JudgeRequest("p", "s", (("user", "I lost my job today."),), "I'm so sorry, that is a hard blow.")
     first, second = asyncio.run(j.judge([r])), asyncio.run(j.judge([r]))
     assert second[0].cached and second[0].scores == first[0].scores and j.cache.hits == 1
+
+
+def test_scores_equal_those_recorded_before_the_speed_up():
+    """The context cache and the per-call batching change no score: tests/data/embedding_judge_before.json holds
+    the pre-change judge's scores (calibration pairs, random-model candidates of a tiny GRPO step, bundled
+    references; see its "about"). Here they are judged in another grouping, one call per context in reverse
+    order, after a first pass that filled the context cache, so every context vector comes from the cache.
+    Scores are rounded to 3 decimals; float noise of ~1e-7 from another batch shape may flip a rounding,
+    so 1% of the values may differ by one unit in the last place (on the machine that recorded them none do)."""
+    with open(os.path.join(os.path.dirname(__file__), "data", "embedding_judge_before.json"), encoding="utf-8") as f:
+        rows = json.load(f)["rows"]
+    reqs = [JudgeRequest(r["person"], r["situation"], (("user", r["user"]),), r["response"], r["group"]) for r in rows]
+    j = EmbeddingJudge(cache_size=0, context_cache_size=64)
+    asyncio.run(j.judge(reqs[:16]))
+    assert len(j._contexts) > 0
+    got: dict = {}
+    for g in dict.fromkeys(r["group"] for r in reversed(rows)):
+        idx = [i for i, r in enumerate(rows) if r["group"] == g]
+        for i, res in zip(idx, asyncio.run(j.judge([reqs[i] for i in idx]))):
+            got[i] = res.scores
+    diffs = [abs(got[i][d] - r["scores"][d]) for i, r in enumerate(rows) for d in DIMENSIONS]
+    assert len(diffs) == 5 * len(rows) >= 500
+    assert max(diffs) <= 0.0011 and sum(x > 0 for x in diffs) <= len(diffs) // 100, \
+        [(i, d, got[i][d], r["scores"][d]) for i, r in enumerate(rows) for d in DIMENSIONS if got[i][d] != r["scores"][d]]
 
 
 @pytest.mark.parametrize("text, lo, hi", [

@@ -30,6 +30,18 @@ on-topic empathetic reply vs an off-topic, dismissive or hostile one); the aggre
 good reply higher on all of them (tests/test_embedding_judge.py asserts >= 0.9 and prints the accuracy).
 Deterministic: the same batch gives the same scores; scores are rounded to 3 decimals so the ~1e-7
 float differences that padding within a different batch can cause practically never show.
+
+Speed (the encoder is the whole cost: ~22M parameters against a 0.8M tiny policy, compute-bound at about
+2 s of one core for the 32 ~215-word-piece candidates of a tiny GRPO step):
+- the exemplar sets are embedded once per process, and each context text (profile, situation, last user
+  turn) once per judge (`context_cache_size`, LRU): GRPO judges N candidates per context and sees the same
+  prompts again in later steps;
+- the responses of a call are embedded together and apart from the contexts, in length-sorted
+  mini-batches of `batch_size` (sentence-transformers sorts by length): before, each call encoded its
+  responses and contexts as one batch padded to the longest text, so short contexts cost as much as a
+  256-token response and a batch of 22 long rows ran slower per row than small ones.
+The scores are those of the previous version (tests/test_embedding_judge.py compares them with scores
+recorded before this change; bench/bench_embedding_judge.py measures the time).
 """
 from __future__ import annotations
 
@@ -38,6 +50,7 @@ import json
 import re
 import threading
 import time
+from collections import OrderedDict
 from importlib import resources
 from typing import Optional, Sequence
 
@@ -114,9 +127,12 @@ class EmbeddingJudge(JudgeBackend):
 
     name = "embedding"
 
-    def __init__(self, device: str = "cpu", batch_size: int = 64, cache_size: int = 4096):
+    def __init__(self, device: str = "cpu", batch_size: int = 8, cache_size: int = 4096,
+                 context_cache_size: int = 1024):
         self.device, self.batch_size = device, batch_size
         self.cache = JudgmentCache(cache_size) if cache_size > 0 else None
+        self.context_cache_size = context_cache_size
+        self._contexts: OrderedDict[str, np.ndarray] = OrderedDict()  # text -> embedding, LRU
         self._lock = threading.Lock()
 
     @classmethod
@@ -134,14 +150,29 @@ class EmbeddingJudge(JudgeBackend):
             _EXEMPLARS[self.device] = {n: self._encode(load_exemplars(n)) for n in EXEMPLAR_SETS}
         return _EXEMPLARS[self.device]
 
+    def _context_embeddings(self, texts: set[str]) -> dict[str, np.ndarray]:
+        """Embeddings of context texts, from the LRU cache or encoded (together, in one call) and cached."""
+        out = {t: self._contexts[t] for t in texts if t in self._contexts}
+        for t in out:
+            self._contexts.move_to_end(t)
+        missing = sorted(texts - out.keys())
+        if missing:
+            out.update(zip(missing, self._encode(missing)))
+            if self.context_cache_size > 0:
+                self._contexts.update((t, out[t]) for t in missing)
+                while len(self._contexts) > self.context_cache_size:
+                    self._contexts.popitem(last=False)
+        return out
+
     def score_batch(self, requests: Sequence[JudgeRequest]) -> list[Judgment]:
         """Synchronous scoring (the async `judge` runs this in a worker thread)."""
         with self._lock:  # one encode at a time per judge: the model is shared and CPU-bound anyway
             t0 = time.perf_counter()
             ex = self._exemplar_matrices()
             users = [next((c for r, c in reversed(q.history) if r == "user"), "") for q in requests]
-            texts = sorted({t for q, u in zip(requests, users) for t in (q.response, u, q.situation, q.person)})
-            emb = dict(zip(texts, self._encode(texts)))
+            emb = self._context_embeddings({t for q, u in zip(requests, users) for t in (u, q.situation, q.person)})
+            responses = sorted({q.response for q in requests})
+            emb.update(zip(responses, self._encode(responses)))  # a context text equal to a response: same vector
             lat = (time.perf_counter() - t0) / max(1, len(requests))
             return [self._score_one(q, u, emb, ex, lat) for q, u in zip(requests, users)]
 

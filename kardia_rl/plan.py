@@ -154,8 +154,14 @@ def _fits(plan: Plan, what: str, need: float, capacity: Optional[float], fix: st
         plan.problems.append(f"{what} needs ~{human(need)}, there is {human(capacity)}: {fix}")
 
 
-def learner_rows(cfg, model: Model, plan: Plan, cap: Optional[float], gpu: bool) -> float:
-    """GRPO and SFT per-rank estimates; returns the larger total (bytes)."""
+# The pipeline's SFT stage and the split's warm-up SFT run in ONE process today (world size 1, GPU 0 of the
+# driver's node); issue 11 item 2 moves them onto the learner group, and then this becomes learner.num_workers.
+SFT_RANKS = 1
+
+
+def learner_rows(cfg, model: Model, plan: Plan, cap: Optional[float], gpu: bool, mode: str) -> float:
+    """Per-rank estimates of GRPO (learner.num_workers ranks) and, for the pipeline, of SFT (SFT_RANKS ranks);
+    returns the larger total (bytes)."""
     a, lc = model.arch, cfg.learner
     b = dtype_bytes(cfg.model.dtype, gpu)
     lora = cfg.model.lora
@@ -165,29 +171,33 @@ def learner_rows(cfg, model: Model, plan: Plan, cap: Optional[float], gpu: bool)
     seq = cfg.model.max_prompt_tokens + cfg.model.max_new_tokens
     if lc.max_tokens_per_micro_batch > 0:
         grpo_rows = max(1, min(grpo_rows, lc.max_tokens_per_micro_batch // seq))
-    for role, rows, seq_len, positions, ref in (
-            ("GRPO", grpo_rows, seq, cfg.model.max_new_tokens + 1, cfg.algo.kl_beta > 0 and not lora.enabled),
-            ("SFT", cfg.sft.micro_batch_size, cfg.sft.max_seq_len, cfg.sft.max_seq_len, False)):
-        st = learner_state_bytes(a, world=lc.num_workers, stage=lc.zero_stage, b=b, trainable=trainable, reference=ref)
+    roles = [("GRPO", lc.num_workers, grpo_rows, seq, cfg.model.max_new_tokens + 1, cfg.algo.kl_beta > 0 and not lora.enabled,
+              "lower learner.micro_batch_size / learner.max_tokens_per_micro_batch, or raise learner.zero_stage / "
+              "learner.num_workers")]
+    if mode == "pipeline":
+        roles.append(("SFT", SFT_RANKS, cfg.sft.micro_batch_size, cfg.sft.max_seq_len, cfg.sft.max_seq_len, False,
+                      f"the pipeline runs SFT (and the split's warm-up) in ONE process today, so ZeRO cannot shard "
+                      f"it: lower sft.micro_batch_size / sft.max_seq_len, use model.lora.enabled, or run `kardia-rl "
+                      f"sft` under a launcher (torchrun --nproc_per_node {lc.num_workers}) and start the pipeline "
+                      f"after it (issue 11 item 2: SFT on the learner group)"))
+    for role, world, rows, seq_len, positions, ref, fix in roles:
+        st = learner_state_bytes(a, world=world, stage=lc.zero_stage, b=b, trainable=trainable, reference=ref)
         act = {on: activation_bytes(a, rows * seq_len, b, on) for on in (False, True)}
         lg = logits_bytes(a, rows, positions, b)
         total = (sum(st.values()) + act[lc.gradient_checkpointing] + lg) * FRAGMENTATION + \
             (CUDA_CONTEXT_BYTES if gpu else 0)
         worst = max(worst, total)
         plan.estimates[f"learner_{role.lower()}"] = {k: gib(v) for k, v in st.items()} | {
-            "activations": gib(act[lc.gradient_checkpointing]), "activations_no_ckpt": gib(act[False]),
+            "ranks": world, "activations": gib(act[lc.gradient_checkpointing]), "activations_no_ckpt": gib(act[False]),
             "activations_ckpt": gib(act[True]), "logits": gib(lg), "total": gib(total)}
-        plan.say(f"learner {role} per rank ({'GPU' if gpu else 'host'}, ZeRO-{lc.zero_stage} x{lc.num_workers}, "
+        plan.say(f"learner {role} per rank ({'GPU' if gpu else 'host'}, ZeRO-{lc.zero_stage} x{world}, "
                  f"{'bf16' if b == 2 else 'fp32'}): weights {human(st['weights'])} + grads {human(st['grads'])} + "
                  f"optimizer {human(st['optimizer'])} + reference {human(st['reference'])} + activations "
                  f"{human(act[lc.gradient_checkpointing])} ({rows} x {seq_len} tokens; checkpointing off "
                  f"{human(act[False])} / on {human(act[True])}) + logits {human(lg)} = {human(total)}")
-        _fits(plan, f"learner {role} rank ({rows} x {seq_len} tokens, learner.gradient_checkpointing="
-              f"{str(lc.gradient_checkpointing).lower()}, learner.zero_stage={lc.zero_stage}, "
-              f"learner.num_workers={lc.num_workers})", total, cap,
-              ("set learner.gradient_checkpointing: true, " if not lc.gradient_checkpointing else "") +
-              (f"lower {'learner.micro_batch_size / learner.max_tokens_per_micro_batch' if role == 'GRPO' else 'sft.micro_batch_size / sft.max_seq_len'}"
-               ", or raise learner.zero_stage / learner.num_workers"))
+        _fits(plan, f"learner {role} rank ({world} rank(s), {rows} x {seq_len} tokens, learner.gradient_checkpointing="
+              f"{str(lc.gradient_checkpointing).lower()}, learner.zero_stage={lc.zero_stage})", total, cap,
+              ("set learner.gradient_checkpointing: true, " if not lc.gradient_checkpointing else "") + fix)
     return worst
 
 
@@ -253,7 +263,7 @@ def build_plan(cfg, cluster: Cluster, mode: str = "pipeline") -> Plan:
         a = model.arch
         l_gpu = lc.gpus_per_worker > 0
         l_cap = c.gpu_mem * min(lc.gpus_per_worker, 1.0) if (l_gpu and c.gpu_mem) else None
-        l_total = learner_rows(cfg, model, plan, l_cap, l_gpu)
+        l_total = learner_rows(cfg, model, plan, l_cap, l_gpu, mode)
         bl = dtype_bytes(cfg.model.dtype, l_gpu)
         ref_copy = cfg.algo.kl_beta > 0 and not cfg.model.lora.enabled
         startup = lc.num_workers * bl * a.params() * (2 if ref_copy else 1)

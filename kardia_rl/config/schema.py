@@ -64,7 +64,12 @@ class RolloutConfig:
     kv_cache_bytes: int = doc(0, "vLLM KV cache bytes per rollout/split/eval engine (0 = sized from gpu_memory_utilization on GPU, 1 GiB on CPU)")
     gpu_memory_utilization: float = doc(0.5, "vLLM GPU memory fraction (GPU only)")
     enforce_eager: bool = doc(True, "disable CUDA graphs / compilation in vLLM (faster start, needed on CPU)")
-    sync_check_threshold: float = doc(0.001, "max |engine - learner| logprob diff allowed after a weight sync")
+    sync_check_threshold: float = doc(0.001, "fp32 engines: max |engine - learner| probe logprob diff allowed after a weight sync")
+    sync_check_mean_low_precision: float = doc(0.1, "bf16/fp16 engines: mean |engine - learner| probe logprob diff allowed after a weight sync")
+    verify_every: int = doc(1, "verify the engines against the learner every N weight syncs (0 = never)")
+    weight_sync: str = doc("auto", "weight transport: auto (collective for vllm, object_store for hf) | collective | object_store")
+    sync_bucket_mb: int = doc(64, "collective weight sync bucket size in MiB")
+    sync_timeout_s: float = doc(120.0, "a weight sync (or joining its group) that takes longer fails, naming the engine")
 
 
 @dataclass
@@ -124,7 +129,7 @@ class AlgoConfig:
     overlong: str = doc("", "truncated answers (hit max_new_tokens): keep | filter (no loss on them) | penalty (DAPO soft overlong penalty); empty = the preset's")
     overlong_buffer: float = doc(0.2, "penalty ramp as a fraction of model.max_new_tokens: 0 below max*(1-buffer), down to -overlong_penalty at max (DAPO: 4096 of 20480)")
     overlong_penalty: float = doc(1.0, "reward subtracted from an answer at the length limit (the unified reward spans [0, 1])")
-    importance_correction: bool = doc(False, "truncated IS correction for engine vs learner logprobs")
+    importance_correction: Optional[bool] = doc(None, "truncated IS correction for engine vs learner logprobs; null = on iff the engines do not run in float32")
     is_cap: float = doc(2.0, "cap of the importance weight")
     updates_per_step: int = doc(1, "optimizer passes over each rollout batch")
     train_samples: str = doc("", "per-turn samples JSONL to train on (e.g. hard.jsonl of `kardia-rl split`); empty = training turns of data.path")

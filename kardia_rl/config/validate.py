@@ -16,6 +16,7 @@ _CHOICES = {
     "model.init_size": ("tiny", "small", ""),
     "model.dtype": ("auto", "float32", "bfloat16"),
     "rollout.engine": ("vllm", "hf"),
+    "rollout.weight_sync": ("auto", "collective", "object_store"),
     "judge.backend": ("embedding", "vllm", "openai", "hf"),
     "judge.fallback": ("neutral", "zero", "midpoint"),
     "reward.format_mode": ("strict", "graded"),
@@ -55,9 +56,15 @@ def config_problems(cfg: KardiaConfig) -> list[str]:
         if _get(cfg, key) < 1:
             p.append(f"{key}: must be >= 1, got {_get(cfg, key)}")
     for key in ("rollout.temperature", "split.temperature", "eval.temperature", "learner.lr", "sft.lr",
-                "judge.timeout_s", "rollout.sync_check_threshold"):
+                "judge.timeout_s", "rollout.sync_check_threshold", "rollout.sync_check_mean_low_precision",
+                "rollout.sync_bucket_mb", "rollout.sync_timeout_s"):
         if not _get(cfg, key) > 0:
             p.append(f"{key}: must be > 0, got {_get(cfg, key)}")
+    if cfg.rollout.verify_every < 0:
+        p.append(f"rollout.verify_every: must be >= 0, got {cfg.rollout.verify_every}")
+    if cfg.rollout.weight_sync == "collective" and cfg.rollout.engine == "hf":
+        p.append("rollout.weight_sync: collective needs rollout.engine=vllm (the transformers engine cannot join "
+                 "the weight-transfer group); use auto or object_store")
     if cfg.rollout.top_p != 1:
         # The learner (ratio, KL, importance weights) scores tokens under the full softmax(logits / T); with
         # top_p < 1 the sampler draws from a renormalised nucleus, so every log-prob would refer to another

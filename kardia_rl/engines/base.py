@@ -74,6 +74,14 @@ class GenerationEngine(ABC):
         check_probe(probe_ids, len(self.tokenizer))
         return max_abs_diff(self.probe_logprobs(probe_ids), self.reference().sequence_logprobs(probe_ids))
 
+    # Can this engine join the learner's weight-transfer group (vLLM's native API, `weight_transfer`)?
+    # Engines that cannot (the transformers engine) are updated through `load_state_dict` instead.
+    collective_sync = False
+
+    def weight_transfer(self, phase: str, payload: Any = None) -> None:
+        """One phase of a collective weight sync: init | start | update | finish (see vllm_weight_transfer)."""
+        raise KardiaError(f"{type(self).__name__} cannot join a collective weight sync; use load_state_dict")
+
     @abstractmethod
     def shutdown(self) -> None:
         """Release the engine (memory, threads); the object is unusable afterwards."""

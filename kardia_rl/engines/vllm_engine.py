@@ -106,6 +106,15 @@ class VLLMEngine(GenerationEngine):
         self.last_sync_s = time.perf_counter() - t0
         self._sync_reference(state_dict)
 
+    collective_sync = True
+
+    def weight_transfer(self, phase: str, payload=None) -> None:
+        """One phase of vLLM's weight-transfer API (the learner streams buckets over a collective group)."""
+        t0 = time.perf_counter()
+        vllm_compat.weight_transfer_rpc(self.llm, phase, payload)
+        if phase in ("start", "update", "finish"):
+            self.last_sync_s = (0.0 if phase == "start" else self.last_sync_s) + time.perf_counter() - t0
+
     def probe_logprobs(self, probe_ids):
         check_probe(probe_ids, len(self.tokenizer))
         if len(probe_ids) >= self.max_model_len:

@@ -26,7 +26,7 @@ from kardia_rl.learner import batching as B
 from kardia_rl.learner.distributed import all_reduce_, barrier, init_distributed, use_cuda
 from kardia_rl.learner.ds_config import (ds_config, make_client_optimizer, param_groups, resolve_dtype,
                                          warmup_lambda)
-from kardia_rl.learner.export import hf_state_dict, save_hf_folder, unwrap_peft
+from kardia_rl.learner.export import hf_metadata, hf_state_dict, iter_hf_tensors, save_hf_folder, unwrap_peft
 from kardia_rl.learner.logprobs import response_logprobs, sft_loss_sum
 
 ROLES = ("policy", "sft")
@@ -34,6 +34,23 @@ ROLES = ("policy", "sft")
 
 def _to(batch: dict, device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def importance_correction_on(cfg, dtype: torch.dtype) -> bool:
+    """algo.importance_correction: true/false, or null (auto) = on when the engines do not sample in fp32
+    (bf16/fp16 kernels give the engine a measurably different distribution; fp32 matches to ~1e-5)."""
+    value = cfg.algo.importance_correction
+    return dtype != torch.float32 if value is None else bool(value)
+
+
+def _mismatch_sums(sums: dict, learner_lp: torch.Tensor, engine_lp: torch.Tensor, mask: torch.Tensor) -> None:
+    """Accumulate |learner - engine| and the k3 estimate of KL(engine || learner) over the sampled tokens
+    (the engine sampled them, so the estimate is unbiased); padding is masked out before any arithmetic."""
+    valid = mask != 0
+    d = torch.where(valid, learner_lp.detach().float() - engine_lp.float(), torch.zeros_like(learner_lp.float()))
+    sums["diff_sum"] += float(d.abs().sum())
+    sums["mismatch_kl_sum"] += float(((torch.exp(d) - d - 1.0) * valid).sum())
+    sums["diff_max"] = max(sums.get("diff_max", 0.0), float(d.abs().max()) if d.numel() else 0.0)
 
 
 class DeepSpeedLearner:
@@ -260,7 +277,8 @@ class DeepSpeedLearner:
         for k in ("input_ids", "attention_mask", "position_ids", "response_mask", "advantages"):
             if k not in batch:
                 raise KardiaError(f"train_step batch lacks {k!r} (see kardia_rl.learner.batching)")
-        if ac.importance_correction and "engine_logprobs" not in batch:
+        tis = importance_correction_on(self.cfg, self.dtype)
+        if tis and "engine_logprobs" not in batch:
             raise KardiaError("algo.importance_correction is on but the batch has no engine_logprobs")
         b = _to(batch, self.device)
         if "keep" in b:
@@ -275,7 +293,7 @@ class DeepSpeedLearner:
         temp = float(self.cfg.rollout.temperature)
         micro = self._synced(B.rollout_micro_batches(b, self.micro_batch_size, self.max_tokens), "response_mask")
         sums = dict.fromkeys(("loss", "policy_loss", "kl", "entropy", "clip_frac", "clip_frac_low",
-                              "clip_frac_high"), 0.0)
+                              "clip_frac_high", "diff_sum", "mismatch_kl_sum"), 0.0)
         bad = 0.0
         for mb in micro:
             m = mb["response_mask"]
@@ -284,7 +302,9 @@ class DeepSpeedLearner:
             if ref is None and self.ref is not None:
                 ref = self._ref_logprobs(mb, temp)
             old = mb.get("old_logprobs", logp.detach())
-            eng = mb.get("engine_logprobs") if ac.importance_correction else None
+            eng = mb.get("engine_logprobs") if tis else None
+            if "engine_logprobs" in mb:  # engine/learner mismatch on the sampled tokens (pre-update learner)
+                _mismatch_sums(sums, mb.get("old_logprobs", logp.detach()), mb["engine_logprobs"], m)
             loss, met = policy_loss(
                 logp, old, mb["advantages"], m, clip_eps=ac.clip_eps, clip_eps_high=ac.clip_eps_high or None,
                 beta=beta_loss, ref_logp=ref, kl_kind=ac.kl_estimator, agg=ac.loss_agg, num_tokens=n_tok,
@@ -301,10 +321,17 @@ class DeepSpeedLearner:
             for name in ("kl", "clip_frac", "clip_frac_low", "clip_frac_high"):
                 sums[name] += met[name] * k
             sums["entropy"] += float((ent * m).sum())
+        diff_max = sums.pop("diff_max", 0.0)
         red = self._sum(list(sums.values()) + [bad])
         out = self._finish_step(bad_loss=red[-1] > 0)
         for (name, _), v in zip(sums.items(), red):
             out[f"train/{name}"] = v if name in ("loss", "policy_loss") else v / n_tok
+        if "engine_logprobs" in b:
+            out["rollout/logprob_diff_mean"] = out.pop("train/diff_sum")
+            out["rollout/mismatch_kl"] = out.pop("train/mismatch_kl_sum")
+            out["rollout/logprob_diff_max"] = self._sum([diff_max], "max")[0]
+        else:
+            del out["train/diff_sum"], out["train/mismatch_kl_sum"]
         out["train/tokens"], out["train/sequences"] = n_tok, n_seq
         out.update(self._update_metrics())
         return out
@@ -355,6 +382,29 @@ class DeepSpeedLearner:
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights in HF naming on CPU (LoRA merged; gathered under ZeRO-3, so collective)."""
         return hf_state_dict(self.engine.module, zero3=self.zero_stage == 3)
+
+    def weight_metadata(self) -> list[tuple[str, str, list[int]]]:
+        """(HF name, dtype, full shape) of every exported tensor, in `iter_weights` order."""
+        return hf_metadata(self.engine.module)
+
+    def iter_weights(self, bucket_bytes: int):
+        """Stream the exported weights on this rank's device (LoRA merged; ZeRO-3: gathered one bucket at a
+        time, so all ranks must iterate together; only rank 0's tensors are sent)."""
+        return iter_hf_tensors(self.engine.module, zero3=self.zero_stage == 3, device=self.device,
+                               bucket_bytes=bucket_bytes)
+
+    @torch.no_grad()
+    def probe_logprobs(self, probe_ids: list[int]) -> list[float]:
+        """Temperature-1 log-prob of each probe token given the previous ones, from this learner's own
+        forward in its own dtype: what a synced engine must reproduce. Collective under ZeRO-3."""
+        ids = torch.tensor([list(probe_ids)], dtype=torch.long, device=self.device)
+        was_training = self.engine.module.training
+        self.engine.module.eval()
+        try:
+            logits = self.engine.module(input_ids=ids).logits[0, :-1].float()
+        finally:
+            self.engine.module.train(was_training)
+        return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0].cpu().tolist()
 
     def save_pretrained(self, out_dir: str) -> str:
         """An HF folder (weights, config, generation config, tokenizer) written atomically by rank 0."""

@@ -2,8 +2,8 @@
 save_pretrained folder that AutoModelForCausalLM and vLLM load.
 
 Three complications handled here and nowhere else:
-  * ZeRO-3 shards every parameter across ranks: each one is gathered (collectively, so every rank must call
-    these functions) one module at a time, which bounds the extra memory to the largest module;
+  * ZeRO-3 shards every parameter across ranks: they are gathered (collectively, so every rank must call
+    these functions) one bucket at a time, which bounds the extra memory to one bucket (or one tensor);
   * LoRA (peft) renames the wrapped layers (`q_proj.base_layer.weight`, `q_proj.lora_A.default.weight`):
     the exported weight is the merged `W + scale * B @ A` under the original HF name, so engines and users
     never see adapter names;
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Optional
+import math
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -40,42 +41,83 @@ def unwrap_peft(module: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
     return module, False
 
 
-@torch.no_grad()
-def hf_state_dict(module: torch.nn.Module, *, zero3: bool = False, dtype: Optional[torch.dtype] = None
-                  ) -> dict[str, torch.Tensor]:
-    """CPU tensors keyed by HF names (LoRA merged, ZeRO-3 gathered). Collective under ZeRO-3."""
+def _full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape in ds_shape
+
+
+def _units(module: torch.nn.Module) -> list[tuple[str, list, Any, tuple, torch.dtype]]:
+    """What the export yields, in order: (HF name, parameters to gather, producer, full shape, dtype).
+
+    One unit per exported tensor; a LoRA layer's merged weight needs its base weight and adapters together.
+    """
     base, is_peft = unwrap_peft(module)
     lora_layers: dict[str, Any] = {}
     if is_peft:
         from peft.tuners.lora import LoraLayer
 
         lora_layers = {n: m for n, m in base.named_modules() if isinstance(m, LoraLayer)}
-    out: dict[str, torch.Tensor] = {}
+    units: list = []
 
-    def put(name: str, t: torch.Tensor) -> None:
-        t = t.detach()
-        out[name] = (t.to(dtype) if dtype is not None else t).to("cpu", copy=True).contiguous()
-
-    for name, layer in lora_layers.items():
-        with _gathered(list(layer.parameters()), zero3):
+    def merged(layer):
+        def produce():
             w = layer.base_layer.weight.detach().clone()
             for adapter in layer.active_adapters:
                 if adapter in layer.lora_A and not getattr(layer, "merged", False):
                     w += layer.get_delta_weight(adapter).to(w.dtype)
-            put(f"{name}.weight", w)
-            if getattr(layer.base_layer, "bias", None) is not None:
-                put(f"{name}.bias", layer.base_layer.bias)
+            return w
+        return produce
+
+    for name, layer in lora_layers.items():
+        w = layer.base_layer.weight
+        units.append((f"{name}.weight", list(layer.parameters()), merged(layer), _full_shape(w), w.dtype))
+        bias = getattr(layer.base_layer, "bias", None)
+        if bias is not None:
+            units.append((f"{name}.bias", [bias], lambda b=bias: b, _full_shape(bias), bias.dtype))
     prefixes = tuple(f"{n}." for n in lora_layers)
     for name, p in base.named_parameters():
-        if prefixes and name.startswith(prefixes):
-            continue
-        with _gathered([p], zero3):
-            put(name, p)
+        if not (prefixes and name.startswith(prefixes)):
+            units.append((name, [p], lambda p=p: p, _full_shape(p), p.dtype))
     persistent = set(base.state_dict().keys())
     for name, b in base.named_buffers():
         if name in persistent and not (prefixes and name.startswith(prefixes)):
-            put(name, b)
-    return out
+            units.append((name, [], lambda b=b: b, tuple(b.shape), b.dtype))
+    return units
+
+
+def hf_metadata(module: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> list[tuple[str, str, list[int]]]:
+    """(name, dtype name, full shape) of every exported tensor, in `iter_hf_tensors` order; gathers nothing."""
+    return [(name, str(dtype or dt).split(".")[-1], list(shape)) for name, _, _, shape, dt in _units(module)]
+
+
+@torch.no_grad()
+def iter_hf_tensors(module: torch.nn.Module, *, zero3: bool = False, dtype: Optional[torch.dtype] = None,
+                    device: Any = "cpu", bucket_bytes: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream (HF name, tensor copy on `device`) pairs: LoRA merged, ZeRO-3 gathered ONE BUCKET AT A TIME.
+
+    Under ZeRO-3 the gather is collective: every rank must iterate in lockstep; the extra memory is one
+    bucket of gathered parameters (`bucket_bytes`, or one unit when 0) plus the copies being consumed.
+    """
+    units = _units(module)
+    groups: list[list] = []
+    size = 0
+    for unit in units:
+        nbytes = math.prod(unit[3]) * unit[4].itemsize
+        if not groups or (size + nbytes > bucket_bytes and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(unit)
+        size += nbytes
+    for group in groups:
+        with _gathered([p for u in group for p in u[1]], zero3):
+            for name, _, produce, _, _ in group:
+                t = produce().detach()
+                yield name, (t.to(dtype) if dtype is not None else t).to(device, copy=True).contiguous()
+
+
+def hf_state_dict(module: torch.nn.Module, *, zero3: bool = False, dtype: Optional[torch.dtype] = None
+                  ) -> dict[str, torch.Tensor]:
+    """CPU tensors keyed by HF names (LoRA merged, ZeRO-3 gathered). Collective under ZeRO-3."""
+    return dict(iter_hf_tensors(module, zero3=zero3, dtype=dtype))
 
 
 def save_hf_folder(state_dict: dict[str, torch.Tensor], out_dir: str, config: Any, *,

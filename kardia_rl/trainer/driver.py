@@ -6,7 +6,6 @@ log -> checkpoint. All heavy work happens in the actors; the driver only moves t
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Optional, Sequence
@@ -57,6 +56,9 @@ class GRPOTrainer:
         self.probe = (self.prompt_ids[first.id] + encode_target(first, self.tokenizer))[-256:]
         self.learner = LearnerGroup(cfg, self.policy_path, cpus)
         self.rollout = RolloutGroup(cfg, self.policy_path, cpus)
+        from kardia_rl.trainer.weight_sync import WeightSync
+
+        self.weight_sync = WeightSync(cfg, self.learner, self.rollout, self.probe)
         self.judge = PoolJudge(cfg, cpus)
         self.reward = UnifiedReward(cfg.reward, cfg.judge, self.judge, label_set(cfg.data.emotion_labels),
                                     cfg.data.span_notation, history_mode=cfg.data.history,
@@ -80,8 +82,9 @@ class GRPOTrainer:
         restore_rng(state["rng"])
         self.logger.truncate_after(state["step"])
         self.start_step = state["step"] + 1
-        diffs = self.sync_weights()  # the engines restarted from the base weights: bring them up to date
-        print(f"[resume] from {path} at step {state['step']}; engines re-synced (max diff {max(diffs):.2e})")
+        m = self.sync_weights(state["step"])  # the engines restarted from the base weights: bring them up to date
+        print(f"[resume] from {path} at step {state['step']}; engines re-synced "
+              f"(max diff {m.get('rollout/sync_logprob_diff', float('nan')):.2e})")
 
     # --- the loop ---------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -100,8 +103,8 @@ class GRPOTrainer:
         with _timed(timing, "timing/train"):
             train_metrics = self.update(batch)                                       # 5. learner update
         with _timed(timing, "timing/weight_sync"):
-            diffs = self.sync_weights()                                              # 6. weight sync, verified
-        metrics = self.metrics(rollout, adv, train_metrics, diffs)                   # 7. log
+            sync = self.sync_weights(step)                                           # 6. weight sync, verified
+        metrics = self.metrics(rollout, adv, train_metrics, sync)                    # 7. log
         self.log(step, metrics, rollout, adv, timing, t0)
         with _timed(timing, "timing/checkpoint"):
             self.maybe_checkpoint(step)                                              # 8. checkpoint
@@ -161,16 +164,12 @@ class GRPOTrainer:
             out = self.learner.train_step(batch)
         return out
 
-    def sync_weights(self) -> list[float]:
-        diffs = self.rollout.sync_weights(self.learner.hf_state_dict(), self.probe)
-        limit = self.cfg.rollout.sync_check_threshold
-        if not all(math.isfinite(d) and d <= limit for d in diffs):
-            raise KardiaError(f"weight sync verification failed: engine vs learner log-prob diff {max(diffs):.3e} > "
-                              f"rollout.sync_check_threshold={limit} on actor(s) "
-                              f"{[i for i, d in enumerate(diffs) if not d <= limit]}; refusing to train on stale weights")
-        return diffs
+    def sync_weights(self, step: int) -> dict:
+        """Learner -> every engine (collective, bucketed; see trainer.weight_sync), verified against the
+        learner's own forward when due; raises KardiaError on a failed check, a dead engine or a timeout."""
+        return self.weight_sync.sync(version=str(step))
 
-    def metrics(self, rollout, adv, train_metrics: dict, diffs: list[float]) -> dict:
+    def metrics(self, rollout, adv, train_metrics: dict, sync: dict) -> dict:
         from kardia_rl.monitoring import rollout_metrics
         from kardia_rl.rewards.unified import summary
 
@@ -181,8 +180,8 @@ class GRPOTrainer:
         m.update(self.reward.stats_summary())
         m["judge/actor_failures"] = float(self.judge.actor_failures)
         m.update({f"rollout/{k}": v for k, v in adv.stats().items()})
-        m.update(train_metrics)
-        m["rollout/sync_logprob_diff"] = max(diffs)
+        m.update(train_metrics)  # incl. rollout/logprob_diff_{mean,max}, rollout/mismatch_kl (engine vs learner)
+        m.update(sync)  # rollout/sync_logprob_diff{,_mean} on verified syncs
         m["rollout/generated_tokens"] = float(sum(lengths))
         truncated, penalty = self.overlong(rollout)
         m["rollout/truncated"] = float(sum(truncated))  # a count: under overlong=filter, answers without loss

@@ -56,6 +56,26 @@ class LearnerActor:
         sd = self.learner.hf_state_dict()  # collective under ZeRO-3
         return sd if self.rank == 0 else None
 
+    def init_weight_sync(self, rollout_handles: list, host: str, port: int, bucket_bytes: int, timeout_s: float,
+                         fix_tied: bool = True) -> int:
+        """Join the weight-transfer group (rank 0 hosts it and drives the engines; see trainer.weight_sync)."""
+        from kardia_rl.trainer.weight_sync import init_trainer_sync
+
+        self.sync = init_trainer_sync(self.learner, self.rank, rollout_handles, host, port, bucket_bytes, timeout_s,
+                                      fix_tied)
+        return self.rank
+
+    def send_weights(self, version: str) -> dict:
+        """One collective sync (every rank: ZeRO-3 gathers are collective); rank 0's numbers count."""
+        import time
+
+        t0 = time.perf_counter()
+        sent = self.sync.send_weights(version)
+        return {"bytes": float(sent), "seconds": time.perf_counter() - t0}
+
+    def probe_logprobs(self, probe_ids: list[int]) -> list[float]:
+        return self.learner.probe_logprobs(probe_ids)  # collective under ZeRO-3
+
     def save_checkpoint(self, path: str) -> str:
         return self.learner.save_checkpoint(path)
 
@@ -105,6 +125,17 @@ class LearnerGroup:
 
     def hf_state_dict(self) -> dict:
         return ray.get([a.hf_state_dict.remote() for a in self.actors])[0]
+
+    def init_weight_sync(self, rollout_handles: list, bucket_bytes: int, timeout_s: float, fix_tied: bool = True):
+        host, port = ray.get(self.actors[0].address.remote())
+        ray.get([a.init_weight_sync.remote(rollout_handles, host, port, bucket_bytes, timeout_s, fix_tied)
+                 for a in self.actors])
+
+    def send_weights(self, version: str) -> dict:
+        return ray.get([a.send_weights.remote(version) for a in self.actors])[0]
+
+    def probe_logprobs(self, probe_ids: list[int]) -> list[float]:
+        return ray.get([a.probe_logprobs.remote(list(probe_ids)) for a in self.actors])[0]
 
     def save_checkpoint(self, path: str) -> None:
         ray.get([a.save_checkpoint.remote(path) for a in self.actors])

@@ -1,9 +1,8 @@
 """The rollout group: R Ray actors, each owning one generation engine (vLLM, or transformers).
 
-Work goes to an idle actor, one generate call per actor at a time. Weight sync ships the learner's HF state
-dict once through the Ray object store as safetensors bytes (works across nodes; no shared filesystem
-needed), every actor reloads it into its live engine and returns the verification diff (engine vs a
-transformers forward on a fixed probe), which the driver logs and checks against a threshold.
+Work goes to an idle actor, one generate call per actor at a time (never queued behind another). Weight sync
+(trainer.weight_sync) streams the learner's weights into each engine over a collective group; the actors
+expose its phases, the probe scoring that verifies it, and the object-store fallback for the hf engine.
 """
 from __future__ import annotations
 
@@ -26,7 +25,8 @@ class RolloutActor:
             r.engine, model_path, seed=cfg.seed + index, dtype=cfg.model.dtype,
             max_model_len=cfg.model.max_prompt_tokens + cfg.model.max_new_tokens, kv_cache_bytes=r.kv_cache_bytes,
             enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization,
-            tensor_parallel_size=max(1, int(r.gpus_per_actor)))
+            tensor_parallel_size=max(1, int(r.gpus_per_actor)),
+            verify_reference=False)  # verified against the learner's own forward: no CPU model copy here
 
     def ready(self) -> int:
         return self.index
@@ -36,14 +36,20 @@ class RolloutActor:
         return self.engine.generate(prompts, n, temperature=temperature, top_p=top_p,
                                     max_new_tokens=max_new_tokens, seed=seed, greedy=greedy)
 
-    def load_weights(self, blob: bytes, probe_ids: list[int]) -> float:
+    def load_weights(self, blob: bytes) -> float:
+        """The fallback path (engines that cannot join the weight-transfer group): a full state dict."""
         from safetensors.torch import load as load_safetensors
 
         self.engine.load_state_dict(load_safetensors(blob))
-        return float(self.engine.verify(probe_ids))
+        return float(getattr(self.engine, "last_sync_s", 0.0))
 
-    def verify(self, probe_ids: list[int]) -> float:
-        return float(self.engine.verify(probe_ids))
+    def weight_transfer(self, phase: str, payload=None) -> float:
+        """One phase of the collective sync (trainer.weight_sync drives it from learner rank 0)."""
+        self.engine.weight_transfer(phase, payload)
+        return float(getattr(self.engine, "last_sync_s", 0.0))
+
+    def probe_logprobs(self, probe_ids: list[int]) -> list[float]:
+        return self.engine.probe_logprobs(list(probe_ids))
 
     def shutdown(self) -> None:
         self.engine.shutdown()
@@ -82,12 +88,15 @@ class RolloutGroup:
     def done(self, index: int) -> None:
         self.outstanding[index] -= 1
 
-    def sync_weights(self, state_dict: dict, probe_ids: Sequence[int]) -> list[float]:
-        """Reload every engine from `state_dict`; returns each actor's verification diff."""
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Fallback sync: the full state dict once through the object store (see trainer.weight_sync)."""
         from safetensors.torch import save as save_safetensors
 
         blob = ray.put(save_safetensors({k: v.contiguous() for k, v in state_dict.items()}))
-        return ray.get([a.load_weights.remote(blob, list(probe_ids)) for a in self.actors])
+        ray.get([a.load_weights.remote(blob) for a in self.actors])
+
+    def probe_logprobs(self, probe_ids: Sequence[int], timeout_s: Optional[float] = None) -> list[list[float]]:
+        return ray.get([a.probe_logprobs.remote(list(probe_ids)) for a in self.actors], timeout=timeout_s)
 
     def shutdown(self) -> None:
         try:

@@ -1,0 +1,113 @@
+"""Learner -> rollout weight sync, verified against the learner, with a timeout on every wait.
+
+Transport (rollout.weight_sync):
+- collective (the default for the vLLM engine): learner rank 0 streams the weights in fixed-size buckets
+  over one collective group spanning itself and every engine worker (gloo on CPU, NCCL on GPU), through
+  vLLM's native weight-transfer API (engines/vllm_weight_transfer.py). Nothing of model size passes through
+  the driver or the object store; under ZeRO-3 the learner gathers one bucket at a time; LoRA is merged.
+- object_store (the fallback, and the default for the hf engine, which cannot join the group): the full
+  state dict goes learner -> object store -> every actor, as before this module existed.
+
+Verification (every rollout.verify_every syncs): each engine scores a fixed probe; learner rank 0 scores
+the same probe with its own forward; see engines/verify.py for the dtype-aware tolerance.
+
+Never hang: the engines' RPCs run with rollout.sync_timeout_s, the group's collectives too; a dead or stuck
+engine is reported by its actor index.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from kardia_rl.errors import KardiaError
+
+
+class RolloutSyncClient:
+    """vLLM's trainer-side client protocol (four calls) over the rollout actors, used on learner rank 0.
+
+    Engine i gets rank 1 + i of the group (vLLM's built-in Ray client would give every engine the same rank).
+    """
+
+    def __init__(self, handles: list, timeout_s: float):
+        self.handles, self.timeout_s = list(handles), float(timeout_s)
+
+    def _all(self, phase: str, payloads: list) -> None:
+        refs = [h.weight_transfer.remote(phase, p) for h, p in zip(self.handles, payloads)]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        problems = []
+        for i, ref in enumerate(refs):
+            if ref not in ready:
+                problems.append(f"rollout actor {i} did not finish within rollout.sync_timeout_s={self.timeout_s:g}s")
+                continue
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                problems.append(f"rollout actor {i} is dead ({type(e).__name__})")
+            except Exception as e:  # noqa: BLE001  the engine's own error, reported with its actor index
+                problems.append(f"rollout actor {i} failed: {str(e).strip().splitlines()[-1][:300]}")
+        if problems:
+            raise KardiaError(f"weight sync phase {phase!r}: " + "; ".join(problems))
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._all("init", [{**init_info, "rank": 1 + i} for i in range(len(self.handles))])
+
+    def start_weight_update(self) -> None:
+        self._all("start", [None] * len(self.handles))
+
+    def update_weights(self, update_info: Any) -> None:
+        self._all("update", [update_info] * len(self.handles))
+
+    def finish_weight_update(self, weight_version: Any = None) -> None:
+        self._all("finish", [None] * len(self.handles))
+
+
+def init_trainer_sync(learner, rank: int, handles: list, host: str, port: int, bucket_bytes: int, timeout_s: float,
+                      fix_tied: bool = True):
+    """Inside a learner rank: the trainer-side engine of the collective sync (rank 0 is the sender)."""
+    from kardia_rl.engines.vllm_weight_transfer import KardiaTrainerInitInfo, trainer_init
+
+    info = KardiaTrainerInitInfo(rank=rank, master_address=host, master_port=port, world_size=1 + len(handles),
+                                 bucket_bytes=bucket_bytes, timeout_s=timeout_s, device=str(learner.device),
+                                 fix_tied=fix_tied)
+    return trainer_init(info, RolloutSyncClient(handles, timeout_s), learner.weight_metadata,
+                        lambda: learner.iter_weights(bucket_bytes))
+
+
+class WeightSync:
+    """The driver's view: one `sync(version)` call moves the weights and (when due) verifies them."""
+
+    def __init__(self, cfg, learner, rollout, probe: list[int], fix_tied: bool = True):
+        from kardia_rl.engines.base import resolve_dtype
+
+        r = cfg.rollout
+        self.cfg, self.learner, self.rollout, self.probe = cfg, learner, rollout, list(probe)
+        self.collective = r.weight_sync == "collective" or (r.weight_sync == "auto" and r.engine == "vllm")
+        self.engine_dtype = resolve_dtype(cfg.model.dtype, on_gpu=r.gpus_per_actor > 0)
+        self.syncs = 0
+        if self.collective:
+            self.learner.init_weight_sync(rollout.actors, r.sync_bucket_mb << 20, r.sync_timeout_s, fix_tied)
+
+    def sync(self, version: str) -> dict:
+        """Move the learner's weights into every engine; returns metrics (verification ones when due)."""
+        if self.collective:
+            out = self.learner.send_weights(version)
+            metrics = {"rollout/sync_bytes": out["bytes"],
+                       "perf/weight_sync_gb_per_s": out["bytes"] / 1e9 / max(out["seconds"], 1e-9)}
+        else:
+            self.rollout.load_state_dict(self.learner.hf_state_dict())
+            metrics = {}
+        self.syncs += 1
+        every = self.cfg.rollout.verify_every
+        if every and self.syncs % every == 0:
+            metrics.update(self.verify())
+        return metrics
+
+    def verify(self) -> dict:
+        from kardia_rl.engines.verify import check_sync
+
+        r = self.cfg.rollout
+        engines = self.rollout.probe_logprobs(self.probe, timeout_s=r.sync_timeout_s)
+        learner = self.learner.probe_logprobs(self.probe)
+        return check_sync(engines, learner, self.engine_dtype, max_fp32=r.sync_check_threshold,
+                          mean_low_precision=r.sync_check_mean_low_precision)

@@ -165,7 +165,9 @@ def learner_rows(cfg, model: Model, plan: Plan, cap: Optional[float], gpu: bool,
     a, lc = model.arch, cfg.learner
     b = dtype_bytes(cfg.model.dtype, gpu)
     lora = cfg.model.lora
-    trainable = a.lora_params(lora.r, lora.target_modules) if lora.enabled else a.params()
+    # LoRA: the adapters, plus the whole embedding matrix, which is trainable (gradient-masked to the span rows,
+    # learner.deepspeed_learner.train_span_rows) and so carries a full gradient and optimizer state
+    trainable = a.lora_params(lora.r, lora.target_modules) + a.vocab * a.hidden if lora.enabled else a.params()
     worst = 0.0
     grpo_rows = lc.micro_batch_size
     seq = cfg.model.max_prompt_tokens + cfg.model.max_new_tokens
@@ -176,10 +178,9 @@ def learner_rows(cfg, model: Model, plan: Plan, cap: Optional[float], gpu: bool,
               "learner.num_workers")]
     if mode == "pipeline":
         roles.append(("SFT", SFT_RANKS, cfg.sft.micro_batch_size, cfg.sft.max_seq_len, cfg.sft.max_seq_len, False,
-                      f"the pipeline runs SFT (and the split's warm-up) in ONE process today, so ZeRO cannot shard "
-                      f"it: lower sft.micro_batch_size / sft.max_seq_len, use model.lora.enabled, or run `kardia-rl "
-                      f"sft` under a launcher (torchrun --nproc_per_node {lc.num_workers}) and start the pipeline "
-                      f"after it (issue 11 item 2: SFT on the learner group)"))
+                      "the pipeline runs SFT (and the split's warm-up) in ONE process today, so ZeRO cannot shard "
+                      "it: lower sft.micro_batch_size / sft.max_seq_len or use model.lora.enabled; full fine-tuning "
+                      "of a model this size waits for SFT on the learner group (issue 11 item 2)"))
     for role, world, rows, seq_len, positions, ref, fix in roles:
         st = learner_state_bytes(a, world=world, stage=lc.zero_stage, b=b, trainable=trainable, reference=ref)
         act = {on: activation_bytes(a, rows * seq_len, b, on) for on in (False, True)}
@@ -295,11 +296,11 @@ def build_plan(cfg, cluster: Cluster, mode: str = "pipeline") -> Plan:
                                 f"store, /dev/shm has {human(c.shm)} (docker: --shm-size)")
             host += sync
         if mode == "train" and model.span_tokens is False:
-            problems.append(f"model.path: {model.name} lacks the span tokens, which only the learner adds: the "
-                            "rollout engines would load it without them; run `kardia-rl sft` (or the pipeline) first "
-                            "and train from its export")
+            problems.append(f"model.path: {model.name} lacks the span tokens: the rollout engines would load it "
+                            "without them; run `kardia-rl prepare` (or the pipeline's model stage) first and train "
+                            "from the prepared folder")
         elif model.span_tokens is False:
-            plan.say("span tokens: missing in model.path; the learner adds them and the SFT export carries them")
+            plan.say("span tokens: missing in model.path; the model stage adds them (run_dir/prepared_model)")
     if judge_llm:
         jm = resolve_model("judge.model", jc.model, "", problems)
         j_gpu = jc.gpus_per_actor > 0

@@ -52,7 +52,7 @@ def test_cluster_yaml_fits_8_x_80gb(capsys, cluster_args):
     assert "7.616B parameters" in text  # Qwen2.5-7B from its config.json
 
 
-def test_cluster_yaml_pipeline_names_the_single_process_sft(capsys, cluster_args):
+def test_cluster_yaml_pipeline_names_the_single_process_sft(capsys, cluster_args, tmp_path):
     """The pipeline's SFT stage runs in one process today (issue 11 item 2 is open): 7B full SFT on one GPU
     does not fit, and that is the only problem of the whole pipeline on 8 x 80 GB."""
     args = [a for a in cluster_args if a not in ("--mode", "train")]
@@ -60,6 +60,10 @@ def test_cluster_yaml_pipeline_names_the_single_process_sft(capsys, cluster_args
     assert code == 2
     (p,) = problems(text)
     assert "learner SFT rank (1 rank(s)" in p and "there is 80.00 GiB" in p and "ONE process" in p
+    code, text = run(capsys, args + ["model.lora.enabled=true", f"--json={tmp_path / 'plan.json'}"])
+    assert code == 0, text  # LoRA fits on one GPU; its trainable set includes the embedding (span rows train)
+    sft = json.loads((tmp_path / "plan.json").read_text())["estimates_gib"]["learner_sft"]
+    assert sft["ranks"] == 1 and 5.5 < sft["optimizer"] < 7  # 12 bytes x (LoRA + 152064 x 3584 embedding)
 
 
 def test_16_learner_gpus_on_an_8_gpu_cluster(capsys, cluster_args):

@@ -197,3 +197,13 @@ def test_requests_are_checked_against_the_connected_ray_cluster():
     assert cluster.gpus == 2 and cluster.source.startswith("Ray cluster")
     plan = build_plan(cfg, cluster, "train")
     assert any("4 GPUs requested" in p and "has 2" in p for p in plan.problems)
+
+
+def test_host_ram_and_shm_are_checked(capsys, cluster_args):
+    """4 ranks each loading the 7B policy and a reference copy on CPU at start-up; an object-store weight sync
+    (the hf engine's transport) puts the whole bf16 state dict in /dev/shm."""
+    code, text = run(capsys, cluster_args + ["--host-mem", "64", "--shm", "1", "rollout.engine=hf"])
+    assert code == 2
+    ps = problems(text)
+    assert any(p.startswith("[plan] PROBLEM: host RAM needs ~") and "there is 64.00 GiB" in p for p in ps)
+    assert any("/dev/shm: rollout.weight_sync=auto puts 14.19 GiB" in p and "1.00 GiB" in p for p in ps)

@@ -61,30 +61,23 @@ def stage_model(cfg: KardiaConfig, state: dict) -> dict:
 
 def stage_split(cfg: KardiaConfig, state: dict) -> dict:
     from kardia_rl.curriculum.split import split_samples
-    from kardia_rl.learner.sft import run_sft
     from kardia_rl.learner.sft_data import load_sft_samples
 
     out_dir = os.path.join(cfg.run_dir, "split")
     done = os.path.join(out_dir, "split.json")
-    if not os.path.exists(done):
-        train, val = load_sft_samples(cfg)
-        reference = cfg.model.path
-        if cfg.split.reference == "warmup":
-            reference = os.path.join(cfg.run_dir, "reference_model")
-            if not os.path.exists(os.path.join(reference, "sft_result.json")):
-                print(f"[split] warm-up reference policy: SFT for {cfg.split.warmup_epochs} epochs on all training turns")
-                run_sft(_with(cfg, sft__epochs=cfg.split.warmup_epochs), reference, train_samples=train,
-                        val_samples=val, generate_eval=False)
-        split_samples(cfg, train, reference, out_dir)
+    if not os.path.exists(done):  # split.reference=warmup: K cross-fitted warm-ups (curriculum/crossfit.py)
+        train, _ = load_sft_samples(cfg)
+        split_samples(cfg, train, None, out_dir, work_dir=os.path.join(cfg.run_dir, "reference_models"))
     with open(done) as f:
         meta = json.load(f)
     sizes = meta.get("sizes", {})
-    print(f"[split] easy (SFT) {sizes.get('easy')} / hard (GRPO) {sizes.get('hard')} samples; tau={cfg.split.tau}")
+    how = meta.get("method") + (f", K={meta['folds']}" if meta.get("folds") else "")
+    print(f"[split] easy (SFT) {sizes.get('easy')} / hard (GRPO) {sizes.get('hard')} samples ({how}); tau={cfg.split.tau}")
     for part in ("easy", "hard"):
         if not sizes.get(part):
             raise KardiaError(f"[split] the {part} split is empty (sizes {sizes}); adjust split.tau "
                               f"({cfg.split.tau}) or split.reward_threshold ({cfg.split.reward_threshold})")
-    return {"dir": out_dir, "sizes": sizes, "method": meta.get("method")}
+    return {"dir": out_dir, "sizes": sizes, "method": meta.get("method"), "folds": meta.get("folds")}
 
 
 def _read_samples(path: str) -> list:

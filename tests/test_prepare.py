@@ -170,3 +170,20 @@ def test_lora_trains_the_span_rows_and_nothing_else_of_the_embedding(tiny_model_
     ids = sorted(learner.tokenizer.convert_tokens_to_ids(t) for t in SPAN_TOKENS)
     assert learner.span_rows_trained == ids
     assert changed[ids].all() and int(changed.sum()) == len(ids)  # weight decay does not touch the frozen rows
+
+
+def test_template_without_a_system_role_gets_the_system_prompt_in_the_first_user_turn(tiny_model_dir):
+    """Gemma-style chat templates raise on a system message: the prompt folds it into the first user turn."""
+    from transformers import AutoTokenizer
+
+    from kardia_rl.format.prompt import build_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    text = build_prompt(tok, [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                              {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Sad"}])
+    assert text == ("<start_of_turn>user\nBe kind.\n\nHi<end_of_turn>\n<start_of_turn>assistant\nHello<end_of_turn>\n"
+                    "<start_of_turn>user\nSad<end_of_turn>\n<start_of_turn>model\n")

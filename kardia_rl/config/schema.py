@@ -172,8 +172,9 @@ class SplitConfig:
     reward_threshold: float = doc(0.6, "an answer 'resolves' the sample when its unified reward >= this")
     tau: float = doc(0.5, "samples with resolution rate >= tau are easy (SFT), the rest hard (GRPO)")
     temperature: float = doc(1.0, "sampling temperature of the reference policy")
-    reference: str = doc("base", "reference policy for resolution rates: base (model.path) | warmup (a short SFT on all training turns, for models that cannot produce the format yet)")
-    warmup_epochs: float = doc(3.0, "SFT epochs of the warm-up reference policy (split.reference=warmup)")
+    reference: str = doc("base", "reference policy for resolution rates: base (model.path) | warmup (short cross-fitted SFTs, see split.folds, for models that cannot produce the format yet)")
+    warmup_epochs: float = doc(3.0, "SFT epochs of each warm-up reference policy (split.reference=warmup)")
+    folds: int = doc(2, "K for split.reference=warmup: training dialogues (profiles when data.split_by=profile) fall into K folds; K warm-ups each train on K-1 folds and rate only the held-out one (cost: K-1 times one warm-up)")
 
 
 @dataclass

@@ -115,6 +115,11 @@ def config_problems(cfg: KardiaConfig) -> list[str]:
         p.append(f"learner.zero_stage: must be 0-3, got {cfg.learner.zero_stage}")
     if not 0 <= cfg.split.tau <= 1:
         p.append(f"split.tau: must be in [0, 1], got {cfg.split.tau}")
+    if cfg.split.reference == "warmup" and cfg.split.folds < 2:  # K=1 would rate the turns it trained on
+        p.append(f"split.folds: must be >= 2 with split.reference=warmup (each warm-up rates only a held-out fold), "
+                 f"got {cfg.split.folds}")
+    if cfg.split.reference == "warmup" and not cfg.split.warmup_epochs > 0:
+        p.append(f"split.warmup_epochs: must be > 0 with split.reference=warmup, got {cfg.split.warmup_epochs}")
     if not (0 <= cfg.data.val_fraction < 1 and 0 <= cfg.data.test_fraction < 1
             and cfg.data.val_fraction + cfg.data.test_fraction < 1):
         p.append(f"data.val_fraction ({cfg.data.val_fraction}) + data.test_fraction ({cfg.data.test_fraction}) "

@@ -4,9 +4,12 @@ Each per-turn sample gets a RESOLUTION RATE in [0, 1]; samples with rate >= spli
 (DIR/easy.jsonl, for SFT), the rest hard (DIR/hard.jsonl, for GRPO). Two ways to get the rate:
 
 1. Sampled (the default, for data without synthesis records): k = split.k answers of the reference
-   policy (--model, default model.path) at split.temperature, seeded by cfg.seed; the rate is the
-   fraction whose unified reward is >= split.reward_threshold. The k rewards are saved, so the split can
-   be redone for another threshold or tau without sampling again (`rates_from_rewards`, `apply_tau`).
+   policy at split.temperature, seeded by cfg.seed; the rate is the fraction whose unified reward is
+   >= split.reward_threshold. The k rewards are saved, so the split can be redone for another threshold or
+   tau without sampling again (`rates_from_rewards`, `apply_tau`). The reference policy is --model when
+   given, else split.reference: `base` = model.path (method "sampled"), or `warmup` = K = split.folds
+   cross-fitted warm-up SFTs, each rating only the dialogues (profiles) it never trained on (method
+   "crossfit", see crossfit.py; an in-sample warm-up would rate memorisation, not difficulty).
 2. From the data (split.use_data_difficulty, when EVERY sample carries one of these fields from
    synthesis; dialogue-level scalars, or lists with one value per assistant turn), mapped onto a
    resolution rate = 1 - p_FAIL, where p_FAIL is the share of the rubric evaluator's FAIL verdicts
@@ -20,8 +23,9 @@ Each per-turn sample gets a RESOLUTION RATE in [0, 1]; samples with rate >= spli
    With tau = 0.5 a trajectory with p_FAIL exactly 0.5 counts as easy here (rate >= tau) but hard under
    the paper's strict inequality; set split.tau slightly above 0.5 (e.g. 0.501) to reproduce it exactly.
 
-Outputs: easy.jsonl / hard.jsonl (TurnSample.to_record, data order), split.json (settings, sizes, every
-sample's rate, the sampled rewards, histogram counts), rates.png (the histogram with tau marked).
+Outputs: easy.jsonl / hard.jsonl (TurnSample.to_record, data order), split.json (method, K and the fold
+models for crossfit, settings, sizes, every sample's rate, the sampled rewards, histogram counts and mean of
+the rates), rates.png (the histogram with tau marked).
 """
 from __future__ import annotations
 
@@ -220,7 +224,7 @@ def write_split(out_dir: str, samples: Sequence[TurnSample], rates: dict[str, fl
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_jsonl(os.path.join(out_dir, "easy.jsonl"), [s.to_record() for s in samples if s.id in easy_set])
     atomic_write_jsonl(os.path.join(out_dir, "hard.jsonl"), [s.to_record() for s in samples if s.id not in easy_set])
-    hist = histogram(list(rates.values()), meta.get("k") if meta.get("method") == "sampled" else None)
+    hist = histogram(list(rates.values()), meta.get("k") if meta.get("method") != "data" else None)
     values = list(rates.values())
     doc = {**meta, "tau": tau,
            "sizes": {"total": len(samples), "easy": len(easy_ids), "hard": len(hard_ids)},
@@ -234,8 +238,13 @@ def write_split(out_dir: str, samples: Sequence[TurnSample], rates: dict[str, fl
 
 
 def split_samples(cfg, samples: Sequence[TurnSample], model_path: Optional[str], out_dir: str, *,
-                  progress: bool = True, sources: Optional[dict] = None, data: str = "", judge=None) -> dict:
-    """The split of `samples` written into out_dir (see the module docstring); returns split.json's dict."""
+                  progress: bool = True, sources: Optional[dict] = None, data: str = "", judge=None,
+                  work_dir: Optional[str] = None) -> dict:
+    """The split of `samples` written into out_dir (see the module docstring); returns split.json's dict.
+
+    The rater: `model_path` when given; else split.reference: base = model.path, warmup = K cross-fitted
+    warm-ups (crossfit.py) whose models go to work_dir (default OUT_DIR/reference_models).
+    """
     samples = list(samples)
     if not samples:
         raise KardiaError("split: no samples")
@@ -245,10 +254,20 @@ def split_samples(cfg, samples: Sequence[TurnSample], model_path: Optional[str],
         rates, fields = from_data
         meta = {"method": "data", "data": data, "fields": fields, "seed": cfg.seed}
     else:
-        model_path = model_path or cfg.model.path
-        rewards, timing = sample_rewards(cfg, samples, model_path, progress=progress, judge=judge)
+        if model_path is None and cfg.split.reference == "warmup":
+            from kardia_rl.curriculum.crossfit import crossfit_rewards
+
+            rewards, info = crossfit_rewards(cfg, samples, work_dir or os.path.join(out_dir, "reference_models"),
+                                             progress=progress, judge=judge)
+            timing = {"folds": [f.pop("timing") for f in info["fold_models"]]}
+            timing["total_s"] = round(sum(t["total_s"] for t in timing["folds"]), 3)
+            how = {"method": "crossfit", **info}
+        else:
+            model_path = model_path or cfg.model.path
+            rewards, timing = sample_rewards(cfg, samples, model_path, progress=progress, judge=judge)
+            how = {"method": "sampled", "model": model_path}
         rates = rates_from_rewards(rewards, cfg.split.reward_threshold)
-        meta = {"method": "sampled", "data": data, "model": model_path, "k": cfg.split.k,
+        meta = {**how, "data": data, "k": cfg.split.k,
                 "reward_threshold": cfg.split.reward_threshold, "temperature": cfg.split.temperature,
                 "top_p": cfg.rollout.top_p, "max_new_tokens": cfg.model.max_new_tokens, "seed": cfg.seed,
                 "judge": cfg.judge.backend,

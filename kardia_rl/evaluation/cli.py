@@ -171,7 +171,8 @@ def configure_split(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="dialogues to split (default: data.path), split as given")
     p.add_argument("--out", default=None, help="output folder for easy.jsonl, hard.jsonl, split.json, rates.png "
                                                "(default: RUN_DIR/split)")
-    p.add_argument("--model", default=None, help="reference policy sampled for resolution rates (default: model.path)")
+    p.add_argument("--model", default=None, help="reference policy sampled for resolution rates (default: split.reference: "
+                                              "model.path, or K cross-fitted warm-ups in OUT/reference_models)")
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -183,7 +184,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     samples, sources = load_split_data(cfg, data)
     out = args.out or os.path.join(cfg.run_dir, "split")
     doc = split_samples(cfg, samples, args.model, out, progress=not args.no_progress, sources=sources, data=data)
-    shown = {k: doc[k] for k in ("method", "k", "reward_threshold", "temperature", "tau", "seed", "sizes", "rate_mean",
+    shown = {k: doc[k] for k in ("method", "folds", "k", "reward_threshold", "temperature", "tau", "seed", "sizes", "rate_mean",
                                  "fields", "seconds") if k in doc}
     if "timing" in doc:
         shown["timing"] = {k: v for k, v in doc["timing"].items() if k != "judge_stats"}

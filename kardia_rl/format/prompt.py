@@ -66,7 +66,22 @@ def build_prompt(tokenizer: Any, messages: Sequence[dict]) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("tokenizer has no chat template; build the model with `kardia-rl init-model` or use "
                          "an instruct model whose tokenizer ships one")
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # jinja2's TemplateError (raise_exception): some templates (Gemma) reject a system turn
+        if not (messages and messages[0]["role"] == "system" and "system" in str(e).lower()):
+            raise
+    return tokenizer.apply_chat_template(fold_system(messages), tokenize=False, add_generation_prompt=True)
+
+
+def fold_system(messages: Sequence[dict]) -> list[dict]:
+    """The system prompt moved to the start of the first user turn, for chat templates without a system role
+    (what Gemma's own template does with a system message when it accepts one)."""
+    system, rest = messages[0]["content"], [dict(m) for m in messages[1:]]
+    if rest and rest[0]["role"] == "user":
+        rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
+        return rest
+    return [{"role": "user", "content": system}] + rest
 
 
 def header_tokens(tokenizer: Any, messages: Sequence[dict]) -> int:

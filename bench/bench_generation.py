@@ -13,6 +13,11 @@ wall time of one `generate` call; the median of R is reported, with min and max.
 average is printed because CPU numbers on a shared machine move with whatever else runs; with other
 processes busy, OpenMP threads spin-waiting on a core someone else holds can slow a 2-thread run 5-10x,
 so `--threads 1` gives the steadier comparison there.
+
+`--split-calls 1,2` also measures what a synchronous rollout actor does when two generate calls are queued
+on it: the same batch cut into K contiguous chunks (the trainer's own layout function), generated as K
+calls one after the other; tokens/s = all generated tokens / wall time of the K calls. The K values
+alternate within each repeat on the same engine, so machine load drifts hit them alike.
 """
 from __future__ import annotations
 
@@ -53,31 +58,39 @@ def worker(args) -> dict:
     startup = time.perf_counter() - t0
     prompts = build_prompts(engine.tokenizer, args.prompts)
     kw = dict(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
-    rates, tokens = [], 0
+    from kardia_rl.trainer.rollout import contiguous_chunks
+
+    splits = [int(k) for k in args.split_calls.split(",")]
+    rates: dict[int, list[float]] = {k: [] for k in splits}
+    tokens: dict[int, int] = {}
     for i in range(args.warmup + args.repeats):
-        t = time.perf_counter()
-        outs = engine.generate(prompts, args.n, seed=i, **kw)
-        dt = time.perf_counter() - t
-        tokens = sum(len(c.token_ids) for g in outs for c in g)
-        if i >= args.warmup:
-            rates.append(tokens / dt)
-    row = dict(engine=args.engine, model=os.path.basename(args.model.rstrip("/")), startup_s=round(startup, 2),
-               tokens_per_call=tokens, tokens_per_s_median=round(statistics.median(rates), 1),
-               tokens_per_s_min=round(min(rates), 1), tokens_per_s_max=round(max(rates), 1),
-               prompt_tokens=[len(p) for p in prompts])
-    if cuda:
-        free, total = torch.cuda.mem_get_info()
-        row["torch_peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)  # this process only
-        row["device_used_gib"] = round((total - free) / 2 ** 30, 2)  # whole GPU; vLLM pre-reserves its KV cache
+        for k in splits:
+            t, tokens[k] = time.perf_counter(), 0
+            for c, idx in enumerate(contiguous_chunks(len(prompts), k)):  # K calls, one after the other
+                outs = engine.generate([prompts[j] for j in idx], args.n, seed=1000 * i + c, **kw)
+                tokens[k] += sum(len(x.token_ids) for g in outs for x in g)
+            if i >= args.warmup:
+                rates[k].append(tokens[k] / (time.perf_counter() - t))
+    rows = []
+    for k in splits:
+        row = dict(engine=args.engine, model=os.path.basename(args.model.rstrip("/")), startup_s=round(startup, 2),
+                   split_calls=k, tokens_per_call=tokens[k], tokens_per_s_median=round(statistics.median(rates[k]), 1),
+                   tokens_per_s_min=round(min(rates[k]), 1), tokens_per_s_max=round(max(rates[k]), 1),
+                   prompt_tokens=[len(p) for p in prompts])
+        if cuda:
+            free, total = torch.cuda.mem_get_info()
+            row["torch_peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)  # this process only
+            row["device_used_gib"] = round((total - free) / 2 ** 30, 2)  # whole GPU; vLLM pre-reserves its KV cache
+        rows.append(row)
     engine.shutdown()
-    print("RESULT " + json.dumps(row), flush=True)
-    return row
+    print("RESULT " + json.dumps(rows), flush=True)
+    return rows
 
 
-def run_worker(args, engine: str, model: str) -> dict:
+def run_worker(args, engine: str, model: str) -> list[dict]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--engine", engine, "--model", model]
     for key in ("device", "dtype", "prompts", "n", "max_new_tokens", "warmup", "repeats", "max_model_len",
-                "kv_cache_bytes", "gpu_memory_utilization"):
+                "kv_cache_bytes", "gpu_memory_utilization", "split_calls"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = dict(os.environ)
     if args.threads:  # before torch/vLLM start in the worker: intra-op threads and vLLM's core binding
@@ -110,6 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=0, help="CPU threads per engine (OMP_NUM_THREADS and vLLM's "
                    "core binding); 0 = all cores. On a shared machine 1 avoids OpenMP spin-wait collapse")
+    p.add_argument("--split-calls", default="1", help="comma list of K: also generate the batch as K calls in a "
+                   "row, as a synchronous actor with K queued calls does (e.g. 1,2)")
     p.add_argument("--json-out", default=None, help="also write the rows to this JSON file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--engine", help=argparse.SUPPRESS)
@@ -133,23 +148,31 @@ def main(argv=None) -> int:
     print(f"batch: {args.prompts} prompts x {args.n} samples x {args.max_new_tokens} new tokens "
           f"(min_new_tokens = max_new_tokens), temperature 1, {args.dtype} on {args.device}")
     print(f"method: fresh subprocess per engine/model, {args.warmup} warm-up call(s), {args.repeats} timed "
-          f"calls, median tokens/s (min-max); threads per engine: {args.threads or 'all cores'}; "
+          f"calls, median tokens/s (min-max); the batch also as K calls in a row for K in {args.split_calls}; "
+          f"threads per engine: {args.threads or 'all cores'}; "
           f"load average before: {os.getloadavg()[0]:.2f}")
-    rows = [run_worker(args, engine, model) for model in models for engine in engines]
-    header = f"{'model':<8} {'engine':<6} {'start s':>8} {'tokens/s median':>16} {'(min-max)':>18}"
+    rows = [row for model in models for engine in engines for row in run_worker(args, engine, model)]
+    header = f"{'model':<8} {'engine':<6} {'calls':>5} {'start s':>8} {'tokens/s median':>16} {'(min-max)':>18}"
     if args.device == "cuda":
         header += f" {'peak alloc GiB':>15} {'GPU used GiB':>13}"
     print(header)
     for r in rows:
-        line = (f"{r['model']:<8} {r['engine']:<6} {r['startup_s']:>8.1f} {r['tokens_per_s_median']:>16.1f} "
+        line = (f"{r['model']:<8} {r['engine']:<6} {r['split_calls']:>5} {r['startup_s']:>8.1f} "
+                f"{r['tokens_per_s_median']:>16.1f} "
                 f"{'(' + str(r['tokens_per_s_min']) + '-' + str(r['tokens_per_s_max']) + ')':>18}")
         if args.device == "cuda":
             line += f" {r['torch_peak_alloc_gib']:>15} {r['device_used_gib']:>13}"
         print(line)
+    one = [r for r in rows if r["split_calls"] == min(r2["split_calls"] for r2 in rows)]
     if "vllm" in engines and "hf" in engines:
-        for model in sorted({r["model"] for r in rows}):
-            by = {r["engine"]: r for r in rows if r["model"] == model}
+        for model in sorted({r["model"] for r in one}):
+            by = {r["engine"]: r for r in one if r["model"] == model}
             print(f"{model}: vllm / hf = {by['vllm']['tokens_per_s_median'] / by['hf']['tokens_per_s_median']:.2f}x")
+    for r in rows:  # the batch in one call vs the same batch as K queued calls
+        base = next(b for b in one if (b["model"], b["engine"]) == (r["model"], r["engine"]))
+        if r is not base:
+            print(f"{r['model']} {r['engine']}: {base['split_calls']} call(s) / {r['split_calls']} calls = "
+                  f"{base['tokens_per_s_median'] / r['tokens_per_s_median']:.2f}x tokens/s")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json_out:
         from kardia_rl.utils.io import atomic_write_text

@@ -9,9 +9,11 @@ Method (also printed by the run):
   engine (seeded per step, so every step has fresh texts and no judgment is a cache hit). A random model's
   text is about 215 MiniLM word-pieces per candidate, close to the encoder's 256-token window.
 - Judge: kardia-rl's UnifiedReward with an in-process EmbeddingJudge and judge.judge_malformed=true (every
-  candidate is judged), called the way the trainer's judge actor is called in bench_grpo_step.py: one
-  judge instance for the whole run (as one actor), two calls per step of 2 prompts x 8 candidates each (1
-  rollout actor, 2 chunks). The first step is a warm-up (model load, exemplar sets) and is excluded.
+  candidate is judged), called the way a judge actor is called in bench_grpo_step.py: one judge instance
+  for the whole run (as one actor), `--chunks` calls per step, each with the candidates of a contiguous
+  share of the prompts (default 2 calls of 2 prompts x 8 candidates: the trainer's chunking with 1 rollout
+  actor when the "before" numbers were taken; the trainer now sends one chunk per rollout actor, i.e.
+  `--chunks 1` there). The first step is a warm-up (model load, exemplar sets) and is excluded.
 - One thread (torch.set_num_threads(1), OMP_NUM_THREADS=1), as every process in bench_grpo_step.py.
 - Numbers per step: wall seconds (time.perf_counter) and this process's CPU seconds (time.process_time).
   With one compute thread the CPU seconds hardly move with the machine's load, so they are the number to

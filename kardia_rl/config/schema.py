@@ -196,7 +196,8 @@ class LoggingConfig:
 class CheckpointConfig:
     every: int = doc(10, "save a checkpoint every N steps (0 = only at the end)")
     keep_last: int = doc(2, "checkpoints kept on disk")
-    resume: bool = doc(False, "continue from the latest checkpoint in run_dir")
+    resume: bool = doc(False, "continue from the newest intact checkpoint in run_dir (manifest verified)")
+    auto_resume: int = doc(0, "restart from the newest intact checkpoint after a dead actor or lost object, at most N times per run")
 
 
 @dataclass

@@ -131,6 +131,8 @@ def config_problems(cfg: KardiaConfig) -> list[str]:
             p.append(f"{key}: must be >= 0 (0 = sized automatically), got {_get(cfg, key)}")
     if cfg.checkpoint.keep_last < 1:
         p.append(f"checkpoint.keep_last: must be >= 1, got {cfg.checkpoint.keep_last}")
+    if cfg.checkpoint.auto_resume < 0:
+        p.append(f"checkpoint.auto_resume: must be >= 0, got {cfg.checkpoint.auto_resume}")
     if cfg.model.lora.enabled and cfg.model.lora.r < 1:
         p.append(f"model.lora.r: must be >= 1, got {cfg.model.lora.r}")
     return p

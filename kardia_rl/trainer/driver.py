@@ -88,9 +88,15 @@ class GRPOTrainer:
 
     # --- the loop ---------------------------------------------------------------------------------------
     def train(self) -> dict:
+        from kardia_rl.trainer.preemption import Preempted, StopSignal
+
         last = {}
-        for step in range(self.start_step, self.cfg.algo.num_steps + 1):
-            last = self.step(step)
+        with StopSignal() as stop:  # SIGTERM (preemption, `ray job stop`): checkpoint at the step boundary, then stop
+            self.stop = stop
+            for step in range(self.start_step, self.cfg.algo.num_steps + 1):
+                last = self.step(step)
+                if stop.requested and step < self.cfg.algo.num_steps:
+                    raise Preempted(step, self.ckpt.latest(), self.cfg.run_dir)
         return last
 
     def step(self, step: int) -> dict:
@@ -208,7 +214,8 @@ class GRPOTrainer:
         from kardia_rl.trainer.checkpoint import capture_rng
 
         every, last = self.cfg.checkpoint.every, self.cfg.algo.num_steps
-        if not (step == last or (every > 0 and step % every == 0)):
+        stopping = getattr(self, "stop", None) is not None and self.stop.requested
+        if not (step == last or stopping or (every > 0 and step % every == 0)):
             return None
         state = {"prompts": self.prompts.state_dict(), "monitor": self.monitor.state_dict(), "rng": capture_rng()}
         return self.ckpt.save(step, state, self.learner.save_checkpoint)

@@ -7,7 +7,7 @@ overlaps generation. Actors are async (many requests in flight each, bounded by 
 to another actor, counted in `actor_failures`, and only after `max_attempts` does it become a failed
 Judgment, which the reward layer turns into a counted fallback. Nothing here raises into training.
 All actors judge with the same seed, so which actor serves a request (load, restarts) never changes its
-reward (tests/test_judge_pool.py reverses the chunk-to-actor assignment of two GRPO steps).
+reward (tests/test_judge_pool.py judges two GRPO steps twice, with the request-to-actor assignment reversed).
 """
 from __future__ import annotations
 

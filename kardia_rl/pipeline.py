@@ -88,14 +88,15 @@ def _read_samples(path: str) -> list:
 
 
 def stage_sft(cfg: KardiaConfig, state: dict) -> dict:
-    from kardia_rl.learner.sft import run_sft
     from kardia_rl.learner.sft_data import load_sft_samples
+    from kardia_rl.trainer.learner_group import run_sft_on_group
 
     out_dir = os.path.join(cfg.run_dir, "sft_model")
     result_file = os.path.join(out_dir, "sft_result.json")
     if not os.path.exists(result_file):
         easy = _read_samples(os.path.join(state["split"]["dir"], "easy.jsonl"))
-        run_sft(cfg, out_dir, train_samples=easy, val_samples=load_sft_samples(cfg)[1])
+        # learner.num_workers Ray ranks with the ZeRO stage and placement of the GRPO learner group
+        run_sft_on_group(cfg, out_dir, easy, load_sft_samples(cfg)[1])
     with open(result_file) as f:
         res = json.load(f)
     keep = ("train_examples", "steps", "train_seconds", "val_loss_final", "format_valid_rate", "emotion_accuracy")

@@ -154,13 +154,14 @@ def _fits(plan: Plan, what: str, need: float, capacity: Optional[float], fix: st
         plan.problems.append(f"{what} needs ~{human(need)}, there is {human(capacity)}: {fix}")
 
 
-# The pipeline's SFT stage and the split's warm-up SFT run in ONE process today (world size 1, GPU 0 of the
-# driver's node); issue 11 item 2 moves them onto the learner group, and then this becomes learner.num_workers.
-SFT_RANKS = 1
+def sft_ranks(cfg) -> int:
+    """The pipeline's SFT stage and the split's warm-up SFTs run on the learner group
+    (trainer.learner_group.run_sft_on_group): learner.num_workers ranks with learner.zero_stage."""
+    return int(cfg.learner.num_workers)
 
 
 def learner_rows(cfg, model: Model, plan: Plan, cap: Optional[float], gpu: bool, mode: str) -> float:
-    """Per-rank estimates of GRPO (learner.num_workers ranks) and, for the pipeline, of SFT (SFT_RANKS ranks);
+    """Per-rank estimates of GRPO and, for the pipeline, of SFT (both on learner.num_workers ranks);
     returns the larger total (bytes)."""
     a, lc = model.arch, cfg.learner
     b = dtype_bytes(cfg.model.dtype, gpu)
@@ -177,10 +178,9 @@ def learner_rows(cfg, model: Model, plan: Plan, cap: Optional[float], gpu: bool,
               "lower learner.micro_batch_size / learner.max_tokens_per_micro_batch, or raise learner.zero_stage / "
               "learner.num_workers")]
     if mode == "pipeline":
-        roles.append(("SFT", SFT_RANKS, cfg.sft.micro_batch_size, cfg.sft.max_seq_len, cfg.sft.max_seq_len, False,
-                      "the pipeline runs SFT (and the split's warm-up) in ONE process today, so ZeRO cannot shard "
-                      "it: lower sft.micro_batch_size / sft.max_seq_len or use model.lora.enabled; full fine-tuning "
-                      "of a model this size waits for SFT on the learner group (issue 11 item 2)"))
+        roles.append(("SFT", sft_ranks(cfg), cfg.sft.micro_batch_size, cfg.sft.max_seq_len, cfg.sft.max_seq_len,
+                      False, "lower sft.micro_batch_size / sft.max_seq_len, or raise learner.zero_stage / "
+                      "learner.num_workers (SFT runs on the learner group), or use model.lora.enabled"))
     for role, world, rows, seq_len, positions, ref, fix in roles:
         st = learner_state_bytes(a, world=world, stage=lc.zero_stage, b=b, trainable=trainable, reference=ref)
         act = {on: activation_bytes(a, rows * seq_len, b, on) for on in (False, True)}

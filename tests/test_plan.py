@@ -52,18 +52,20 @@ def test_cluster_yaml_fits_8_x_80gb(capsys, cluster_args):
     assert "7.616B parameters" in text  # Qwen2.5-7B from its config.json
 
 
-def test_cluster_yaml_pipeline_names_the_single_process_sft(capsys, cluster_args, tmp_path):
-    """The pipeline's SFT stage runs in one process today (issue 11 item 2 is open): 7B full SFT on one GPU
-    does not fit, and that is the only problem of the whole pipeline on 8 x 80 GB."""
+def test_cluster_yaml_pipeline_fits_with_sft_on_the_learner_group(capsys, cluster_args, tmp_path):
+    """The pipeline's SFT (and the split's warm-ups) run on the 4 ZeRO-3 learner ranks: 7B full SFT at 2 x 4096
+    tokens fits 80 GB per rank, so the whole pipeline passes; one rank (the old single-process SFT) would not."""
     args = [a for a in cluster_args if a not in ("--mode", "train")]
-    code, text = run(capsys, args)
-    assert code == 2
-    (p,) = problems(text)
-    assert "learner SFT rank (1 rank(s)" in p and "there is 80.00 GiB" in p and "ONE process" in p
-    code, text = run(capsys, args + ["model.lora.enabled=true", f"--json={tmp_path / 'plan.json'}"])
-    assert code == 0, text  # LoRA fits on one GPU; its trainable set includes the embedding (span rows train)
+    code, text = run(capsys, args + [f"--json={tmp_path / 'plan.json'}"])
+    assert code == 0, text
+    assert "learner SFT per rank (GPU, ZeRO-3 x4" in text and not problems(text)
     sft = json.loads((tmp_path / "plan.json").read_text())["estimates_gib"]["learner_sft"]
-    assert sft["ranks"] == 1 and 5.5 < sft["optimizer"] < 7  # 12 bytes x (LoRA + 152064 x 3584 embedding)
+    assert sft["ranks"] == 4 and sft["total"] < 80
+    # one learner rank: the SFT role is named (ZeRO cannot shard across one rank); GRPO too at this size
+    code, text = run(capsys, args + ["learner.num_workers=1"])
+    assert code == 2
+    sft_p = [p for p in problems(text) if "learner SFT rank (1 rank(s)" in p]
+    assert len(sft_p) == 1 and "there is 80.00 GiB" in sft_p[0] and "learner.num_workers" in sft_p[0]
 
 
 def test_16_learner_gpus_on_an_8_gpu_cluster(capsys, cluster_args):

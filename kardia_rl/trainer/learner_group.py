@@ -6,6 +6,10 @@ concurrently — `init_process_group` blocks until all ranks join, so constructi
 calls. Each step the driver hands every rank its contiguous share of the rollout batch; the learner
 all-reduces token counts and metrics itself, so the loss is the global token mean whatever W is.
 Collective operations (export under ZeRO-3, checkpoints) are called on all ranks; rank 0's result is used.
+
+The same group runs SFT (role "sft": the pipeline's SFT stage and the split's warm-ups, `run_sft_on_group`):
+same placement, same ZeRO stage, W = learner.num_workers ranks; there the learner is built inside
+`learner.sft.run_sft` on every rank, because its LR schedule needs the step count of the data plan.
 """
 from __future__ import annotations
 
@@ -31,9 +35,7 @@ class LearnerActor:
         host = ray.util.get_node_ip_address()
         return host, free_port(host)
 
-    def setup(self, master_addr: str, master_port: int) -> int:
-        from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
-
+    def _prepare(self, master_addr: str) -> None:
         os.environ["MASTER_ADDR"] = master_addr
         if self.cfg.learner.cpu_threads > 0:
             # Ray gives actors that reserve < 1 CPU a single thread; the learner may use more while the
@@ -41,10 +43,25 @@ class LearnerActor:
             import torch
 
             torch.set_num_threads(self.cfg.learner.cpu_threads)
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
+
+        self._prepare(master_addr)
         # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so the local device is always index 0.
         self.learner = DeepSpeedLearner(self.cfg, self.model_path, rank=self.rank, world_size=self.world_size,
                                         role="policy", local_rank=0, master_port=master_port)
         return self.rank
+
+    def run_sft(self, master_addr: str, master_port: int, out_dir: str, train_samples: list, val_samples: list,
+                kwargs: dict) -> dict:
+        """The whole SFT run on this rank (collective: every rank of the group calls it at once)."""
+        from kardia_rl.learner.sft import run_sft
+
+        self._prepare(master_addr)
+        return run_sft(self.cfg, out_dir, train_samples=train_samples, val_samples=val_samples, rank=self.rank,
+                       world_size=self.world_size, local_rank=0, master_port=master_port,
+                       progress=kwargs.pop("progress", True) and self.rank == 0, **kwargs)
 
     def train_step(self, batch: dict) -> dict:
         return self.learner.train_step(batch)
@@ -87,7 +104,7 @@ class LearnerActor:
 
 
 class LearnerGroup:
-    def __init__(self, cfg, model_path: str, cpus_per_actor: float = 0.0):
+    def __init__(self, cfg, model_path: str, cpus_per_actor: float = 0.0, role: str = "policy"):
         lc = cfg.learner
         self.world_size = lc.num_workers
         # A bundle must reserve something: a token CPU share keeps CPU-only runs schedulable on 2 cores.
@@ -104,8 +121,15 @@ class LearnerGroup:
                                                                      placement_group_bundle_index=r),
             ).remote(d, model_path, r, self.world_size)
             for r in range(self.world_size)]
+        if role == "policy":  # the SFT role builds its learners inside run_sft
+            addr, port = ray.get(self.actors[0].address.remote())
+            ray.get([a.setup.remote(addr, port) for a in self.actors])
+
+    def run_sft(self, out_dir: str, train_samples: list, val_samples: list, **kwargs) -> dict:
         addr, port = ray.get(self.actors[0].address.remote())
-        ray.get([a.setup.remote(addr, port) for a in self.actors])
+        refs = [a.run_sft.remote(addr, port, out_dir, list(train_samples), list(val_samples), dict(kwargs))
+                for a in self.actors]
+        return ray.get(refs)[0]  # rank 0 wrote the model and sft_result.json
 
     def _shards(self, batch: dict) -> list[dict]:
         from kardia_rl.learner.batching import shard_rows
@@ -151,3 +175,29 @@ class LearnerGroup:
         for a in self.actors:
             ray.kill(a)
         ray.util.remove_placement_group(self.pg)
+
+
+def run_sft_on_group(cfg, out_dir: str, train_samples, val_samples, **kwargs) -> dict:
+    """SFT with learner.num_workers Ray ranks (ZeRO stage, placement and GPUs of the GRPO learner group).
+
+    Joins the cluster of ray.address / RAY_ADDRESS (else starts a local one). The model is prepared here first,
+    once, so the ranks never race to build or prepare it. kwargs go to `learner.sft.run_sft`.
+    """
+    from dataclasses import replace
+
+    from kardia_rl.learner.sft import ensure_model
+    from kardia_rl.trainer.ray_cluster import init_ray
+
+    cfg = replace(cfg, model=replace(cfg.model, path=ensure_model(cfg)))
+    if train_samples is None or val_samples is None:
+        from kardia_rl.learner.sft_data import load_sft_samples
+
+        tr, va = load_sft_samples(cfg)
+        train_samples = tr if train_samples is None else train_samples
+        val_samples = va if val_samples is None else val_samples
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    group = LearnerGroup(cfg, cfg.model.path, cfg.ray.cpus_per_actor, role="sft")
+    try:
+        return group.run_sft(out_dir, train_samples, val_samples, **kwargs)
+    finally:
+        group.shutdown()

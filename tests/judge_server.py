@@ -68,9 +68,23 @@ def completion_body(content: str, model: str) -> dict:
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
 
+def storm_step(storm: dict, key: str, attempt: int) -> str:
+    """The step a `storm` server plays for attempt `attempt` of the request with content hash `key`: a fixed
+    function of both, so a run is reproducible while each retry draws afresh."""
+    u = int.from_bytes(hashlib.sha256(f"{key}:{attempt}".encode()).digest()[:8], "big") / 2.0 ** 64
+    for step in ("500", "garbage"):
+        if u < storm.get(step, 0.0):
+            return step
+        u -= storm.get(step, 0.0)
+    return f"delay={storm['delay']}" if storm.get("delay") else "ok"
+
+
 class ScriptedJudgeServer:
-    def __init__(self, prompt_scores: bool = False):
+    def __init__(self, prompt_scores: bool = False, storm: dict | None = None):
+        """`storm` (e.g. {"500": 0.3, "garbage": 0.2, "delay": 0.02}): requests without a marker answer HTTP 500 or
+        garbage with those probabilities per attempt, else a judgment after `delay` seconds (see storm_step)."""
         self.prompt_scores = prompt_scores
+        self.storm = storm
         self.arrivals: list[dict] = []
         self._attempts: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -115,14 +129,18 @@ class ScriptedJudgeServer:
         found = next((f for f in map(MARKER.search, reversed(contents)) if f), None)
         key = found.group(0) if found else ""
         steps = (found.group(1) if found else "ok").split(",")
+        if not found and self.storm:  # one key per conversation (re-asks included: they extend the messages)
+            key = "storm:" + hashlib.sha256(json.dumps(body["messages"][:2], sort_keys=True).encode()).hexdigest()[:16]
         with self._lock:
             attempt = self._attempts.get(key, 0)
             self._attempts[key] = attempt + 1
+            step = storm_step(self.storm, key, attempt) if key.startswith("storm:") else \
+                steps[min(attempt, len(steps) - 1)].strip()
             record = {"t": arrived, "t_end": None, "key": key, "attempt": attempt, "headers": dict(request.headers),
-                      "body": body}
+                      "body": body, "step": step}
             self.arrivals.append(record)
         try:
-            return await self._reply(steps[min(attempt, len(steps) - 1)].strip(), request, body)
+            return await self._reply(step, request, body)
         finally:
             with self._lock:
                 record["t_end"] = time.monotonic()

@@ -165,3 +165,37 @@ def test_unreachable_ray_cluster_is_one_clear_line(monkeypatch):
     with pytest.raises(KardiaError, match=r"expected HOST:PORT"):
         init_ray("nonsense")
     assert not ray.is_initialized()
+
+
+def test_judge_storm_is_survived_and_counted_in_the_log(sft_model_dir, tmp_path):
+    """An OpenAI-compatible judge answering 30% HTTP 500 and 20% garbage (per attempt, with latency): the run
+    finishes, and metrics.jsonl counts exactly the errors the server sent (nothing is lost between the judge
+    actors and the log)."""
+    import math
+
+    import ray
+
+    from judge_server import ScriptedJudgeServer
+    from kardia_rl.config import load_config
+    from kardia_rl.monitoring.logger import read_metrics
+    from kardia_rl.trainer.train_cli import run_train
+
+    run = tmp_path / "run"
+    with ScriptedJudgeServer(storm={"500": 0.3, "garbage": 0.2, "delay": 0.02}) as server:
+        cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), _overrides(
+            run, sft_model_dir, "algo.num_steps=2", "judge.num_actors=2", "judge.backend=openai",
+            f"judge.api_base={server.url}", "judge.model=judge-test", "judge.judge_malformed=true",
+            "judge.backoff_s=0.01", "judge.cache_size=0"))
+        try:
+            run_train(cfg)
+        finally:
+            ray.shutdown()
+        sent = [a["step"] for a in server.arrivals]
+    rows = read_metrics(str(run / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["rollout/reward_mean"]) for r in rows)
+    total = lambda key: sum(r[key] for r in rows)  # noqa: E731
+    assert sent.count("500") > 0 and sent.count("garbage") > 0, "the storm must have hit this run"
+    assert total("judge/http_errors") == sent.count("500")
+    assert total("judge/parse_failures") == sent.count("garbage")
+    assert total("judge/retries") >= sent.count("500") + sent.count("garbage") - total("judge/failures")

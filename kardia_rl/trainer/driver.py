@@ -185,6 +185,7 @@ class GRPOTrainer:
         m.update(summary(rollout.rewards))
         m.update(self.reward.stats_summary())
         m["judge/actor_failures"] = float(self.judge.actor_failures)
+        m.update(self.judge.step_counters())
         m.update({f"rollout/{k}": v for k, v in adv.stats().items()})
         m.update(train_metrics)  # incl. rollout/logprob_diff_{mean,max}, rollout/mismatch_kl (engine vs learner)
         m.update(sync)  # rollout/sync_logprob_diff{,_mean} on verified syncs

@@ -43,11 +43,24 @@ class JudgeActor:
     async def stats(self) -> dict:
         st = getattr(self.backend, "stats", None)
         out = st.as_dict() if hasattr(st, "as_dict") else {}
+        chat = getattr(getattr(self.backend, "chat", None), "stats", None)  # the transport's own counters (openai)
+        if isinstance(chat, dict):
+            out.update({f"chat/{k}": v for k, v in chat.items() if isinstance(v, (int, float))})
         cache = getattr(self.backend, "cache", None)
         if cache is not None and hasattr(cache, "hit_rate"):
             out.update(cache_hits=cache.hits, cache_misses=cache.misses)
         return out
 
+
+# Per-step judge counters in metrics.jsonl -> the actor-side counters they sum (RubricJudge's, then the transport's).
+COUNTERS = {
+    "judge/retries": ("judge/retries", "chat/retries"),
+    "judge/timeouts": ("judge/timeouts", "chat/timeouts"),
+    "judge/parse_failures": ("judge/parse_failures",),
+    "judge/http_errors": ("chat/http_errors",),
+    "judge/connection_errors": ("chat/connection_errors",),
+    "judge/rate_limit_wait_s": ("chat/rate_wait_s",),
+}
 
 FAULT_FILE_ENV = "KARDIA_FAULT_JUDGE_CRASH_FILE"
 
@@ -106,6 +119,22 @@ class PoolJudge(JudgeBackend):
                 if isinstance(v, (int, float)) and not k.startswith("latency"):
                     total[k] = total.get(k, 0) + v
         return total
+
+    def step_counters(self) -> dict:
+        """What went wrong in the judge actors since the last call, as per-step metrics: retries and timeouts of
+        both layers (RubricJudge re-asks, the transport's own retries), unparseable judgments, HTTP errors (429
+        included), connection errors, seconds spent waiting on the rate limiter. A restarted actor starts from zero
+        again, so a counter that went down counts from zero."""
+        now = ray.get([a.stats.remote() for a in self.actors])
+        prev = getattr(self, "_prev_counters", [{}] * len(now))
+        self._prev_counters = now
+        out = {name: 0.0 for name in COUNTERS}
+        for cur, old in zip(now, prev):
+            for name, keys in COUNTERS.items():
+                for k in keys:
+                    c, o = float(cur.get(k, 0)), float(old.get(k, 0))
+                    out[name] += c - o if c >= o else c
+        return out
 
     def kill_actor(self, index: int) -> None:
         """Fault injection for tests: kill one actor's process (Ray restarts it)."""

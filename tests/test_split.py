@@ -225,7 +225,7 @@ def test_crossfit_rater_never_trained_on_the_samples_dialogue_or_profile(by, tin
     doc = split_samples(cfg, samples, None, str(tmp_path / "a"), progress=False, work_dir=work)
     by_id = {s.id: s for s in samples}
     assert sorted(trained) == sorted(rated) and len(rated) == 2
-    # warm-ups all come before the first rating: DeepSpeed cannot start after an in-process vLLM engine
+    # warm-ups all come before the first rating (a DeepSpeed start after an in-process vLLM engine fails)
     assert runs == [f"{work}/fold0", f"{work}/fold1", "rate", "rate"]
     assert sorted(i for ids in rated.values() for i in ids) == sorted(by_id)  # each sample rated exactly once
     for model, ids in rated.items():

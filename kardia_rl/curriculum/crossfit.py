@@ -78,9 +78,10 @@ def crossfit_rewards(cfg, samples: Sequence[TurnSample], work_dir: str, *, progr
     held = [[s for s in samples if folds[fold_key(s, by)] == i] for i in range(k)]
     dirs = [os.path.join(work_dir, f"fold{i}") for i in range(k)]
     try:
-        # Every warm-up first, then every rating pass: an in-process vLLM engine tears down the torch.distributed
-        # group that DeepSpeed cached, so a DeepSpeed start after an engine fails (SFT -> SFT and engine -> engine
-        # in one process are fine).
+        # Every warm-up first, then every rating pass: the rating engines run in this process, and an in-process
+        # vLLM engine tears down the torch.distributed group DeepSpeed caches, so a DeepSpeed start in this process
+        # after an engine fails (seen with learner.sft.run_sft; the warm-ups now run on Ray ranks, and the order
+        # keeps either way safe).
         for i in range(k):
             train = [s for s in samples if folds[fold_key(s, by)] != i]
             spec = {"fold": i, "folds": k, "by": by, "epochs": epochs, "seed": cfg.seed,

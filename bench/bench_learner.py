@@ -11,6 +11,7 @@ bf16, same ZeRO stage, plus peak GPU memory (torch.cuda.max_memory_allocated).
     .venv/bin/python bench/bench_learner.py                  # tiny + small on CPU
     .venv/bin/python bench/bench_learner.py --device cuda    # on a GPU machine
     .venv/bin/python bench/bench_learner.py --activation-memory   # small: checkpointing off vs on, vs the plan
+    .venv/bin/python bench/bench_learner.py --startup-memory      # small: 2 ZeRO-3 ranks, full vs partitioned load
 
 Activation memory (`--activation-memory`): each setting runs in a fresh process started with
 MALLOC_MMAP_THRESHOLD_=65536, so every tensor above 64 KiB is its own mmap and goes back to the OS when freed
@@ -20,6 +21,19 @@ whole batch in ONE micro-batch, and peak RSS minus the RSS before the step is th
 activations + logits + gradient/optimizer temporaries. The off-minus-on difference isolates the activations
 that checkpointing removes; it is compared with the plan's estimate (kardia_rl/plan_estimate.py) of the same
 difference. On CUDA the same runs read torch.cuda.max_memory_allocated instead.
+
+Start-up memory (`--startup-memory`): 2 ZeRO-3 ranks (fresh spawned processes, gloo, MALLOC_MMAP_THRESHOLD_=65536)
+build the GRPO learner with a reference model (algo.kl_beta > 0) on the last of --sizes, once with
+learner.partitioned_init=false (the old way: each rank loads the full model and deep-copies it as the reference)
+and once with true (deepspeed.zero.Init: partitioned as loaded). Each rank imports everything and joins the
+process group first and builds (then frees) a learner on the tiny model, so that imports, lazily loaded code and
+DeepSpeed's one-time buffers are not counted; then it reads RSS (baseline), resets the peak-RSS counter, builds
+the learner on the measured model, and reports its peak RSS (VmHWM) in total and above the baseline. Before
+that, the same rank measures the load alone (learner/model_init.load_models: policy + reference as held before
+DeepSpeed wraps them), peak above its own baseline: the host-RAM peak of a GPU rank, whose DeepSpeed state is on
+the GPU. That load is reported twice: VmHWM (which also counts the safetensors file pages mapped while a state dict
+is read: page cache, shared by all ranks of a node and reclaimable) and the private memory (RssAnon, polled every
+2 ms, since the kernel keeps no peak for it), which is what each rank really allocates.
 """
 from __future__ import annotations
 
@@ -124,6 +138,78 @@ def _status_kb(key: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
 
+def _startup_rank(rank: int, world_size: int, model_dir: str, partitioned: bool, warm_dir: str) -> dict:
+    """One rank's peak RSS while its learner (policy + reference, ZeRO-3) is built (see the module doc)."""
+    import gc
+
+    import torch
+
+    from kardia_rl.config import load_config
+    from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
+    from kardia_rl.learner.distributed import init_distributed
+    from kardia_rl.learner.model_init import load_models
+
+    init_distributed(rank, world_size)
+    cfg = load_config(None, ["learner.zero_stage=3", "algo.kl_beta=0.01", "model.dtype=float32",
+                             f"learner.partitioned_init={str(partitioned).lower()}"])
+    warm = DeepSpeedLearner(cfg, warm_dir, rank=rank, world_size=world_size)  # imports, lazy code, one-time buffers
+    del warm
+    gc.collect()
+    mib = lambda b: round(b / 2 ** 20, 1)  # noqa: E731
+
+    def reset() -> int:
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+        return _status_kb("VmRSS") * 1024
+
+    # 1. the load alone (policy + reference as this rank holds them before DeepSpeed wraps them): on a GPU cluster
+    #    this is the host-RAM peak, since DeepSpeed's own state then lives on the GPU
+    import threading
+
+    base = reset()
+    anon0, anon_peak, done = _status_kb("RssAnon"), [0], threading.Event()
+
+    def sample() -> None:  # private (anonymous) memory has no kernel peak counter: poll it every 2 ms
+        while not done.is_set():
+            anon_peak[0] = max(anon_peak[0], _status_kb("RssAnon"))
+            done.wait(0.002)
+
+    poller = threading.Thread(target=sample, daemon=True)
+    poller.start()
+    loaded = load_models(cfg, model_dir, torch.float32, 3, True, {
+        "train_micro_batch_size_per_gpu": 1, "train_batch_size": world_size, "zero_optimization": {"stage": 3}})
+    done.set()
+    poller.join()
+    load_peak, load_anon = _status_kb("VmHWM") * 1024 - base, (max(anon_peak[0], _status_kb("RssAnon")) - anon0) * 1024
+    del loaded
+    # 2. the whole learner start-up (load + DeepSpeed engines, whose buffers are host memory on CPU too)
+    base = reset()
+    learner = DeepSpeedLearner(cfg, model_dir, rank=rank, world_size=world_size)
+    peak = _status_kb("VmHWM") * 1024
+    return {"partitioned_init": learner.partitioned_init, "rank": rank, "load_peak_MiB": mib(load_peak),
+            "load_peak_private_MiB": mib(load_anon),
+            "baseline_MiB": mib(base), "peak_rss_MiB": mib(peak), "startup_peak_above_baseline_MiB": mib(peak - base)}
+
+
+def startup_report(args, workdir: str) -> list[dict]:
+    from kardia_rl.learner.distributed import run_local_ranks
+    from kardia_rl.model.tiny import build_tiny_model
+
+    size = args.sizes.split(",")[-1].strip()
+    model_dir, warm_dir = os.path.join(workdir, size), os.path.join(workdir, "tiny")
+    for d, s in ((model_dir, size), (warm_dir, "tiny")):
+        if not os.path.isdir(d):
+            build_tiny_model(d, s, seed=0)
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the spawned ranks
+    weights = os.path.getsize(os.path.join(model_dir, "model.safetensors"))
+    rows = []
+    for partitioned in (False, True):
+        for r in run_local_ranks(_startup_rank, 2, model_dir, partitioned, warm_dir, timeout_s=900):
+            rows.append({"model": size, "weights_MiB": round(weights / 2 ** 20, 1), **r})
+    return rows
+
+
 def activation_report(args, workdir: str) -> list[dict]:
     import subprocess
 
@@ -175,6 +261,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--activation-memory", action="store_true",
                    help="step memory with and without gradient checkpointing (last of --sizes) vs the plan's estimate")
+    p.add_argument("--startup-memory", action="store_true",
+                   help="peak RSS per rank while 2 ZeRO-3 ranks build the learner (last of --sizes): full vs partitioned load")
     p.add_argument("--_measure", default=None, help=argparse.SUPPRESS)  # internal: one measurement process
     p.add_argument("--_ckpt", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -192,6 +280,18 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args._measure:
         print(json.dumps(measure_activations(args, args._ckpt, args._measure)), flush=True)
+        return 0
+    if args.startup_memory:
+        print("method: see the module doc (--startup-memory): 2 spawned ZeRO-3 ranks per setting, policy + reference, "
+              "peak RSS (VmHWM) while the learner is built, after imports and the process group", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            results = startup_report(args, args.workdir or tmp)
+        for r in results:
+            print(json.dumps(r), flush=True)
+        if args.json:
+            from kardia_rl.utils.io import atomic_write_text
+
+            atomic_write_text(args.json, json.dumps(results, indent=2))
         return 0
     if args.activation_memory:
         print("method: see the module doc (--activation-memory): fresh process per setting, "

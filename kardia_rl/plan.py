@@ -167,7 +167,7 @@ def learner_rows(cfg, model: Model, plan: Plan, cap: Optional[float], gpu: bool,
     b = dtype_bytes(cfg.model.dtype, gpu)
     lora = cfg.model.lora
     # LoRA: the adapters, plus the whole embedding matrix, which is trainable (gradient-masked to the span rows,
-    # learner.deepspeed_learner.train_span_rows) and so carries a full gradient and optimizer state
+    # learner.model_init.train_span_rows) and so carries a full gradient and optimizer state
     trainable = a.lora_params(lora.r, lora.target_modules) + a.vocab * a.hidden if lora.enabled else a.params()
     worst = 0.0
     grpo_rows = lc.micro_batch_size
@@ -267,9 +267,17 @@ def build_plan(cfg, cluster: Cluster, mode: str = "pipeline") -> Plan:
         l_total = learner_rows(cfg, model, plan, l_cap, l_gpu, mode)
         bl = dtype_bytes(cfg.model.dtype, l_gpu)
         ref_copy = cfg.algo.kl_beta > 0 and not cfg.model.lora.enabled
-        startup = lc.num_workers * bl * a.params() * (2 if ref_copy else 1)
-        plan.say(f"host RAM at learner start-up: {lc.num_workers} ranks x full model{' + reference copy' if ref_copy else ''}"
-                 f" on CPU = {human(startup)} (transient)")
+        models = 2 if ref_copy else 1
+        if lc.partitioned_init and lc.zero_stage == 3 and not cfg.model.lora.enabled:
+            # deepspeed.zero.Init (learner/model_init.py): each rank holds 1/W of each model plus the tensor being
+            # loaded (at most the embedding matrix) at a time
+            startup = models * bl * a.params() + lc.num_workers * bl * a.vocab * a.hidden
+            plan.say(f"host RAM at learner start-up: {lc.num_workers} ranks x 1/{lc.num_workers} of "
+                     f"{models} model(s), partitioned at load (learner.partitioned_init) = {human(startup)}")
+        else:
+            startup = lc.num_workers * bl * a.params() * models
+            plan.say(f"host RAM at learner start-up: {lc.num_workers} ranks x full model"
+                     f"{' + reference copy' if ref_copy else ''} on CPU = {human(startup)} (transient)")
         host = max(host, startup) + (0 if l_gpu else lc.num_workers * l_total)
         r_gpu = rc.gpus_per_actor > 0
         tp = max(1, int(rc.gpus_per_actor))

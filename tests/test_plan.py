@@ -202,9 +202,13 @@ def test_requests_are_checked_against_the_connected_ray_cluster():
 
 
 def test_host_ram_and_shm_are_checked(capsys, cluster_args):
-    """4 ranks each loading the 7B policy and a reference copy on CPU at start-up; an object-store weight sync
-    (the hf engine's transport) puts the whole bf16 state dict in /dev/shm."""
-    code, text = run(capsys, cluster_args + ["--host-mem", "64", "--shm", "1", "rollout.engine=hf"])
+    """4 ranks each loading the 7B policy and a reference copy on CPU at start-up (learner.partitioned_init=false:
+    the full load); an object-store weight sync (the hf engine's transport) puts the whole bf16 state dict in /dev/shm.
+    With the partitioned load (the default) the same 64 GiB host passes the host-RAM check."""
+    code, text = run(capsys, cluster_args + ["--host-mem", "64"])
+    assert "partitioned at load" in text and not [p for p in problems(text) if "host RAM" in p], text
+    code, text = run(capsys, cluster_args + ["--host-mem", "64", "--shm", "1", "rollout.engine=hf",
+                                             "learner.partitioned_init=false"])
     assert code == 2
     ps = problems(text)
     assert any(p.startswith("[plan] PROBLEM: host RAM needs ~") and "there is 64.00 GiB" in p for p in ps)

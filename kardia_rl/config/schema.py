@@ -149,6 +149,8 @@ class LearnerConfig:
     gradient_checkpointing: bool = doc(False, "recompute activations to save memory")
     max_tokens_per_micro_batch: int = doc(0, "token budget per micro-batch (0 = only micro_batch_size limits it)")
     cpu_threads: int = doc(0, "torch threads on CPU (0 = torch default; 1 is fastest on a busy 2-core machine)")
+    partitioned_init: bool = doc(True, "ZeRO-3: build the model and reference partitioned at load (deepspeed.zero.Init) "
+                                       "instead of a full model + reference copy per rank")
 
 
 @dataclass

@@ -13,7 +13,6 @@ runs on the reduced gradient and therefore agrees on every rank, discards the st
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Optional
 
@@ -21,13 +20,13 @@ import torch
 
 from kardia_rl.algo import policy_loss
 from kardia_rl.errors import KardiaError
-from kardia_rl.format.tokens import add_span_tokens
 from kardia_rl.learner import batching as B
 from kardia_rl.learner.distributed import all_reduce_, barrier, init_distributed, use_cuda
 from kardia_rl.learner.ds_config import (ds_config, make_client_optimizer, param_groups, resolve_dtype,
                                          warmup_lambda)
 from kardia_rl.learner.export import hf_metadata, hf_state_dict, iter_hf_tensors, save_hf_folder, unwrap_peft
 from kardia_rl.learner.logprobs import response_logprobs, sft_loss_sum
+from kardia_rl.learner.model_init import load_models, train_span_rows
 
 ROLES = ("policy", "sft")
 
@@ -66,7 +65,6 @@ class DeepSpeedLearner:
         if role not in ROLES:
             raise KardiaError(f"learner role {role!r} is not one of {list(ROLES)}")
         import deepspeed
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg, self.role = cfg, role
         self.dist = init_distributed(rank, world_size, local_rank, master_port=master_port)
@@ -85,20 +83,15 @@ class DeepSpeedLearner:
             warmup, schedule = lc.warmup_steps, "constant"
         self.max_tokens = lc.max_tokens_per_micro_batch
 
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
-        except (OSError, ValueError) as e:
-            raise KardiaError(f"model.path {model_path!r}: cannot load a causal LM ({e})") from e
-        # Hub models lack the span tokens: add them (one id each) and grow the embeddings; then the exported
-        # model and tokenizer carry them, and the rollout engines must load that export.
-        self.added_tokens = add_span_tokens(self.tokenizer, model)
-        self.hf_config, self.generation_config = model.config, model.generation_config
         need_ref = role == "policy" and cfg.algo.kl_beta > 0
-        # The frozen reference is a copy of the initial policy (same added-token rows), taken before any
-        # LoRA/DeepSpeed wrapping; with LoRA the reference is the base model with the adapter disabled.
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False) if need_ref and not cfg.model.lora.enabled \
-            else None
+        conf = ds_config(zero_stage=self.zero_stage, micro_batch_size=self.micro_batch_size,
+                         world_size=self.world_size, dtype=self.dtype, max_grad_norm=lc.max_grad_norm,
+                         optimizer=lc.optimizer, lr=lr, weight_decay=lc.weight_decay, cuda=self.cuda)
+        # ZeRO-3: partitioned at load (deepspeed.zero.Init), no full copy per rank; else full load + reference copy
+        # (learner/model_init.py)
+        self.tokenizer, model, ref_model, self.added_tokens, self.partitioned_init = load_models(
+            cfg, model_path, self.dtype, self.zero_stage, need_ref, conf)
+        self.hf_config, self.generation_config = model.config, model.generation_config
         self.ckpt_calls = 0  # checkpointed layer calls since the last train/sft step began (a metric)
         if lc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -118,9 +111,6 @@ class DeepSpeedLearner:
         client_opt = make_client_optimizer(model, zero_stage=self.zero_stage, optimizer=lc.optimizer, lr=lr,
                                            weight_decay=lc.weight_decay, max_grad_norm=lc.max_grad_norm,
                                            cuda=self.cuda)
-        conf = ds_config(zero_stage=self.zero_stage, micro_batch_size=self.micro_batch_size,
-                         world_size=self.world_size, dtype=self.dtype, max_grad_norm=lc.max_grad_norm,
-                         optimizer=lc.optimizer, lr=lr, weight_decay=lc.weight_decay, cuda=self.cuda)
         lam = warmup_lambda(warmup, total_steps, schedule)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=client_opt, config=conf,
@@ -444,23 +434,3 @@ class DeepSpeedLearner:
         """L2 norm of the exported weights (a cheap 'did anything change' probe for tests/logs)."""
         return math.sqrt(sum(float(t.float().pow(2).sum()) for t in self.hf_state_dict().values()))
 
-
-def train_span_rows(model: torch.nn.Module, tokenizer) -> list[int]:
-    """Under LoRA, also train the span tokens' embedding rows (and nothing else of the embedding matrix).
-
-    A prepared model starts every span token from the same mean row; with tied embeddings their logits are then
-    identical, and adapters on attention layers alone can never tell `<|emotion_begin|>` from
-    `<|response_begin|>`. So the embedding weight becomes trainable with a gradient mask that keeps every other
-    row frozen (AdamW with zero gradients leaves them unchanged; the weight is marked no-decay). The exported
-    model carries the new rows; the reference scores with the initial rows (DeepSpeedLearner._ref_model).
-    """
-    from kardia_rl.format.tokens import span_token_ids
-
-    weight = model.get_input_embeddings().weight
-    ids = sorted(span_token_ids(tokenizer).values())
-    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-    mask[ids] = 1
-    weight.requires_grad_(True)
-    weight.register_hook(lambda g: g * mask.to(g.device, g.dtype))
-    weight.kardia_no_decay = True
-    return ids

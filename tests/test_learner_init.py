@@ -1,0 +1,70 @@
+"""Start-up memory under ZeRO-3 (issue 11 item 3): with 2 ranks, the policy and the reference are partitioned AS
+THEY LOAD (deepspeed.zero.Init through transformers' DeepSpeed integration), never a full model plus a deep copy
+per rank; and the learner trains exactly as with the old full load (learner.partitioned_init=false).
+
+Runtime about 30-40 s on 2 busy cores (two pairs of spawned ranks).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kardia_rl.learner.distributed import run_local_ranks
+
+
+def _cfg(partitioned: bool):
+    from kardia_rl.config import load_config
+
+    return load_config("conf/tiny.yaml", ["learner.zero_stage=3", "learner.lr=1e-3", "learner.micro_batch_size=4",
+                                          "rollout.temperature=1.0", "algo.kl_beta=0.05", "model.max_new_tokens=8",
+                                          f"learner.partitioned_init={str(partitioned).lower()}"])
+
+
+def _worker(rank, world_size, model_dir, partitioned):
+    from kardia_rl.learner import model_init
+    from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
+    from kardia_rl.learner.distributed import init_distributed
+
+    from test_learner import rollout  # noqa: E402 - the shared synthetic GRPO batch
+
+    init_distributed(rank, world_size)
+    cfg = _cfg(partitioned)
+    tok, model, ref, _, part = model_init.load_models(cfg, model_dir, torch.float32, 3, True, {
+        "train_micro_batch_size_per_gpu": 1, "train_batch_size": world_size, "zero_optimization": {"stage": 3}})
+    local = sum(p.numel() for p in model.parameters())  # what this rank holds right after loading
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    ref_local = sum(p.numel() for p in ref.parameters())
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    leaked = is_deepspeed_zero3_enabled()  # the zero.Init switch must not outlive the load
+    del model, ref
+    learner = DeepSpeedLearner(cfg, model_dir, rank=rank, world_size=world_size)
+    batch, _, _ = rollout(learner.tokenizer)
+    from kardia_rl.learner.batching import shard_rows
+
+    m = learner.train_step(shard_rows(batch, rank, world_size))
+    sd = learner.hf_state_dict()
+    return {"partitioned": part, "local": local, "full": full, "ref_local": ref_local, "leaked": leaked,
+            "loss": m["train/loss"], "kl": m["train/kl"],
+            "sd": {k: v.numpy().copy() for k, v in sd.items()}}  # numpy pickles plainly (no shared-memory handles)
+
+
+def test_zero3_ranks_load_partitioned_and_train_like_a_full_load(tiny_model_dir, monkeypatch):
+    import os
+
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))  # the spawned ranks import test_learner
+    monkeypatch.setenv("PYTHONPATH", os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    new = run_local_ranks(_worker, 2, tiny_model_dir, True, timeout_s=600)
+    old = run_local_ranks(_worker, 2, tiny_model_dir, False, timeout_s=600)
+    for r in new:
+        assert r["partitioned"] and not r["leaked"]
+        # each rank holds about half of the policy and half of the reference at load (ZeRO pads partitions)
+        assert r["local"] <= 0.55 * r["full"] and r["ref_local"] <= 0.55 * r["full"]
+    for r in old:
+        assert not r["partitioned"] and r["local"] == r["full"] and r["ref_local"] == r["full"]
+    assert new[0]["full"] == old[0]["full"]
+    # the same first GRPO step (KL to the reference included): loading changed memory, not the update
+    assert new[0]["loss"] == pytest.approx(old[0]["loss"], abs=1e-6)
+    assert new[0]["kl"] == pytest.approx(old[0]["kl"], abs=1e-7)
+    diff = max(float(abs(new[0]["sd"][k] - old[0]["sd"][k]).max()) for k in old[0]["sd"])
+    assert diff < 1e-6, diff

@@ -198,3 +198,30 @@ def test_mismatch_metrics_and_clip_frac(ray_cluster, tiny_model_dir, tmp_path):
         assert second["rollout/logprob_diff_mean"] == pytest.approx(offset, abs=1e-4)  # pre-update learner
     finally:
         learner.shutdown()
+
+
+def test_bucket_plan_is_aligned_and_bounded():
+    from kardia_rl.engines.vllm_weight_transfer import ALIGN, plan_buckets
+
+    meta = [("a", "float32", [3, 5]), ("b", "bfloat16", [7]), ("big", "float32", [1000]), ("c", "float32", [2])]
+    buckets = plan_buckets(meta, bucket_bytes=256)
+    names = [[it[0] for it in items] for _, items in buckets]
+    assert names == [["a", "b"], ["big"], ["c"]]  # a tensor larger than a bucket travels alone
+    for size, items in buckets:
+        assert all(off % ALIGN == 0 for _, _, _, off, _ in items)  # `.view(dtype)` needs aligned offsets
+        assert size == items[-1][3] + items[-1][4]
+    assert buckets[0][1][1][3] == ALIGN and buckets[0][1][1][4] == 14  # b after a (60 bytes), 7 bf16 = 14 bytes
+
+
+def test_truncated_is_defaults_on_for_low_precision_engines():
+    from kardia_rl.config import load_config
+    from kardia_rl.learner.deepspeed_learner import importance_correction_on
+
+    auto = load_config(os.path.join(ROOT, "conf", "tiny.yaml"))
+    assert auto.algo.importance_correction is None
+    assert importance_correction_on(auto, torch.bfloat16) and importance_correction_on(auto, torch.float16)
+    assert not importance_correction_on(auto, torch.float32)
+    off = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), ["algo.importance_correction=false"])
+    assert not importance_correction_on(off, torch.bfloat16)
+    on = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), ["algo.importance_correction=true"])
+    assert importance_correction_on(on, torch.float32)

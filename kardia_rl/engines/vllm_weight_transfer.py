@@ -108,8 +108,8 @@ def _broadcast(pg, buf: torch.Tensor, timeout_s: float):
 class KardiaInitInfo(WeightTransferInitInfo):
     master_address: str
     master_port: int
-    rank: int  # 1 + engine index: each engine worker has its own rank (the built-in client gives all rank 1)
-    world_size: int  # 1 + number of engine workers
+    rank: int  # the engine's first rank (1 + index * workers per engine); its TP/PP worker k takes rank + k
+    world_size: int  # 1 + number of engine workers (all engines, all their TP/PP workers)
     timeout_s: float = 300.0
     fix_tied: bool = True  # False only so a test can show that verification catches the stale tied lm_head
 
@@ -134,7 +134,8 @@ class KardiaWeightTransferEngine(WeightTransferEngine[KardiaInitInfo, KardiaUpda
 
     def init_transfer_engine(self, init_info: KardiaInitInfo) -> None:
         self.timeout_s, self.fix_tied = float(init_info.timeout_s), bool(init_info.fix_tied)
-        self.store, self.pg = _process_group(init_info.master_address, init_info.master_port, init_info.rank,
+        rank = init_info.rank + self.parallel_config.rank  # tensor/pipeline-parallel workers each get a rank
+        self.store, self.pg = _process_group(init_info.master_address, init_info.master_port, rank,
                                              init_info.world_size, self.timeout_s, str(self.device))
 
     def start_weight_update(self) -> None:

@@ -74,12 +74,12 @@ class LearnerActor:
         return sd if self.rank == 0 else None
 
     def init_weight_sync(self, rollout_handles: list, host: str, port: int, bucket_bytes: int, timeout_s: float,
-                         fix_tied: bool = True) -> int:
+                         fix_tied: bool = True, workers_per_engine: int = 1) -> int:
         """Join the weight-transfer group (rank 0 hosts it and drives the engines; see trainer.weight_sync)."""
         from kardia_rl.trainer.weight_sync import init_trainer_sync
 
         self.sync = init_trainer_sync(self.learner, self.rank, rollout_handles, host, port, bucket_bytes, timeout_s,
-                                      fix_tied)
+                                      fix_tied, workers_per_engine)
         return self.rank
 
     def send_weights(self, version: str) -> dict:
@@ -150,10 +150,11 @@ class LearnerGroup:
     def hf_state_dict(self) -> dict:
         return ray.get([a.hf_state_dict.remote() for a in self.actors])[0]
 
-    def init_weight_sync(self, rollout_handles: list, bucket_bytes: int, timeout_s: float, fix_tied: bool = True):
+    def init_weight_sync(self, rollout_handles: list, bucket_bytes: int, timeout_s: float, fix_tied: bool = True,
+                         workers_per_engine: int = 1):
         host, port = ray.get(self.actors[0].address.remote())
-        ray.get([a.init_weight_sync.remote(rollout_handles, host, port, bucket_bytes, timeout_s, fix_tied)
-                 for a in self.actors])
+        ray.get([a.init_weight_sync.remote(rollout_handles, host, port, bucket_bytes, timeout_s, fix_tied,
+                                           workers_per_engine) for a in self.actors])
 
     def send_weights(self, version: str) -> dict:
         return ray.get([a.send_weights.remote(version) for a in self.actors])[0]

@@ -26,11 +26,12 @@ from kardia_rl.errors import KardiaError
 class RolloutSyncClient:
     """vLLM's trainer-side client protocol (four calls) over the rollout actors, used on learner rank 0.
 
-    Engine i gets rank 1 + i of the group (vLLM's built-in Ray client would give every engine the same rank).
+    Engine i's workers get ranks 1 + i * W .. (i + 1) * W of the group, W = workers per engine (its tensor-
+    parallel size); vLLM's built-in Ray client would give every engine the same ranks.
     """
 
-    def __init__(self, handles: list, timeout_s: float):
-        self.handles, self.timeout_s = list(handles), float(timeout_s)
+    def __init__(self, handles: list, timeout_s: float, workers_per_engine: int = 1):
+        self.handles, self.timeout_s, self.workers = list(handles), float(timeout_s), int(workers_per_engine)
 
     def _all(self, phase: str, payloads: list) -> None:
         refs = [h.weight_transfer.remote(phase, p) for h, p in zip(self.handles, payloads)]
@@ -50,7 +51,7 @@ class RolloutSyncClient:
             raise KardiaError(f"weight sync phase {phase!r}: " + "; ".join(problems))
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
-        self._all("init", [{**init_info, "rank": 1 + i} for i in range(len(self.handles))])
+        self._all("init", [{**init_info, "rank": 1 + i * self.workers} for i in range(len(self.handles))])
 
     def start_weight_update(self) -> None:
         self._all("start", [None] * len(self.handles))
@@ -63,14 +64,14 @@ class RolloutSyncClient:
 
 
 def init_trainer_sync(learner, rank: int, handles: list, host: str, port: int, bucket_bytes: int, timeout_s: float,
-                      fix_tied: bool = True):
+                      fix_tied: bool = True, workers_per_engine: int = 1):
     """Inside a learner rank: the trainer-side engine of the collective sync (rank 0 is the sender)."""
     from kardia_rl.engines.vllm_weight_transfer import KardiaTrainerInitInfo, trainer_init
 
-    info = KardiaTrainerInitInfo(rank=rank, master_address=host, master_port=port, world_size=1 + len(handles),
-                                 bucket_bytes=bucket_bytes, timeout_s=timeout_s, device=str(learner.device),
-                                 fix_tied=fix_tied)
-    return trainer_init(info, RolloutSyncClient(handles, timeout_s), learner.weight_metadata,
+    info = KardiaTrainerInitInfo(rank=rank, master_address=host, master_port=port,
+                                 world_size=1 + len(handles) * workers_per_engine, bucket_bytes=bucket_bytes,
+                                 timeout_s=timeout_s, device=str(learner.device), fix_tied=fix_tied)
+    return trainer_init(info, RolloutSyncClient(handles, timeout_s, workers_per_engine), learner.weight_metadata,
                         lambda: learner.iter_weights(bucket_bytes))
 
 
@@ -86,7 +87,8 @@ class WeightSync:
         self.engine_dtype = resolve_dtype(cfg.model.dtype, on_gpu=r.gpus_per_actor > 0)
         self.syncs = 0
         if self.collective:
-            self.learner.init_weight_sync(rollout.actors, r.sync_bucket_mb << 20, r.sync_timeout_s, fix_tied)
+            self.learner.init_weight_sync(rollout.actors, r.sync_bucket_mb << 20, r.sync_timeout_s, fix_tied,
+                                          workers_per_engine=max(1, int(r.gpus_per_actor)))  # = TP size
 
     def sync(self, version: str) -> dict:
         """Move the learner's weights into every engine; returns metrics (verification ones when due)."""

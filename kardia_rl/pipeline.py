@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 
 from kardia_rl.config import KardiaConfig, from_dict, to_dict
@@ -162,14 +164,22 @@ def run_isolated(name: str, fn, cfg: KardiaConfig, state: dict) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, cfg, state, queue), name=f"kardia-{name}")
     proc.start()
+    # SIGTERM to the pipeline (`ray job stop`, preemption) goes on to the stage, which checkpoints and stops.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda signum, _: proc.is_alive() and os.kill(proc.pid, signum))
     status, payload = None, None
-    while proc.is_alive() or not queue.empty():
-        try:
-            status, payload = queue.get(timeout=1.0)
-            break
-        except Exception:  # queue.Empty: keep waiting while the stage runs
-            continue
-    proc.join()
+    try:
+        while proc.is_alive() or not queue.empty():
+            try:
+                status, payload = queue.get(timeout=1.0)
+                break
+            except Exception:  # queue.Empty: keep waiting while the stage runs
+                continue
+        proc.join()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if status == "ok":
         return payload
     if status == "user":

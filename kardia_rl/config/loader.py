@@ -3,6 +3,11 @@
 Errors name the place: `conf/tiny.yaml:12: algo.grop_size: unknown key (did you mean 'group_size'?)`,
 `override 'algo.group_size=abc': expected int, got 'abc'`. Every problem is collected before raising, so
 one run shows them all.
+
+Composition: a file may start with `defaults: [other.yaml, ...]` (paths relative to the file): those files are
+loaded first (recursively, in order) and this file's keys are merged over them. So
+defaults <- schema <- defaults' files <- this file <- key=value overrides. conf/rehearsal.yaml uses it to take
+conf/cluster.yaml's topology and swap in the tiny model, sample data and short lengths.
 """
 from __future__ import annotations
 
@@ -65,23 +70,41 @@ def _check(schema_cls, values: dict, prefix: str, where, problems: list[str]) ->
             problems.append(f"{where(full)}: expected {_TYPES.get(typ, typ)}, got {val!r}")
 
 
+def _file_layers(path: str, problems: list[str], chain: tuple = ()) -> list:
+    """The OmegaConf layers of `path`: its `defaults:` files first (recursively), then the file itself."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{chain[-1] + ': defaults: ' if chain else ''}{path}: config file not found")
+    real = os.path.realpath(path)
+    if real in chain:
+        raise ConfigError(f"{path}: defaults: cycle ({' -> '.join(chain + (real,))})")
+    try:
+        file_cfg = OmegaConf.load(path)
+        lines = _key_lines(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    raw = OmegaConf.to_container(file_cfg, resolve=False) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    layers = []
+    bases = raw.pop("defaults", [])
+    if bases:
+        if isinstance(bases, str):
+            bases = [bases]
+        if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+            raise ConfigError(f"{path}:{lines.get('defaults', 1)}: defaults: expected a list of YAML paths, got {bases!r}")
+        for base in bases:
+            layers += _file_layers(os.path.join(os.path.dirname(path), base), problems, chain + (real,))
+        file_cfg = OmegaConf.create(raw)
+    _check(KardiaConfig, raw, "", lambda k: f"{path}:{lines.get(k, 1)}: {k}", problems)
+    return layers + [file_cfg]
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> KardiaConfig:
-    """Compose defaults <- YAML file <- overrides, type-check, validate cross-field rules."""
+    """Compose defaults <- YAML file(s) (`defaults:` first) <- overrides, type-check, validate cross-field rules."""
     problems: list[str] = []
     layers = []
     if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            file_cfg = OmegaConf.load(path)
-            lines = _key_lines(path)
-        except (yaml.YAMLError, OmegaConfBaseException) as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
-        raw = OmegaConf.to_container(file_cfg, resolve=False) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        _check(KardiaConfig, raw, "", lambda k: f"{path}:{lines.get(k, 1)}: {k}", problems)
-        layers.append(file_cfg)
+        layers += _file_layers(path, problems)
     for ov in overrides:
         if "=" not in ov:
             problems.append(f"override {ov!r}: expected key=value")

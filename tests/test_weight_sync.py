@@ -151,6 +151,20 @@ def test_stale_tied_lm_head_is_caught(ray_cluster, tiny_model_dir, tmp_path):
         s.close()
 
 
+def test_hf_engine_falls_back_to_the_object_store(ray_cluster, tiny_model_dir, tmp_path):
+    """The transformers engine cannot join the group: auto picks the object-store path, still verified."""
+    s = Setup(_cfg(tmp_path, tiny_model_dir, "rollout.num_actors=1", "model.dtype=float32", "rollout.engine=hf"))
+    try:
+        assert not s.sync.collective
+        before = s.rollout.probe_logprobs(s.probe)[0]
+        s.on_learner(_perturb, EMBED, 0.05, 5)
+        m = s.sync.sync("1")
+        assert m["rollout/sync_logprob_diff"] < 1e-3 and "rollout/sync_bytes" not in m
+        assert max(abs(a - b) for a, b in zip(before, s.rollout.probe_logprobs(s.probe)[0])) > 0.1
+    finally:
+        s.close()
+
+
 def test_bf16_zero3_engine_and_learner_pass(ray_cluster, sft_model_dir, tmp_path):
     """bf16 on both sides passes the low-precision tolerance; a scaled tensor still fails it. The SFT model:
     with random-init weights a scaled o_proj moves the bf16 mean by less than the bound."""

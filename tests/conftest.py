@@ -80,3 +80,16 @@ def smollm2_dir(tmp_path_factory) -> str:
     if not os.path.isfile(os.path.join(path, MARKER)):
         prepare_model(SMOLLM2_GGUF, path)
     return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_cluster_leaks_across_modules():
+    """Code under test may start a local Ray cluster in this process (e.g. SFT on the learner group) and leave it
+    connected; a later module's cluster fixture would then join it without its own settings (environment
+    variables for fault injection, GPU resources). Each module ends with Ray disconnected."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

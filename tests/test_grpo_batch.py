@@ -37,7 +37,7 @@ def _trainer(*overrides):
     cfg = load_config(TINY, [f"model.max_new_tokens={MAX_NEW}", "algo.group_size=4", *overrides])
     tr = GRPOTrainer(cfg, [object()], "unused")
     tr.tokenizer, tr.learner = SimpleNamespace(pad_token_id=0), FakeLearner()
-    tr.reward, tr.judge, tr.dims = SimpleNamespace(stats_summary=dict), SimpleNamespace(actor_failures=0), \
+    tr.reward, tr.judge, tr.dims = SimpleNamespace(stats_summary=dict), SimpleNamespace(actor_failures=0, step_counters=dict), \
         RUBRIC_DIMENSIONS
     return tr
 

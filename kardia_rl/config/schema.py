@@ -192,6 +192,7 @@ class LoggingConfig:
     wandb_project: str = doc("kardia-rl", "W&B project")
     log_every: int = doc(1, "W&B scalars and samples tables every N steps (metrics.jsonl gets every step)")
     samples_per_table: int = doc(2, "prompts (with all N candidates) in each samples table")
+    engine_log_level: str = doc("warning", "console level of vLLM engines and Ray actors: debug | info | warning | error (known-harmless reload warnings are always dropped)")
 
 
 @dataclass

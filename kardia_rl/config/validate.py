@@ -31,6 +31,7 @@ _CHOICES = {
     "sft.lr_schedule": ("constant", "linear"),
     "split.reference": ("base", "warmup"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
+    "logging.engine_log_level": ("debug", "info", "warning", "error"),
     "ray.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK"),
 }
 

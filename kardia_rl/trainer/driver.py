@@ -48,7 +48,7 @@ class GRPOTrainer:
             raise KardiaError(f"model.path {self.policy_path!r} has no span tokens ({missing[0]} ...): GRPO starts from a "
                               f"checkpoint that knows the format; run `kardia-rl sft` (or the pipeline) first")
         self.dims = RUBRIC_DIMENSIONS
-        init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        init_ray(cfg.ray.address, cfg.ray.num_cpus, log_level=cfg.logging.engine_log_level)
         cpus = cfg.ray.cpus_per_actor
         self.prompt_ids = {s.id: encode_prompt(s, self.tokenizer, cfg) for s in self.samples}
         first = self.samples[0]

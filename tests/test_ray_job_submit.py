@@ -4,35 +4,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
-import tempfile
 import time
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def _free_port() -> int:
-    from kardia_rl.learner.distributed import free_port
-
-    return free_port("127.0.0.1")
-
-
-def _kill_session(temp: str) -> None:
-    import psutil
-
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if temp in " ".join(proc.info["cmdline"] or []):
-                for child in proc.children(recursive=True):
-                    child.kill()
-                proc.kill()
-        except psutil.NoSuchProcess:
-            pass
+from ray_head import RAY, start_head, stop_head
 
 
 @pytest.fixture
@@ -41,28 +19,11 @@ def head_node(tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
-    # Loopback-only throwaway cluster: token auth off on the head and on every client alike.
-    # The project's environment is active on the cluster (as on a real one): its `python` runs the job.
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    port, dash = _free_port(), _free_port()
-    # Every port explicit: Ray's defaults (e.g. the dashboard agent's 52365) collide with any other Ray here.
-    lo = 20000 + (os.getpid() % 200) * 100
-    ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-             f"--ray-client-server-port={_free_port()}", f"--node-manager-port={_free_port()}",
-             f"--object-manager-port={_free_port()}", f"--min-worker-port={lo}", f"--max-worker-port={lo + 99}"]
-    # A private, short session dir (Ray's unix socket paths must stay under 107 characters).
-    temp = tempfile.mkdtemp(prefix="kray-", dir="/tmp")
-    cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}",
-           "--disable-usage-stats", *ports]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=180)
+    head = start_head(dashboard=True)  # the job API needs the dashboard
     try:
-        yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+        yield head
     finally:
-        _kill_session(temp)  # only this head's processes (`ray stop` would stop every Ray on the machine)
-        shutil.rmtree(temp, ignore_errors=True)
+        stop_head(head["temp"])
 
 
 def test_ray_job_submit_trains_and_writes_metrics(head_node, sft_model_dir, tmp_path):

@@ -17,16 +17,15 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
 from kardia_rl.config import load_config
+from ray_head import start_head, stop_head
 from kardia_rl.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REHEARSAL = os.path.join(ROOT, "conf", "rehearsal.yaml")
-RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 POLICY_TOL = 1e-4
 SFT_TOL = 1e-5
 
@@ -64,56 +63,17 @@ def test_defaults_compose_in_order_and_name_bad_files(tmp_path):
         load_config(str(tmp_path / "g.yaml"))
 
 
-def _free_port() -> int:
-    from kardia_rl.learner.distributed import free_port
-
-    return free_port("127.0.0.1")
-
-
-def start_head(num_gpus: int = 8) -> tuple[str, str, dict]:
-    """A loopback-only Ray head node declaring `num_gpus` GPUs in its own session dir; (address, temp, env)."""
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    port = _free_port()
-    lo = 20000 + (os.getpid() % 200) * 100
-    ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-             f"--ray-client-server-port={_free_port()}", f"--node-manager-port={_free_port()}",
-             f"--object-manager-port={_free_port()}", f"--min-worker-port={lo}", f"--max-worker-port={lo + 99}"]
-    temp = tempfile.mkdtemp(prefix="kreh-", dir="/tmp")  # Ray's socket paths must stay under 107 characters
-    cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false",
-           f"--dashboard-port={_free_port()}", "--num-cpus=2", f"--num-gpus={num_gpus}", f"--temp-dir={temp}",
-           "--disable-usage-stats", *ports]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=180)
-    return f"127.0.0.1:{port}", temp, env
-
-
-def stop_head(temp: str) -> None:
-    """Kill only this head's processes (`ray stop` would stop every Ray cluster on the machine)."""
-    import psutil
-
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if temp in " ".join(proc.info["cmdline"] or []):
-                for child in proc.children(recursive=True):
-                    child.kill()
-                proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    shutil.rmtree(temp, ignore_errors=True)
-
-
 @pytest.fixture
 def fake_gpu_head():
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    address, temp, env = start_head(8)
+    head = start_head(num_gpus=8)
     try:
-        yield address, env
+        yield head["gcs"], head["env"]
     finally:
-        stop_head(temp)
+        stop_head(head["temp"])
 
 
 def _weights(folder: str) -> dict:

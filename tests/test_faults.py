@@ -41,6 +41,7 @@ def _wait_for_step(run_dir, step: int, proc=None, timeout: float = 600) -> None:
     raise AssertionError(f"step {step} not logged within {timeout} s")
 
 
+@pytest.mark.ray
 def test_sigterm_checkpoints_at_the_step_boundary_and_resume_finishes(sft_model_dir, tmp_path):
     from kardia_rl.trainer.checkpoint import CheckpointManager
 
@@ -93,6 +94,7 @@ def _kill_learner_after(run_dir, step: int) -> threading.Thread:
     return t
 
 
+@pytest.mark.ray
 def test_killed_learner_rank_is_survived_by_auto_resume(sft_model_dir, tmp_path):
     import ray
 
@@ -167,6 +169,7 @@ def test_unreachable_ray_cluster_is_one_clear_line(monkeypatch):
     assert not ray.is_initialized()
 
 
+@pytest.mark.ray
 def test_judge_storm_is_survived_and_counted_in_the_log(sft_model_dir, tmp_path):
     """An OpenAI-compatible judge answering 30% HTTP 500 and 20% garbage (per attempt, with latency): the run
     finishes, and metrics.jsonl counts exactly the errors the server sent (nothing is lost between the judge

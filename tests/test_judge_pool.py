@@ -13,6 +13,9 @@ import pytest
 
 from judge_server import ScriptedJudgeServer
 
+# ray: judge actors on a local Ray cluster
+pytestmark = pytest.mark.ray
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -57,6 +57,7 @@ def complete(b, cs, **kw):
     return asyncio.run(b.complete(cs, **kw))
 
 
+@pytest.mark.ray
 def test_returns_one_string_per_conversation(engine):
     before = engine.stats["generated_tokens"]
     out = complete(engine, convs(6), seed=1)
@@ -64,6 +65,7 @@ def test_returns_one_string_per_conversation(engine):
     assert 0 < engine.stats["generated_tokens"] - before <= 6 * 16 and tokens_per_s(engine.stats) > 0
 
 
+@pytest.mark.ray
 def test_seeded_sampling_is_deterministic_and_position_independent(engine):
     cs = convs(4, "det")
     a = complete(engine, cs, seed=11)
@@ -74,6 +76,7 @@ def test_seeded_sampling_is_deterministic_and_position_independent(engine):
     assert complete(engine, cs, temperature=0.0, seed=None) == greedy
 
 
+@pytest.mark.ray
 def test_concurrent_calls_are_merged_into_batches(engine):
     cs = convs(4, "merge")
     alone = complete(engine, cs, seed=5)
@@ -86,6 +89,7 @@ def test_concurrent_calls_are_merged_into_batches(engine):
     assert engine.stats["batches"] - batches < len(cs)  # the engine saw fewer, larger batches
 
 
+@pytest.mark.ray
 def test_a_prompt_too_long_fails_alone(engine):
     cs = convs(2, "long")
     too_long = [{"role": "user", "content": "word " * 3000}]  # over the tiny model's 2048-token context
@@ -94,6 +98,7 @@ def test_a_prompt_too_long_fails_alone(engine):
     assert out[0::2] == complete(engine, cs, seed=3)
 
 
+@pytest.mark.ray
 def test_rubric_judge_turns_garbage_into_failed_judgments(engine):
     from kardia_rl.rewards.rubric import RubricJudge
 
@@ -123,6 +128,7 @@ def test_env_defaults_never_override_the_user(monkeypatch):
     assert configure_vllm_env(on_cpu=False) == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # in-process on GPUs too
 
 
+@pytest.mark.ray
 def test_close_shuts_down_and_gives_back_host_state(tiny_model_dir, engine):
     # Runs last in this module (pytest keeps file order): closes the shared engine early.
     import torch.distributed as dist

@@ -95,6 +95,7 @@ def test_logprobs_ignore_left_padding(tiny_model_dir):
 
 
 # --- world size 1 ---------------------------------------------------------------------------------------
+@pytest.mark.ray
 def test_grpo_updates_raise_rewarded_token_ws1(tiny_model_dir):
     from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
 
@@ -110,6 +111,7 @@ def test_grpo_updates_raise_rewarded_token_ws1(tiny_model_dir):
     assert bool((p1 > 1.5 * p0).all()), (p0, p1)
 
 
+@pytest.mark.ray
 def test_nan_loss_skips_step_then_training_continues(tiny_model_dir):
     from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
 
@@ -126,6 +128,7 @@ def test_nan_loss_skips_step_then_training_continues(tiny_model_dir):
     assert max_change(w0, weights(learner)) > 0
 
 
+@pytest.mark.ray
 def test_zero0_guard_skips_non_finite_gradients(tiny_model_dir):
     from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
 
@@ -141,6 +144,7 @@ def test_zero0_guard_skips_non_finite_gradients(tiny_model_dir):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.ray
 def test_hf_state_dict_and_save_pretrained_round_trip(tiny_model_dir, tmp_path, stage):
     from transformers import AutoModelForCausalLM
 
@@ -168,6 +172,7 @@ def test_hf_state_dict_and_save_pretrained_round_trip(tiny_model_dir, tmp_path, 
     assert (tmp_path / "out" / "tokenizer.json").exists() and not list(tmp_path.glob(".tmp-*"))
 
 
+@pytest.mark.ray
 def test_checkpoint_round_trip_resumes_exactly(tiny_model_dir, tmp_path):
     from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
 
@@ -186,6 +191,7 @@ def test_checkpoint_round_trip_resumes_exactly(tiny_model_dir, tmp_path):
     assert max_change(w_a, weights(b)) < 1e-6  # same weights, optimizer moments and LR schedule
 
 
+@pytest.mark.ray
 def test_lora_trains_adapter_and_reference_is_base(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -238,6 +244,7 @@ def _ws2_worker(rank, world_size, model_dir):
             "norm": sum(float(v.float().pow(2).sum()) for v in weights(learner).values())}
 
 
+@pytest.mark.ray
 def test_grpo_world_size_2_matches_world_size_1(tiny_model_dir):
     from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
 
@@ -259,6 +266,7 @@ def test_grpo_world_size_2_matches_world_size_1(tiny_model_dir):
 
 # --- gradient checkpointing -------------------------------------------------------------------------------
 @pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.ray
 def test_gradient_checkpointing_really_runs_in_grpo_and_sft(tiny_model_dir, monkeypatch, stage):
     """HF layers checkpoint only in train mode: count the calls that reach torch's checkpoint (independently of
     the learner's own counter), in train_step and sft_step, none in no-grad scoring; same update as without.

@@ -11,6 +11,9 @@ import torch
 
 from kardia_rl.learner.distributed import run_local_ranks
 
+# ray: DeepSpeed ZeRO-3 ranks
+pytestmark = pytest.mark.ray
+
 
 def _cfg(partitioned: bool):
     from kardia_rl.config import load_config

@@ -181,6 +181,7 @@ def run_cmd(capsys, argv):
     return code, out.out + out.err
 
 
+@pytest.mark.ray
 def test_requests_are_checked_against_the_connected_ray_cluster():
     """A driver already connected to Ray (here a local one declaring 2 GPUs) is asked for its resources."""
     import ray

@@ -154,6 +154,7 @@ def test_truncation_keeps_header_and_system_prompt(tiny_model_dir):
         encode_prompt(sample, tok, load_config(TINY, ["model.max_prompt_tokens=20"]))
 
 
+@pytest.mark.ray
 def test_lora_trains_the_span_rows_and_nothing_else_of_the_embedding(tiny_model_dir):
     """Mean-initialised span rows give the eight span tokens one shared logit: under LoRA their rows must train."""
     from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner

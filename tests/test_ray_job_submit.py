@@ -12,6 +12,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from ray_head import RAY, start_head, stop_head
 
+# ray: a throwaway Ray head and a submitted job
+pytestmark = pytest.mark.ray
+
 
 @pytest.fixture
 def head_node(tmp_path):

@@ -83,6 +83,7 @@ def _weights(folder: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_cluster_rehearsal_on_fake_gpus(fake_gpu_head, sft_model_dir, tmp_path):
     from kardia_rl.data.sources import builtin_path
 

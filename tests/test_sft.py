@@ -116,6 +116,7 @@ def test_format_eval_counts_only_well_formed_answers(tiny_model_dir, tmp_path, m
     assert [e["output"] for e in res["examples"]] == texts
 
 
+@pytest.mark.ray
 def test_short_sft_lowers_val_loss_and_saves_loadable_model(tiny_model_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 

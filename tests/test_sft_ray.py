@@ -12,6 +12,9 @@ import os
 
 import pytest
 
+# ray: SFT on the Ray learner group (DeepSpeed on gloo)
+pytestmark = pytest.mark.ray
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
 

@@ -15,7 +15,7 @@ import torch
 from kardia_rl.config import load_config
 from kardia_rl.format.spans import SPAN_TOKENS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "conf", "smollm2.yaml")
 N_VOCAB = 49152  # SmolLM2's own vocabulary; the span tokens follow it

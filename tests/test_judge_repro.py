@@ -6,14 +6,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
+
+from conftest import quoted_candidates
 
 from kardia_rl.rewards.judge.base import DIMENSIONS, ChatBackend, JudgeRequest
 from kardia_rl.rewards.rubric import RubricJudge
-
-NONCE = re.compile(r"id=(j[0-9a-f]{9})>>>")
-QUOTE = re.compile(r"<<<CANDIDATE_RESPONSE(?: (\d+))? id=j[0-9a-f]{9}>>>\n(.*?)\n<<<END_", re.S)
-
 
 class PromptHashChat(ChatBackend):
     """A sampling-judge stand-in: every score is a hash of the whole prompt and the sampling seed (any change
@@ -30,17 +27,15 @@ class PromptHashChat(ChatBackend):
         self.calls.append((text, seed))
         if len(self.calls) <= self.garble:
             return ["no idea"]
-        prompt = conv[1]["content"]
-        nonce = NONCE.search(prompt).group(1)
+        nonce, cands = quoted_candidates(conv[1]["content"])
 
         def dims(c):
             h = hashlib.sha256(f"{text}|{seed}|{c}".encode()).digest()
             return {d: 1 + h[k] % 5 for k, d in enumerate(DIMENSIONS)}
 
-        cands = QUOTE.findall(prompt)
-        if len(cands) == 1 and not cands[0][0]:
+        if len(cands) == 1 and cands[0][0] is None:
             return [json.dumps({"id": nonce, "scores": dims(cands[0][1])})]
-        return [json.dumps({"id": nonce, "candidates": [{"index": int(i), "scores": dims(c)} for i, c in cands]})]
+        return [json.dumps({"id": nonce, "candidates": [{"index": i, "scores": dims(c)} for i, c in cands]})]
 
 
 def req(response: str, group: str = "p1", person: str = "MBTI: INFP\nAbout: nurse") -> JudgeRequest:
@@ -96,7 +91,7 @@ def test_group_judgment_is_cached_per_sibling_set():
     # A and B next to other siblings: judged again, as one group of three, not reused from the first set
     other = judge(j, [req("A: that is hard."), req("B: sleep."), req("D: tell me more.")])
     assert len(chat.calls) == 2 and not any(x.cached for x in other)
-    assert len(QUOTE.findall(json.loads(chat.calls[1][0])[1]["content"])) == 3
+    assert len(quoted_candidates(json.loads(chat.calls[1][0])[1]["content"])[1]) == 3
     fresh = judge(RubricJudge(PromptHashChat(), seed=5, group_wise=True),
                   [req("A: that is hard."), req("B: sleep."), req("D: tell me more.")])
     assert scores(other) == scores(fresh), "a group's scores depend on its set only, not on the cache's history"

@@ -134,7 +134,7 @@ def test_truncation_keeps_header_and_system_prompt(tiny_model_dir):
 
     from kardia_rl.data import TurnSample
     from kardia_rl.format.prompt import build_system_prompt
-    from kardia_rl.learner.sft_data import encode_prompt
+    from kardia_rl.data.encoding import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     user = " ".join(f"word{i} and more text" for i in range(400))
@@ -158,13 +158,15 @@ def test_truncation_keeps_header_and_system_prompt(tiny_model_dir):
 def test_lora_trains_the_span_rows_and_nothing_else_of_the_embedding(tiny_model_dir):
     """Mean-initialised span rows give the eight span tokens one shared logit: under LoRA their rows must train."""
     from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
+    from kardia_rl.learner.ds_config import OptimSpec
     from kardia_rl.learner.sft import _collate
-    from kardia_rl.learner.sft_data import build_examples, load_sft_samples
+    from kardia_rl.data.encoding import load_training_turns
+    from kardia_rl.learner.sft_data import build_examples
 
     cfg = load_config(TINY, [f"model.path={tiny_model_dir}", "model.lora.enabled=true", "learner.zero_stage=0",
                              "sft.lr=1e-2", "sft.warmup_steps=0", "data.max_history_turns=1", "learner.weight_decay=0.1"])
-    learner = DeepSpeedLearner(cfg, tiny_model_dir, role="sft", total_steps=1)
-    examples, _, _ = build_examples(load_sft_samples(cfg)[0][:2], learner.tokenizer, cfg)
+    learner = DeepSpeedLearner(cfg, tiny_model_dir, optim=OptimSpec.sft(cfg, total_steps=1))
+    examples, _, _ = build_examples(load_training_turns(cfg)[0][:2], learner.tokenizer, cfg)
     w0 = learner.module.get_input_embeddings().weight.detach().clone()
     learner.sft_step(_collate([(e.input_ids, e.labels, None) for e in examples], learner.tokenizer.pad_token_id))
     changed = (learner.module.get_input_embeddings().weight.detach() - w0).abs().sum(1) > 0
@@ -188,3 +190,29 @@ def test_template_without_a_system_role_gets_the_system_prompt_in_the_first_user
                               {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Sad"}])
     assert text == ("<start_of_turn>user\nBe kind.\n\nHi<end_of_turn>\n<start_of_turn>assistant\nHello<end_of_turn>\n"
                     "<start_of_turn>user\nSad<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_eval_and_split_run_alone_on_a_hub_id(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    """`kardia-rl eval --model ID` and `kardia-rl split --model ID` prepare the hub id themselves (offline, from
+    the cache), as the pipeline's model stage does; before, both refused anything but a folder."""
+    from kardia_rl.data import load_dialogues
+    from kardia_rl.utils.io import atomic_write_jsonl
+
+    _hub_cache(tmp_path / "hub", "kardia-test/tiny-chat", tiny_model_dir)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    run = tmp_path / "run"
+    fast = [f"run_dir={run}", "rollout.engine=hf", "model.max_new_tokens=8", "model.max_prompt_tokens=384"]
+    assert main(["eval", TINY, "--model", "kardia-test/tiny-chat", "--no-progress", "eval.max_samples=2", *fast]) == 0
+    doc = json.loads((run / "eval" / "metrics.json").read_text())
+    prepared = str(run / "prepared" / "kardia-test_tiny-chat")
+    assert doc["models"]["tiny-chat"]["model_path"] == prepared and prepared_record(prepared)["kind"] == "hub"
+    data = tmp_path / "two.jsonl"
+    atomic_write_jsonl(str(data), [d.to_record() for d in load_dialogues("builtin:sample/train")[:2]])
+    assert main(["split", TINY, "--model", "kardia-test/tiny-chat", "--data", str(data), "--no-progress",
+                 "split.k=1", *fast]) == 0
+    split = json.loads((run / "split" / "split.json").read_text())
+    assert split["method"] == "sampled" and split["model"] == prepared
+    capsys.readouterr()
+    assert main(["eval", TINY, "--model", "nobody-kardia/absent", "--no-progress", *fast]) == 2
+    assert "--model/--compare 'nobody-kardia/absent': not a local path, and hub id" in capsys.readouterr().err

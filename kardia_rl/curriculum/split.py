@@ -132,12 +132,15 @@ def data_rates(samples: Sequence[TurnSample], sources: Optional[dict] = None) ->
 def sample_rewards(cfg, samples: Sequence[TurnSample], model_path: str, *, progress: bool = True,
                    judge=None) -> tuple[dict[str, list[float]], dict]:
     """id -> the unified rewards of k sampled answers of the reference policy, and timing info."""
-    from kardia_rl.evaluation.harness import build_reward, close_judge, engine_for, generate_chunked, score_chunked
-    from kardia_rl.learner.sft_data import encode_prompt
+    from kardia_rl.data.encoding import encode_prompt
+    from kardia_rl.engines import engine_from_config
+    from kardia_rl.engines.generate import generate_chunked
+    from kardia_rl.rewards.offline import close_judge, score_chunked
+    from kardia_rl.rewards.unified import UnifiedReward
 
     k = cfg.split.k
     t0 = time.perf_counter()
-    engine = engine_for(cfg, model_path)
+    engine = engine_from_config(cfg, model_path)
     try:
         prompts = [encode_prompt(s, engine.tokenizer, cfg) for s in samples]
         t1 = time.perf_counter()
@@ -150,7 +153,8 @@ def sample_rewards(cfg, samples: Sequence[TurnSample], model_path: str, *, progr
     flat_samples = [s for s in samples for _ in range(k)]
     texts = [c.text for g in groups for c in g]
     own = judge is None
-    reward, judge = build_reward(cfg, judge)
+    reward = UnifiedReward.from_config(cfg, judge)
+    judge = reward.judge
     try:
         t2 = time.perf_counter()
         breakdowns = score_chunked(reward, flat_samples, texts, [s.id for s in flat_samples], progress=progress,
@@ -194,9 +198,9 @@ def histogram(rates: Sequence[float], k: Optional[int] = None, bins: int = 10) -
 
 
 def plot_rates(hist: list[dict], tau: float, title: str, path: str) -> None:
-    from kardia_rl.evaluation.report import _pyplot, save_figure
+    from kardia_rl.utils.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     points = all(h["lo"] == h["hi"] for h in hist)
     width = (1 / max(1, len(hist) - 1) * 0.8) if points else (hist[0]["hi"] - hist[0]["lo"]) * 0.95
@@ -216,8 +220,7 @@ def plot_rates(hist: list[dict], tau: float, title: str, path: str) -> None:
 # ------------------------------------------------------------------------------------------ driver
 def write_split(out_dir: str, samples: Sequence[TurnSample], rates: dict[str, float], tau: float, meta: dict) -> dict:
     """easy.jsonl, hard.jsonl, split.json, rates.png; returns split.json's dict."""
-    from kardia_rl.evaluation.report import write_json
-    from kardia_rl.utils.io import atomic_write_jsonl
+    from kardia_rl.utils.io import atomic_write_jsonl, write_json
 
     easy_ids, hard_ids = apply_tau(rates, tau)
     easy_set = set(easy_ids)
@@ -254,6 +257,13 @@ def split_samples(cfg, samples: Sequence[TurnSample], model_path: Optional[str],
         rates, fields = from_data
         meta = {"method": "data", "data": data, "fields": fields, "seed": cfg.seed}
     else:
+        from kardia_rl.model.prepare import prepared_path, with_prepared_model
+
+        # standalone `kardia-rl split` may name a hub id or .gguf: the rater loads a prepared folder
+        if model_path is not None:
+            model_path = prepared_path(cfg, model_path, "--model")
+        else:
+            cfg = with_prepared_model(cfg)
         if model_path is None and cfg.split.reference == "warmup":
             from kardia_rl.curriculum.crossfit import crossfit_rewards
 

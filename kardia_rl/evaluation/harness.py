@@ -3,7 +3,7 @@
     run_eval(cfg, [(name, model_dir), ...], data="test", out_dir=...) -> metrics document
 
 Per model: build the generation engine (cfg.rollout.engine), encode every prompt with the SFT/GRPO prompt
-encoder (learner.sft_data.encode_prompt, so the model sees exactly the prompts it was trained on),
+encoder (data.encoding.encode_prompt, so the model sees exactly the prompts it was trained on),
 generate ONE answer per sample (greedy unless cfg.eval.greedy is false), shut the engine down (always,
 so the next checkpoint or the judge gets the memory), then score the answers with UnifiedReward and write
 samples_<name>.jsonl. The numbers come from metrics.recompute_metrics over those very rows, and
@@ -18,19 +18,17 @@ import hashlib
 import os
 import re
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from kardia_rl.data import EMOTIONS_32, TurnSample, expand_turns, label_set, load_dialogues, split_dialogues
 from kardia_rl.errors import KardiaError
 from kardia_rl.evaluation.metrics import recompute_metrics
-from kardia_rl.format.spans import SPAN_NAMES, ParseResult, parse_spans
+from kardia_rl.format.spans import SPAN_NAMES, ParseResult, parse_spans, visible_response
 from kardia_rl.rewards.emotion_reward import credited_emotion
 from kardia_rl.rewards.judge.base import DIMENSIONS
+from kardia_rl.rewards.offline import close_judge, score_chunked
 
 SPLITS = ("test", "validation", "train")
-GEN_CHUNK = 64  # prompts per engine call: bounds memory and gives the progress bar something to count
-SCORE_CHUNK = 64
-_ANY_SPAN_TAG = re.compile(r"<\|(?:%s)_(?:begin|end)\|>|</?(?:%s)>" % ("|".join(SPAN_NAMES), "|".join(SPAN_NAMES)))
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -73,77 +71,11 @@ def select_subset(samples: Sequence[TurnSample], max_samples: int, seed: int) ->
     return [s for i, s in enumerate(samples) if i in keep]
 
 
-# --------------------------------------------------------------------------------------- generation
-def engine_for(cfg, model_path: str):
-    """The generation engine cfg.rollout.engine on `model_path`, sized for prompt + answer."""
-    from kardia_rl.engines import make_engine
-
-    if not os.path.isdir(model_path):
-        raise KardiaError(f"model {model_path!r}: not a directory (a save_pretrained checkpoint is needed)")
-    return make_engine(cfg.rollout.engine, model_path, seed=cfg.seed, dtype=cfg.model.dtype,
-                       max_model_len=cfg.model.max_prompt_tokens + cfg.model.max_new_tokens,
-                       kv_cache_bytes=cfg.rollout.kv_cache_bytes, enforce_eager=cfg.rollout.enforce_eager,
-                       gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                       tensor_parallel_size=max(1, int(cfg.rollout.gpus_per_actor)))
-
-
-def generate_chunked(engine, prompts: list[list[int]], n: int, *, temperature: float, top_p: float,
-                     max_new_tokens: int, seed: int, greedy: bool, progress: bool, desc: str) -> list[list]:
-    """engine.generate in chunks of GEN_CHUNK prompts with a progress bar; chunk c uses seed (seed, c), so
-    the result depends only on the seed and the prompts (the engine derives per-prompt seeds itself)."""
-    from tqdm.auto import tqdm
-
-    out: list[list] = []
-    with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False) as bar:
-        for c, start in enumerate(range(0, len(prompts), GEN_CHUNK)):
-            chunk = prompts[start:start + GEN_CHUNK]
-            chunk_seed = int(hashlib.sha256(f"{seed}:{c}".encode()).hexdigest()[:12], 16)
-            out.extend(engine.generate(chunk, n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                       seed=chunk_seed, greedy=greedy))
-            bar.update(len(chunk))
-    return out
-
-
-def score_chunked(reward, samples: Sequence[Any], completions: Sequence[str], group_ids: Sequence[str], *,
-                  progress: bool, desc: str) -> list:
-    """UnifiedReward.score_sync in chunks (progress bar); group ids keep the neutral fallback per sample."""
-    from tqdm.auto import tqdm
-
-    out = []
-    with tqdm(total=len(samples), desc=desc, unit="answer", disable=not progress, leave=False) as bar:
-        for start in range(0, len(samples), SCORE_CHUNK):
-            end = start + SCORE_CHUNK
-            out.extend(reward.score_sync(samples[start:end], completions[start:end], group_ids[start:end]))
-            bar.update(len(samples[start:end]))
-    return out
-
-
-def build_reward(cfg, judge=None):
-    """(UnifiedReward, judge) from the config; the judge is built when not given."""
-    from kardia_rl.rewards import UnifiedReward, make_judge
-
-    judge = judge if judge is not None else make_judge(cfg.judge, seed=cfg.seed)
-    reward = UnifiedReward(cfg.reward, cfg.judge, judge, label_set(cfg.data.emotion_labels or None),
-                           cfg.data.span_notation, history_mode=cfg.data.history,
-                           max_history_turns=cfg.data.max_history_turns)
-    return reward, judge
-
-
-def close_judge(judge) -> None:
-    import asyncio
-
-    asyncio.run(judge.close())
-
-
-# ------------------------------------------------------------------------------------------- rows
 def spans_and_response(completion: str, notation: str, res: Optional[ParseResult] = None) -> tuple[bool, dict, str]:
     """(format ok, the four spans (None when missing), the response text a user would see)."""
     res = res if res is not None else parse_spans(completion, notation)
     spans = {name: res.found.get(name) for name in SPAN_NAMES}
-    response = res.found.get("response")
-    if response is None:
-        response = " ".join(_ANY_SPAN_TAG.sub(" ", completion).split())
-    return res.ok, spans, response
+    return res.ok, spans, visible_response(res, completion)
 
 
 def sample_row(sample: TurnSample, prompt_text: str, completion, breakdown, model_name: str, notation: str,
@@ -185,10 +117,12 @@ def score_rows(cfg, name: str, samples: Sequence[TurnSample], prompt_texts: Sequ
 def evaluate_model(cfg, name: str, model_path: str, samples: Sequence[TurnSample], reward, *,
                    progress: bool = True) -> tuple[list[dict], dict]:
     """(sample rows, timing/throughput info) for one checkpoint. The engine is shut down before scoring."""
-    from kardia_rl.learner.sft_data import encode_prompt
+    from kardia_rl.data.encoding import encode_prompt
+    from kardia_rl.engines import engine_from_config
+    from kardia_rl.engines.generate import generate_chunked
 
     t0 = time.perf_counter()
-    engine = engine_for(cfg, model_path)
+    engine = engine_from_config(cfg, model_path)
     try:
         startup = time.perf_counter() - t0
         prompts = [encode_prompt(s, engine.tokenizer, cfg) for s in samples]
@@ -232,16 +166,21 @@ def run_eval(cfg, models: Sequence[tuple[str, str]], data: str, out_dir: str, *,
         raise KardiaError(f"model names must be unique, got {names} (use --names)")
     if len({safe_name(n) for n in names}) != len(names):
         raise KardiaError(f"model names {names} collide once made file-safe; choose other --names")
-    missing = [p for _, p in models if not os.path.isfile(os.path.join(p, "config.json"))]
-    if missing:  # before loading data, the judge or any engine
-        raise KardiaError(f"not a model directory (no config.json): {', '.join(missing)}")
+    from kardia_rl.model.prepare import prepared_path
+
+    # before loading data, the judge or any engine: a hub id or .gguf is prepared (span tokens added) like the
+    # pipeline's model stage does; a missing or weightless model is one line naming it
+    models = [(name, prepared_path(cfg, path, "--model/--compare")) for name, path in models]
     if samples is None:
         all_samples, source = load_eval_samples(cfg, data)
     else:
         all_samples, source = list(samples), data
     chosen = select_subset(all_samples, cfg.eval.max_samples, cfg.data.split_seed)
+    from kardia_rl.rewards.unified import UnifiedReward
+
     own_judge = judge is None
-    reward, judge = build_reward(cfg, judge)
+    reward = UnifiedReward.from_config(cfg, judge)
+    judge = reward.judge
     doc = {"data": data, "data_source": source, "n_samples": len(chosen), "n_available": len(all_samples),
            "judge": cfg.judge.backend, "judge_is_proxy": cfg.judge.backend == "embedding",
            "judge_malformed": bool(cfg.judge.judge_malformed),

@@ -298,24 +298,46 @@ def ensure_prepared(cfg, out_dir: Optional[str] = None, log=print) -> str:
         build_tiny_model(path, cfg.model.init_size, cfg.model.init_seed)
         log(f"[model] built {cfg.model.init_size} model in {path}")
         return path
-    src = resolve_source(path)
+    return _prepared(cfg, path, "model.path", out_dir or os.path.join(cfg.run_dir, "prepared_model"), log)
+
+
+def with_prepared_model(cfg, log=print):
+    """cfg with model.path replaced by its prepared folder (cfg itself when model.path already is one)."""
+    import dataclasses
+
+    path = ensure_prepared(cfg, log=log)
+    return cfg if path == cfg.model.path else dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=path))
+
+
+def prepared_path(cfg, path: str, key: str, log=print) -> str:
+    """The loadable folder for a model named on the command line (`eval --model/--compare`, `split --model`):
+    model.path itself goes through ensure_prepared; any other hub id, .gguf or folder without span tokens is
+    prepared into run_dir/prepared/NAME, so the standalone commands accept every source the pipeline does."""
+    if path == cfg.model.path:
+        return ensure_prepared(cfg, log=log)
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.strip("/~.")) or "model"
+    return _prepared(cfg, path, key, os.path.join(cfg.run_dir, "prepared", name), log)
+
+
+def _prepared(cfg, path: str, key: str, out_dir: str, log) -> str:
+    """A prepared local folder as is; else `path` prepared into out_dir (reused while the source is unchanged)."""
+    src = resolve_source(path, key)
     if src.kind == "dir" and _tokenizer_has_spans(src.local):
         return src.local
-    out_dir = out_dir or os.path.join(cfg.run_dir, "prepared_model")
     rec = prepared_record(out_dir)
     if rec and rec.get("source") == path and rec.get("fingerprint") == _fingerprint(src):
         return out_dir
     log(f"[model] preparing {path} ({src.kind}) into {out_dir}")
-    rec = prepare_model(path, out_dir, dtype=cfg.model.dtype if cfg.model.dtype != "auto" else "auto")
+    rec = prepare_model(path, out_dir, dtype=cfg.model.dtype if cfg.model.dtype != "auto" else "auto", key=key)
     log(f"[model] {rec['architecture']}, {rec['parameters'] / 1e6:.1f}M parameters; span tokens "
         f"{min(rec['span_token_ids'].values())}..{max(rec['span_token_ids'].values())}: {rec['rows']}")
     return out_dir
 
 
 def cmd_prepare(args) -> int:
-    from kardia_rl.config import load_config
+    from kardia_rl.config.cli import config_from_args
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = config_from_args(args)
     source = args.model or cfg.model.path
     out = args.out or os.path.join(cfg.run_dir, "prepared_model")
     rec = prepare_model(source, out, dtype=cfg.model.dtype)
@@ -326,8 +348,9 @@ def cmd_prepare(args) -> int:
 
 
 def configure_prepare(p) -> None:
-    p.add_argument("config", nargs="?", default=None, help="YAML config (model.path, model.dtype, run_dir)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    from kardia_rl.config.cli import add_config_args
+
+    add_config_args(p, "YAML config (model.path, model.dtype, run_dir)", "model.dtype=bfloat16")
     p.add_argument("--model", default=None, help="hub id, save_pretrained folder or .gguf (default: model.path)")
     p.add_argument("--out", default=None, help="output folder (default: run_dir/prepared_model)")
 

@@ -1,0 +1,137 @@
+"""`kardia-rl synthesize CONFIG --profiles P --seeds S --out DIR [key=value ...]`."""
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import sys
+import time
+
+from kardia_rl.errors import KardiaError
+
+
+def _salt(cfg, out_dir: str) -> str:
+    """The username-hashing salt: $synth.salt_env, else a random one kept in OUT/.salt (owner-only) so that a
+    resumed run hashes the same usernames to the same pseudonyms. Do not publish OUT/.salt."""
+    env = os.environ.get(cfg.synth.salt_env, "") if cfg.synth.salt_env else ""
+    if env:
+        return env
+    path = os.path.join(out_dir, ".salt")
+    if not os.path.isfile(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
+
+
+def build_roles(cfg, labels, secret: str):
+    """The three clients from synth.*: engine roles share one engine pool (synth.num_engines engines)."""
+    from kardia_rl.synth import roles
+    from kardia_rl.synth.loop import Roles
+
+    sy = cfg.synth
+    kinds = {"user": sy.user_backend, "responder": sy.responder_backend, "evaluator": sy.evaluator_backend}
+    engine_client = None
+    if "engine" in kinds.values():
+        from kardia_rl.engines import make_engine
+
+        path = sy.model or cfg.model.path
+        if not os.path.isdir(path):
+            raise KardiaError(f"synth.model / model.path {path!r}: not a model directory (build one with "
+                              "`kardia-rl init-model` or `kardia-rl prepare`)")
+        r = cfg.rollout
+        engines = [make_engine(r.engine, path, seed=cfg.seed + i, dtype=cfg.model.dtype,
+                               max_model_len=cfg.model.max_prompt_tokens + max(cfg.model.max_new_tokens, sy.responder_max_tokens,
+                                                                               sy.user_max_tokens, sy.evaluator_max_tokens),
+                               kv_cache_bytes=r.kv_cache_bytes, enforce_eager=r.enforce_eager,
+                               gpu_memory_utilization=r.gpu_memory_utilization,
+                               tensor_parallel_size=max(1, int(r.gpus_per_actor)), verify_reference=False)
+                   for i in range(sy.num_engines)]
+        engine_client = roles.EngineClient(engines, cfg)
+    judge_client = None
+    if sy.evaluator_backend == "judge":
+        judge_client = roles.judge_client(cfg)
+    made = {}
+    for role, kind in kinds.items():
+        made[role] = {"engine": engine_client, "judge": judge_client}.get(kind) or roles.openai_client(cfg, role)
+    return Roles(made["user"], made["responder"], made["evaluator"], labels, secret)
+
+
+def close_roles(r) -> None:
+    seen = set()
+    for client in (r.user, r.responder, r.evaluator):
+        if id(client) not in seen:
+            seen.add(id(client))
+            client.close()
+            for e in getattr(client, "engines", []):
+                e.shutdown()
+
+
+def cmd_synthesize(args) -> int:
+    from tqdm.auto import tqdm
+
+    from kardia_rl.config.cli import config_from_args
+    from kardia_rl.data import label_set
+    from kardia_rl.synth import inputs, output
+    from kardia_rl.synth.loop import RefinementLoop
+
+    cfg = config_from_args(args)
+    labels = label_set(cfg.data.emotion_labels or None)
+    os.makedirs(args.out, exist_ok=True)
+    salt = _salt(cfg, args.out)
+    profiles = inputs.load_profiles(args.profiles, salt)
+    seeds = inputs.load_seeds(args.seeds, labels)
+    todo_all = inputs.pairs(profiles, seeds, cfg.synth.pairing, cfg.synth.max_dialogues)
+    store = output.ShardStore(args.out, cfg.synth.shard_size)
+    todo = [(p, s) for p, s in todo_all if inputs.dialogue_id(p, s) not in store.done_ids]
+    print(f"synthesize: {len(todo_all)} dialogues ({len(profiles)} profiles x {len(seeds)} seeds, "
+          f"{cfg.synth.pairing}), {len(todo_all) - len(todo)} already done in {args.out}", file=sys.stderr)
+    t0, new = time.perf_counter(), 0
+    calls: dict = {}
+    if todo:
+        secret = hashlib.sha256(f"{salt}:{cfg.seed}".encode()).hexdigest()  # R's nonces: unknown to A
+        clients = build_roles(cfg, labels, secret)
+        loop = RefinementLoop(cfg, clients)
+        stats = {"kept": 0, "dropped": 0, "FAIL": 0, "PASS": 0, "SOLVED": 0}
+        bar = tqdm(total=len(todo), desc="synthesize", unit="dialogue", disable=args.no_progress)
+
+        def on_done(rec_id, record, drop):
+            nonlocal new
+            store.add(rec_id, record, drop)
+            new += 1
+            stats["dropped" if record is None else "kept"] += 1
+            for t in (record or {}).get("verdicts", []):
+                for v in t:
+                    stats[v] += 1
+            bar.update(1)
+            bar.set_postfix(stats, refresh=False)
+
+        try:
+            loop.run(todo, on_done)
+        finally:
+            store.flush()  # finished dialogues in the buffer are complete: keep them for the next run
+            bar.close()
+            loop.close()
+            calls = loop.calls
+            close_roles(clients)
+    seconds = time.perf_counter() - t0
+    kept, drops = output.finalize(args.out, store.results, cfg, labels)
+    s = output.write_summary(args.out, total=len(todo_all), results=store.results, kept=kept, drops=drops,
+                             resumed=store.resumed, new=new, seconds=seconds, calls=calls)
+    print(f"synthesize: {s['kept']} kept, {s['dropped']} dropped {s['drops']}, verdicts {s['verdicts']}, "
+          f"{s['dialogues_per_s']} dialogues/s -> {s['output']} (summary.json beside it)")
+    return 0
+
+
+def _configure(p) -> None:
+    from kardia_rl.config.cli import add_config_args
+
+    add_config_args(p, example="synth.max_revisions=3")
+    p.add_argument("--profiles", required=True, help="profiles: .jsonl, or PersonalityCafe-style text blocks")
+    p.add_argument("--seeds", required=True, help="seed situations: .csv or .jsonl with situation, emotion")
+    p.add_argument("--out", required=True, help="output directory (resumable: a re-run skips finished dialogues)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+cmd_synthesize.configure = _configure

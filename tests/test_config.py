@@ -98,6 +98,28 @@ def test_cross_field_rules(overrides, expected):
     assert expected in str(e.value)
 
 
+def test_every_choice_key_is_validated_from_its_schema_declaration():
+    from dataclasses import fields, is_dataclass
+
+    from kardia_rl.config.schema import KardiaConfig
+
+    def choice_keys(obj, prefix=""):
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if is_dataclass(value):
+                yield from choice_keys(value, f"{prefix}{f.name}.")
+            elif "choices" in f.metadata:
+                yield f"{prefix}{f.name}", f.metadata["choices"]
+
+    keys = dict(choice_keys(KardiaConfig()))
+    docs = {key: doc for key, _, doc in documented_fields()}
+    assert {"rollout.engine", "judge.backend", "judge.fallback", "algo.preset", "algo.loss_agg"} <= set(keys)
+    for key, choices in keys.items():
+        assert all(c in docs[key] for c in choices if c), key  # the key's doc names every choice
+        with pytest.raises(ConfigError, match=re.escape(f"{key}: 'bogus' is not one of {list(choices)}")):
+            load_config(TINY, [f"{key}=bogus"])
+
+
 @pytest.mark.parametrize("preset, expected", [
     ("grpo", dict(advantage="grpo", loss_agg="token_mean", clip_eps_high=0.0, drop_zero_std=False, overlong="keep")),
     ("drgrpo", dict(advantage="drgrpo", loss_agg="seq_mean_token_sum_norm", clip_eps_high=0.0, drop_zero_std=False,

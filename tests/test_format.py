@@ -44,6 +44,20 @@ def test_xml_notation_and_auto():
     assert parse_spans(OK, "auto").ok
 
 
+def test_strip_span_tags_and_visible_response():
+    from kardia_rl.format.spans import strip_span_tags, visible_response
+
+    # both notations go, a tag between two words leaves one space, whitespace runs collapse
+    assert strip_span_tags("<|emotion_begin|>sad<|emotion_end|><response>Hi\n  there</response>") == "sad Hi there"
+    assert strip_span_tags("<|reply_begin|>x") == "<|reply_begin|>x"  # only the four span names are tags
+    broken = "<|reasoning_begin|>secret plan<|reasoning_end|><|response_begin|> <|response_end|> tail"
+    # a closed but empty response span is what the user saw: the reasoning is never shown in its place
+    assert visible_response(parse_spans(broken), broken) == ""
+    unclosed = "<|understanding_begin|>u<|understanding_end|><|response_begin|>Hello<|emotion_end|>"
+    assert visible_response(parse_spans(unclosed), unclosed) == "u Hello"
+    assert visible_response(parse_spans(OK), OK) == "I'm here for you."
+
+
 def test_build_messages_history_modes():
     hist = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": OK}, {"role": "user", "content": "more"}]
     m = build_messages("MBTI: INFJ", "lost keys", hist)

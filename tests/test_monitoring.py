@@ -28,11 +28,11 @@ def _cfg(mode="disabled", num_steps=6, log_every=1):
 def _rewards():
     """Two groups of two. Group 1 judged; group 2 malformed (never judged), tied rewards."""
     return [
-        {"total": 1.0, "format": 1.0, "emotion": 1.0, "rubric": 0.5, "scores": {"empathy": 3, "safety": 5},
+        {"total": 1.0, "format": 1.0, "emotion": 1.0, "rubric": 0.5, "dims": {"empathy": 3, "safety": 5},
          "rationale": {"empathy": "names the fear", "safety": "fine"}},
-        {"total": 0.5, "format": 1.0, "emotion": 0.0, "rubric": 0.75, "scores": {"empathy": 4, "safety": 5}},
-        {"total": 0.0, "format": 0.0, "emotion": 0.0, "rubric": 0.0, "scores": {"empathy": None, "safety": None}},
-        {"total": 0.0, "format": 0.5, "emotion": 0.5, "rubric": 0.0, "scores": {"empathy": None, "safety": None}},
+        {"total": 0.5, "format": 1.0, "emotion": 0.0, "rubric": 0.75, "dims": {"empathy": 4, "safety": 5}},
+        {"total": 0.0, "format": 0.0, "emotion": 0.0, "rubric": 0.0, "dims": {"empathy": None, "safety": None}},
+        {"total": 0.0, "format": 0.5, "emotion": 0.5, "rubric": 0.0, "dims": {"empathy": None, "safety": None}},
     ]
 
 

@@ -3,16 +3,13 @@
 Deliberately free of Ray/DeepSpeed/vLLM imports so the math can be imported by any worker (and tested on a
 laptop) without dragging in the distributed stack.
 """
-from .advantages import ADVANTAGE_MODES, AdvantageResult, group_advantages
+from .advantages import AdvantageResult, group_advantages
 from .kl import KL_KINDS, apply_kl_to_rewards, kl_penalty
-from .overlong import OVERLONG_MODES, overlong_keep, overlong_penalty
-from .policy_loss import AGG_MODES, entropy_from_logits, masked_mean, policy_loss
+from .overlong import overlong_keep, overlong_penalty
+from .policy_loss import entropy_from_logits, masked_mean, policy_loss
 
 __all__ = [
-    "ADVANTAGE_MODES",
-    "AGG_MODES",
     "KL_KINDS",
-    "OVERLONG_MODES",
     "AdvantageResult",
     "apply_kl_to_rewards",
     "entropy_from_logits",

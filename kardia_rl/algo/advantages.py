@@ -13,14 +13,14 @@ from typing import Dict
 
 import torch
 
-__all__ = ["AdvantageResult", "group_advantages", "ADVANTAGE_MODES"]
+from kardia_rl.config.schema import ADVANTAGE_MODES
 
-#: Supported normalisations. "grpo" is the original paper, "drgrpo" is Dr. GRPO (Liu et al. 2025), which
-#: argues that dividing by the group std up-weights near-unanimous groups (too easy / too hard prompts)
+__all__ = ["AdvantageResult", "group_advantages"]
+
+#: The normalisations (ADVANTAGE_MODES, config/schema.py): "grpo" is the original paper, "drgrpo" is Dr.
+#: GRPO (Liu et al. 2025), which argues that dividing by the group std up-weights near-unanimous groups (too easy / too hard prompts)
 #: and biases the update, and "batch_std" is the compromise used by e.g. TRL's ``scale_rewards="batch"``:
 #: centre per group but scale by one batch-wide std so groups are not re-weighted against each other.
-ADVANTAGE_MODES = ("grpo", "drgrpo", "batch_std")
-
 #: A group whose reward std is below this is treated as carrying no learning signal (all members tied).
 ZERO_STD_TOL = 1e-8
 

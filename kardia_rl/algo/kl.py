@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from kardia_rl.config.schema import KL_ESTIMATORS
+
 __all__ = ["kl_penalty", "apply_kl_to_rewards", "KL_KINDS"]
 
-#: Accepted ``kind`` values. "low_var_kl" is verl's name for k3.
-KL_KINDS = ("k1", "k2", "k3", "low_var_kl")
+#: Accepted ``kind`` values: the config's estimators and "low_var_kl", verl's name for k3.
+KL_KINDS = KL_ESTIMATORS + ("low_var_kl",)
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:

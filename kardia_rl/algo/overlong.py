@@ -22,9 +22,9 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["OVERLONG_MODES", "overlong_penalty", "overlong_keep"]
+from kardia_rl.config.schema import OVERLONG_MODES
 
-OVERLONG_MODES = ("keep", "filter", "penalty")
+__all__ = ["overlong_penalty", "overlong_keep"]
 
 
 def overlong_penalty(lengths: Sequence[int] | torch.Tensor, max_len: int, buffer: int,

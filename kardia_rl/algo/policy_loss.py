@@ -14,14 +14,11 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from kardia_rl.config.schema import LOSS_AGGS
+
 from .kl import KL_KINDS, kl_penalty
 
-__all__ = ["policy_loss", "masked_mean", "entropy_from_logits", "AGG_MODES"]
-
-#: ``token_mean`` (DAPO / TRL "dapo"/"bnpo": every token weighs the same), ``seq_mean_token_mean``
-#: (original GRPO: every sequence weighs the same, long answers get diluted per token), and
-#: ``seq_mean_token_sum_norm`` (Dr. GRPO: constant normaliser, removes the length bias of both).
-AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+__all__ = ["policy_loss", "agg_loss", "masked_mean", "entropy_from_logits"]
 
 Number = Union[int, float, torch.Tensor]
 
@@ -72,6 +69,82 @@ def _positive(name: str, v: Number) -> float:
     return val
 
 
+def agg_loss(x: torch.Tensor, m: torch.Tensor, agg: str, *, num_tokens: Optional[Number] = None,
+             num_seqs: Optional[Number] = None, max_len: Optional[Number] = None) -> torch.Tensor:
+    """Reduce per-token values ``x`` ``[B, T]`` under the float mask ``m`` to a scalar (verl's ``agg_loss``).
+
+    ``agg`` (``LOSS_AGGS``, the choices of ``algo.loss_agg``): ``token_mean`` (DAPO / TRL "dapo"/"bnpo":
+    every token weighs the same), ``seq_mean_token_mean`` (original GRPO: every sequence weighs the same,
+    long answers get diluted per token), ``seq_mean_token_sum_norm`` (Dr. GRPO: a constant normaliser,
+    removes the length bias of both). The normalisers default to this call's counts (``T`` for
+    ``max_len``) but must be the GLOBAL ones when micro-batching, so that the micro-batch results sum to
+    the full-batch value.
+    """
+    B, T = x.shape
+    if agg == "token_mean":
+        denom = _positive("num_tokens", num_tokens) if num_tokens is not None else float(m.sum().clamp(min=1.0))
+        return (x * m).sum() / denom
+    if agg not in LOSS_AGGS:
+        raise ValueError(f"unknown agg {agg!r}; expected one of {LOSS_AGGS}")
+    n_seq = _positive("num_seqs", num_seqs) if num_seqs is not None else float(max(B, 1))
+    if agg == "seq_mean_token_mean":
+        return ((x * m).sum(dim=-1) / m.sum(dim=-1).clamp(min=1.0)).sum() / n_seq
+    L = _positive("max_len", max_len) if max_len is not None else float(max(T, 1))
+    return (x * m).sum() / (n_seq * L)  # seq_mean_token_sum_norm
+
+
+def _check_args(logp, old_logp, advantages, mask, *, clip_eps, clip_eps_high, beta, ref_logp, kl_kind, agg,
+                engine_logp, is_cap) -> None:
+    """Reject bad arguments before any arithmetic, each error naming the argument."""
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
+    B = logp.shape[0]
+    _check_same("old_logp", old_logp, logp.shape)
+    _check_same("mask", mask, logp.shape)
+    _check_same("ref_logp", ref_logp, logp.shape)
+    _check_same("engine_logp", engine_logp, logp.shape)
+    if advantages.shape != (B,):
+        raise ValueError(f"advantages must be [B]=[{B}] (one per sequence), got shape "
+                         f"{tuple(advantages.shape)}")
+    if agg not in LOSS_AGGS:
+        raise ValueError(f"unknown agg {agg!r}; expected one of {LOSS_AGGS}")
+    if kl_kind not in KL_KINDS:
+        raise ValueError(f"unknown kl_kind {kl_kind!r}; expected one of {KL_KINDS}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if beta > 0 and ref_logp is None:
+        raise ValueError("ref_logp is required when beta > 0 (the KL term needs reference log-probs)")
+    if clip_eps < 0 or (clip_eps_high is not None and clip_eps_high < 0):
+        raise ValueError(f"clip_eps/clip_eps_high must be >= 0, got {clip_eps}/{clip_eps_high}")
+    if is_cap is not None and engine_logp is None:
+        raise ValueError("is_cap was given without engine_logp; TIS needs the rollout engine's log-probs")
+    if is_cap is not None and not float(is_cap) > 0:
+        raise ValueError(f"is_cap must be > 0, got {is_cap}")
+
+
+def _metrics(pg_loss: torch.Tensor, ratio: torch.Tensor, adv: torch.Tensor, m: torch.Tensor,
+             kl: Optional[torch.Tensor], is_w: Optional[torch.Tensor], eps_low: float,
+             eps_high: float) -> Dict[str, float]:
+    """The logged numbers (python floats); fractions and means are over this call's masked tokens."""
+    with torch.no_grad():
+        valid = m != 0
+        n_tok = float(m.sum())
+        low = ((ratio < 1.0 - eps_low) & (adv < 0) & valid).to(m.dtype)
+        high = ((ratio > 1.0 + eps_high) & (adv > 0) & valid).to(m.dtype)
+        frac_low = float(masked_mean(low, m))
+        frac_high = float(masked_mean(high, m))
+        return {
+            "policy_loss": float(pg_loss),
+            "kl": float(masked_mean(kl.detach(), m)) if kl is not None else 0.0,
+            "clip_frac_low": frac_low,
+            "clip_frac_high": frac_high,
+            "clip_frac": frac_low + frac_high,
+            "ratio_mean": float(masked_mean(ratio.detach(), m)) if n_tok > 0 else 0.0,
+            "ratio_max": float(ratio.masked_fill(~valid, float("-inf")).max()) if n_tok > 0 else 0.0,
+            "is_weight_mean": float(masked_mean(is_w, m)) if (is_w is not None and n_tok > 0) else 1.0,
+        }
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -106,7 +179,7 @@ def policy_loss(
         slightly from the learner's (kernels, precision), so the policy term is reweighted by
         ``w_is = min(exp(old_logp - engine_logp), is_cap)`` (detached, ``is_cap`` default 2.0); the cap
         bounds the variance. The KL term is not reweighted (it is already an estimate under pi);
-      * ``agg`` picks the normaliser (see ``AGG_MODES``). ``num_tokens``/``num_seqs`` default to this call's
+      * ``agg`` picks the normaliser (see :func:`agg_loss`). ``num_tokens``/``num_seqs`` default to this call's
         counts but must be the GLOBAL counts when micro-batching so losses sum to the full-batch loss;
         ``max_len`` (Dr. GRPO) should be the configured max response length, defaulting to ``T``.
 
@@ -124,28 +197,8 @@ def policy_loss(
         ValueError: naming the argument, for shape mismatches, unknown ``agg``/``kl_kind``, ``beta > 0``
             without ``ref_logp``, non-positive normalisers, ``is_cap`` without ``engine_logp``.
     """
-    if logp.dim() != 2:
-        raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
-    B, T = logp.shape
-    _check_same("old_logp", old_logp, logp.shape)
-    _check_same("mask", mask, logp.shape)
-    _check_same("ref_logp", ref_logp, logp.shape)
-    _check_same("engine_logp", engine_logp, logp.shape)
-    if advantages.shape != (B,):
-        raise ValueError(f"advantages must be [B]=[{B}] (one per sequence), got shape "
-                         f"{tuple(advantages.shape)}")
-    if agg not in AGG_MODES:
-        raise ValueError(f"unknown agg {agg!r}; expected one of {AGG_MODES}")
-    if kl_kind not in KL_KINDS:
-        raise ValueError(f"unknown kl_kind {kl_kind!r}; expected one of {KL_KINDS}")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
-    if beta > 0 and ref_logp is None:
-        raise ValueError("ref_logp is required when beta > 0 (the KL term needs reference log-probs)")
-    if clip_eps < 0 or (clip_eps_high is not None and clip_eps_high < 0):
-        raise ValueError(f"clip_eps/clip_eps_high must be >= 0, got {clip_eps}/{clip_eps_high}")
-    if is_cap is not None and engine_logp is None:
-        raise ValueError("is_cap was given without engine_logp; TIS needs the rollout engine's log-probs")
+    _check_args(logp, old_logp, advantages, mask, clip_eps=clip_eps, clip_eps_high=clip_eps_high, beta=beta,
+                ref_logp=ref_logp, kl_kind=kl_kind, agg=agg, engine_logp=engine_logp, is_cap=is_cap)
     eps_low = float(clip_eps)
     eps_high = float(clip_eps if clip_eps_high is None else clip_eps_high)
 
@@ -160,22 +213,18 @@ def policy_loss(
     old = clean(old_logp.detach().to(logp.dtype))
     adv = advantages.detach().to(logp.dtype).unsqueeze(-1)
 
+    # ---- clipped surrogate, importance-weighted ------------------------------------------------------------
     ratio = torch.exp(lp - old)
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     pg = -torch.min(ratio * adv, clipped * adv)
-
+    is_w = None
     if engine_logp is not None:
-        cap = 2.0 if is_cap is None else float(is_cap)
-        if not cap > 0:
-            raise ValueError(f"is_cap must be > 0, got {is_cap}")
         eng = clean(engine_logp.detach().to(logp.dtype))
-        is_w = torch.clamp(torch.exp(old - eng), max=cap)
+        is_w = torch.clamp(torch.exp(old - eng), max=2.0 if is_cap is None else float(is_cap))
         pg = pg * is_w
-    else:
-        is_w = None
 
-    per_token = pg
-    kl = None
+    # ---- KL to the reference (in the loss when beta > 0, else only logged) ---------------------------------
+    per_token, kl = pg, None
     if ref_logp is not None:
         ref = clean(ref_logp.detach().to(logp.dtype))
         if beta > 0:
@@ -185,44 +234,8 @@ def policy_loss(
             with torch.no_grad():
                 kl = kl_penalty(lp, ref, kl_kind)
 
-    # ---- aggregation -------------------------------------------------------------------------------------
-    if agg == "token_mean":
-        denom_tok = _positive("num_tokens", num_tokens) if num_tokens is not None \
-            else float(m.sum().clamp(min=1.0))
-
-        def reduce(x: torch.Tensor) -> torch.Tensor:
-            return (x * m).sum() / denom_tok
-    elif agg == "seq_mean_token_mean":
-        n_seq = _positive("num_seqs", num_seqs) if num_seqs is not None else float(max(B, 1))
-        seq_len = m.sum(dim=-1).clamp(min=1.0)
-
-        def reduce(x: torch.Tensor) -> torch.Tensor:
-            return ((x * m).sum(dim=-1) / seq_len).sum() / n_seq
-    else:  # seq_mean_token_sum_norm
-        n_seq = _positive("num_seqs", num_seqs) if num_seqs is not None else float(max(B, 1))
-        L = _positive("max_len", max_len) if max_len is not None else float(max(T, 1))
-
-        def reduce(x: torch.Tensor) -> torch.Tensor:
-            return (x * m).sum() / (n_seq * L)
-
-    loss = reduce(per_token)
-
-    # ---- metrics -----------------------------------------------------------------------------------------
-    with torch.no_grad():
-        n_tok = float(m.sum())
-        low = ((ratio < 1.0 - eps_low) & (adv < 0) & valid).to(logp.dtype)
-        high = ((ratio > 1.0 + eps_high) & (adv > 0) & valid).to(logp.dtype)
-        frac_low = float(masked_mean(low, m))
-        frac_high = float(masked_mean(high, m))
-        ratio_max = float(ratio.masked_fill(~valid, float("-inf")).max()) if n_tok > 0 else 0.0
-        metrics = {
-            "policy_loss": float(reduce(pg.detach())),
-            "kl": float(masked_mean(kl.detach(), m)) if kl is not None else 0.0,
-            "clip_frac_low": frac_low,
-            "clip_frac_high": frac_high,
-            "clip_frac": frac_low + frac_high,
-            "ratio_mean": float(masked_mean(ratio.detach(), m)) if n_tok > 0 else 0.0,
-            "ratio_max": ratio_max,
-            "is_weight_mean": float(masked_mean(is_w, m)) if (is_w is not None and n_tok > 0) else 1.0,
-        }
-    return loss, metrics
+    # ---- aggregation and metrics ---------------------------------------------------------------------------
+    norms = dict(num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
+    loss = agg_loss(per_token, m, agg, **norms)
+    pg_loss = agg_loss(pg.detach(), m, agg, **norms)
+    return loss, _metrics(pg_loss, ratio, adv, m, kl, is_w, eps_low, eps_high)

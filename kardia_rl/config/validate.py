@@ -4,36 +4,20 @@ Each rule yields a message naming the keys and values involved; all failures are
 """
 from __future__ import annotations
 
-from kardia_rl.config.schema import KardiaConfig
+from dataclasses import fields, is_dataclass
+
+from kardia_rl.config.schema import RUBRIC_DIMENSIONS, KardiaConfig
 from kardia_rl.errors import ConfigError
 
-RUBRIC_DIMENSIONS = ("relevance", "fluency", "empathy", "persona_consistency", "safety")
 
-_CHOICES = {
-    "data.split_by": ("dialogue", "profile"),
-    "data.span_notation": ("kardia", "xml", "auto"),
-    "data.history": ("response", "full"),
-    "model.init_size": ("tiny", "small", ""),
-    "model.dtype": ("auto", "float32", "bfloat16"),
-    "rollout.engine": ("vllm", "hf"),
-    "rollout.weight_sync": ("auto", "collective", "object_store"),
-    "judge.backend": ("embedding", "vllm", "openai", "hf"),
-    "judge.fallback": ("neutral", "zero", "midpoint"),
-    "reward.format_mode": ("strict", "graded"),
-    "reward.emotion_mode": ("exact", "soft"),
-    "algo.preset": ("grpo", "drgrpo", "dapo"),
-    "algo.advantage": ("grpo", "drgrpo", "batch_std"),
-    "algo.overlong": ("keep", "filter", "penalty"),
-    "algo.kl_estimator": ("k1", "k2", "k3"),
-    "algo.kl_in": ("loss", "reward"),
-    "algo.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
-    "learner.optimizer": ("torch_adamw", "deepspeed_adamw"),
-    "sft.lr_schedule": ("constant", "linear"),
-    "split.reference": ("base", "warmup"),
-    "logging.wandb_mode": ("offline", "online", "disabled"),
-    "logging.engine_log_level": ("debug", "info", "warning", "error"),
-    "ray.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK"),
-}
+def _choice_keys(obj, prefix: str = ""):
+    """(dotted key, allowed values) of every config field declared with `choices` in schema.py."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            yield from _choice_keys(value, f"{prefix}{f.name}.")
+        elif "choices" in f.metadata:
+            yield f"{prefix}{f.name}", f.metadata["choices"]
 
 
 def _get(cfg, dotted: str):
@@ -45,7 +29,7 @@ def _get(cfg, dotted: str):
 
 def config_problems(cfg: KardiaConfig) -> list[str]:
     p: list[str] = []
-    for key, choices in _CHOICES.items():
+    for key, choices in _choice_keys(cfg):
         v = _get(cfg, key)
         if v not in choices:
             p.append(f"{key}: {v!r} is not one of {list(choices)}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from typing import Sequence
 
+from kardia_rl.config.schema import SPLIT_UNITS
 from kardia_rl.data.schema import Dialogue
 
 
@@ -19,8 +20,8 @@ def _rank(key: str, seed: int) -> str:
 def split_dialogues(dialogues: Sequence[Dialogue], val_fraction: float = 0.1, test_fraction: float = 0.0,
                     seed: int = 0, by: str = "dialogue") -> dict[str, list[Dialogue]]:
     """Return {"train", "validation", "test"} lists of dialogues."""
-    if by not in ("dialogue", "profile"):
-        raise ValueError(f"split by must be 'dialogue' or 'profile', got {by!r}")
+    if by not in SPLIT_UNITS:
+        raise ValueError(f"split by must be one of {SPLIT_UNITS}, got {by!r}")
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"fractions must be in [0,1) and sum below 1: val={val_fraction} test={test_fraction}")
     key = (lambda d: d.id) if by == "dialogue" else (lambda d: d.anon_username)

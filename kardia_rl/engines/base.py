@@ -22,11 +22,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from kardia_rl.config.schema import MODEL_DTYPES
 from kardia_rl.errors import KardiaError
 
 RESPONSE_END = "<|response_end|>"
 FINISH_REASONS = ("stop", "length")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = MODEL_DTYPES + ("float16",)  # engines also take a checkpoint's own fp16 (judge models, tests)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+from kardia_rl.config.schema import HISTORY_MODES
 from kardia_rl.format.spans import parse_spans
 
 DEFAULT_SYSTEM_TEMPLATE = (
@@ -32,8 +33,8 @@ def visible_history(messages: Sequence[dict], history: str = "response", notatio
     A malformed past assistant turn (no response span) is kept verbatim rather than dropped, so the
     model still sees that something was said.
     """
-    if history not in ("response", "full"):
-        raise ValueError(f"history must be 'response' or 'full', got {history!r}")
+    if history not in HISTORY_MODES:
+        raise ValueError(f"history must be one of {HISTORY_MODES}, got {history!r}")
     out = []
     for m in messages:
         content = m["content"]
@@ -41,6 +42,17 @@ def visible_history(messages: Sequence[dict], history: str = "response", notatio
             content = parse_spans(content, notation).found.get("response") or content
         out.append({"role": m["role"], "content": content})
     return out
+
+
+def crop_history(turns: Sequence[dict], max_user_turns: int) -> list[dict]:
+    """The last `max_user_turns` user turns of `turns` and every turn after the first of them (0 = all):
+    data.max_history_turns, the one rule for the policy's prompt, the judge's view and the chat's memory."""
+    turns = list(turns)
+    if max_user_turns > 0:
+        user_idx = [i for i, m in enumerate(turns) if m["role"] == "user"]
+        if len(user_idx) > max_user_turns:
+            turns = turns[user_idx[-max_user_turns]:]
+    return turns
 
 
 def build_messages(person: str, situation: str, history: Sequence[dict], *, system: Optional[str] = None,
@@ -52,11 +64,7 @@ def build_messages(person: str, situation: str, history: Sequence[dict], *, syst
     `max_history_turns > 0` keeps only the last that many user turns (and the replies between them), which
     bounds prompt length on long dialogues.
     """
-    turns = [m for m in history if m["role"] != "system"]
-    if max_history_turns > 0:
-        user_idx = [i for i, m in enumerate(turns) if m["role"] == "user"]
-        if len(user_idx) > max_history_turns:
-            turns = turns[user_idx[-max_history_turns]:]
+    turns = crop_history([m for m in history if m["role"] != "system"], max_history_turns)
     sys_text = system if system else build_system_prompt(person, situation, template)
     return [{"role": "system", "content": sys_text}] + visible_history(turns, history_mode, notation)
 

@@ -13,12 +13,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from kardia_rl.config.schema import SPAN_NOTATIONS
+
 SPAN_NAMES: tuple[str, ...] = ("understanding", "reasoning", "emotion", "response")
 SPAN_TOKENS: tuple[str, ...] = tuple(f"<|{n}_{e}|>" for n in SPAN_NAMES for e in ("begin", "end"))
 
 _KARDIA_TAG = re.compile(r"<\|(understanding|reasoning|emotion|response)_(begin|end)\|>")
 _XML_TAG = re.compile(r"<(/?)(understanding|reasoning|emotion|response)>")
-NOTATIONS = ("kardia", "xml", "auto")
+# Any span tag of either notation: what the stripper removes and what a well-formed span may not contain.
+SPAN_TAG = re.compile(f"{_KARDIA_TAG.pattern}|{_XML_TAG.pattern}")
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ def _tags(text: str, notation: str):
         for m in _XML_TAG.finditer(text):
             yield m.start(), m.end(), m.group(2), m.group(1) == ""
     else:
-        raise ValueError(f"unknown span notation {notation!r}; expected one of {NOTATIONS}")
+        raise ValueError(f"unknown span notation {notation!r}; expected one of {SPAN_NOTATIONS}")
 
 
 def _snippet(s: str, n: int = 40) -> str:
@@ -120,6 +123,20 @@ def parse_spans(text: str, notation: str = "kardia") -> ParseResult:
                                 f"spans out of order: {' -> '.join(order)} (expected {' -> '.join(expected)})"))
     ok = not errors
     return ParseResult(ok, FourSpans(**found) if ok else None, errors, found)
+
+
+def strip_span_tags(text: str) -> str:
+    """`text` with every span tag of both notations replaced by a space and whitespace runs collapsed, so
+    `<|emotion_end|><|response_begin|>` between two words never glues them together."""
+    return " ".join(SPAN_TAG.sub(" ", text).split())
+
+
+def visible_response(result: ParseResult, text: str) -> str:
+    """What a user would read of an answer: its closed response span (even an empty one: the answer said
+    nothing to the user), else, when no response span was closed, the whole text with the tags stripped
+    (never the reasoning of an answer whose response span is merely empty)."""
+    response = result.found.get("response")
+    return strip_span_tags(text) if response is None else response
 
 
 def render_spans(understanding: str, reasoning: str, emotion: str, response: str) -> str:

@@ -26,6 +26,7 @@ import uuid
 from typing import Any, Mapping, Optional, Sequence
 
 from kardia_rl.config import to_dict
+from kardia_rl.config.schema import WANDB_MODES
 from kardia_rl.errors import ConfigError, DataError, KardiaError
 from kardia_rl.monitoring.alerts import Alert, alert_metrics
 from kardia_rl.monitoring.samples import remove_samples_after, wandb_table, write_samples
@@ -33,7 +34,6 @@ from kardia_rl.utils.io import atomic_write_jsonl, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id.txt"
-WANDB_MODES = ("offline", "online", "disabled")
 
 #: (metric key, console label, format) of the numbers on the progress line.
 CONSOLE_KEYS = (("rollout/reward_mean", "reward", "{:.3f}"), ("rollout/format_rate", "format", "{:.2f}"),

@@ -13,17 +13,17 @@ import os
 import re
 from typing import Any, Mapping, Optional, Sequence
 
+from kardia_rl.config.schema import RUBRIC_DIMENSIONS
 from kardia_rl.errors import KardiaError
 from kardia_rl.format.spans import SPAN_NAMES, parse_spans
 from kardia_rl.monitoring.stats import get_field
 from kardia_rl.utils.io import atomic_write_jsonl, read_jsonl
 
-DIMENSIONS: tuple[str, ...] = ("relevance", "fluency", "empathy", "persona_consistency", "safety")
 
 #: Column order of the table (JSONL rows carry exactly these keys).
 SAMPLE_COLUMNS: tuple[str, ...] = (
     "step", "prompt", "gold_emotion", "candidate_idx", *SPAN_NAMES, "format", "emotion_reward", "rubric",
-    *DIMENSIONS, "rationale", "reward", "advantage")
+    *RUBRIC_DIMENSIONS, "rationale", "reward", "advantage")
 
 _STEP_FILE = re.compile(r"step_(\d+)\.jsonl$")
 
@@ -57,7 +57,7 @@ def sample_rows(step: int, prompt: str, completions: Sequence[str], rewards: Seq
         prompt: the prompt as the policy saw it (or its readable last user turn).
         completions: the N generated texts, in candidate order.
         rewards: RewardBreakdown-like dicts/objects with `total`, `format`, `emotion`, `rubric`,
-            `scores` ({dim: 1-5 or None}) and optionally `rationale` (str or {dim: str}).
+            `dims` ({dim: 1-5 or None}) and optionally `rationale` (str or {dim: str}).
         advantages: one per candidate (a sequence-level advantage).
     Spans are parsed leniently: a malformed answer still shows every span it opened and closed, and an
     answer with no spans at all shows its whole text under `response` so nothing is hidden.
@@ -71,11 +71,11 @@ def sample_rows(step: int, prompt: str, completions: Sequence[str], rewards: Seq
         spans = {n: found.get(n, "") for n in SPAN_NAMES}
         if not found:
             spans["response"] = text
-        scores = get_field(rw, "scores") or {}
+        scores = get_field(rw, "dims") or {}
         row = {"step": int(step), "prompt": prompt, "gold_emotion": gold_emotion or "", "candidate_idx": idx,
                **spans, "format": _num(get_field(rw, "format")),
                "emotion_reward": _num(get_field(rw, "emotion")), "rubric": _num(get_field(rw, "rubric"))}
-        row.update({d: _num(scores.get(d)) for d in DIMENSIONS})
+        row.update({d: _num(scores.get(d)) for d in RUBRIC_DIMENSIONS})
         row.update({"rationale": _rationale(get_field(rw, "rationale")), "reward": _num(get_field(rw, "total")),
                     "advantage": _num(adv)})
         rows.append(row)

@@ -123,12 +123,12 @@ def rollout_metrics(rewards: Sequence[Any], group_size: int, response_lengths: S
         rewards: one RewardBreakdown-like dict (or object) per candidate, prompt-major, with keys `total`
             (unified reward), `format` (1 = well-formed; graded mode gives partial credit), `emotion`
             (1 = exact match; soft mode gives similarity), `rubric` (combined judge reward in [0, 1]) and
-            `scores` ({dimension: 1-5 or None}).
+            `dims` ({dimension: 1-5 or None}).
         group_size: N candidates per prompt.
         response_lengths: generated tokens per candidate.
         finish_reasons: per candidate ("stop", "length", ...); `rollout/truncated_rate` is the share of
             "length". None: the key is left out.
-        dimensions: rubric dimensions to report (default: every dimension seen in `scores`, sorted).
+        dimensions: rubric dimensions to report (default: every dimension seen in `dims`, sorted).
 
     Returns keys rollout/{reward_mean, reward_std, reward_min, reward_max, frac_zero_std, format_rate,
     format_reward_mean, emotion_acc, emotion_reward_mean, rubric_mean, response_len_mean,
@@ -172,7 +172,7 @@ def rollout_metrics(rewards: Sequence[Any], group_size: int, response_lengths: S
     if finish_reasons is not None:
         out["rollout/truncated_rate"] = sum(fr == LENGTH_FINISH for fr in finish_reasons) / n
 
-    scores = [get_field(r, "scores") or {} for r in rewards]
+    scores = [get_field(r, "dims") or {} for r in rewards]
     judged = [_judged(s) for s in scores]
     out["judge/judged_frac"] = sum(judged) / n
     dims = list(dimensions) if dimensions is not None else sorted({d for s in scores for d in s})

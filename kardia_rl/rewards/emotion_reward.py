@@ -30,14 +30,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from kardia_rl.config.schema import EMOTION_MODES, FORMAT_MODES
 from kardia_rl.data.emotions import EMOTIONS_32, normalize_emotion
-from kardia_rl.format.spans import SPAN_NAMES, SPAN_TOKENS, ParseResult, parse_spans
+from kardia_rl.format.spans import SPAN_TAG, ParseResult, parse_spans
 
-EMOTION_MODES = ("exact", "soft")
-CREDIT_MODES = ("strict", "graded")  # = the format reward's modes (reward.format_mode)
 SAME_CLUSTER_CREDIT = 0.5
-# Every span tag of both notations the parser reads: a graded-mode emotion span containing one is not well-formed.
-_SPAN_TAG_STRINGS = SPAN_TOKENS + tuple(f"<{c}{n}>" for n in SPAN_NAMES for c in ("", "/"))
 
 # Fine clusters over the 32 labels (each label exactly once; a test checks the partition).
 EMOTION_CLUSTERS: dict[str, tuple[str, ...]] = {
@@ -71,14 +68,14 @@ def credited_emotion(result: ParseResult, labels: Sequence[str] = EMOTIONS_32,
                      format_mode: str = "strict") -> Optional[str]:
     """Canonical predicted label of a parsed answer, or None when no emotion span may earn credit
     (see the module docstring for the strict and graded rules)."""
-    if format_mode not in CREDIT_MODES:
-        raise ValueError(f"unknown format mode {format_mode!r}; expected one of {CREDIT_MODES}")
+    if format_mode not in FORMAT_MODES:
+        raise ValueError(f"unknown format mode {format_mode!r}; expected one of {FORMAT_MODES}")
     if format_mode == "strict":
         return normalize_emotion(result.spans.emotion, labels) if result.ok else None
     span = result.found.get("emotion")
     if span is None or any(e.span == "emotion" for e in result.errors):  # duplicated, empty, nested, unclosed
         return None
-    if any(tag in span for tag in _SPAN_TAG_STRINGS):  # a tag swallowed by the span: not a label
+    if SPAN_TAG.search(span):  # a tag of either notation swallowed by the span: not a label
         return None
     return normalize_emotion(span, labels)
 

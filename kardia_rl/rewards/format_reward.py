@@ -15,9 +15,9 @@ well-formed answer, so the reward, the data validator and the evaluation can nev
 """
 from __future__ import annotations
 
+from kardia_rl.config.schema import FORMAT_MODES
 from kardia_rl.format.spans import SPAN_NAMES, ParseResult, parse_spans
 
-FORMAT_MODES = ("strict", "graded")
 SPAN_CREDIT = 0.25
 ORDER_PENALTY = 0.25
 STRUCTURE_PENALTY = 0.125

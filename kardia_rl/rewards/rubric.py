@@ -46,6 +46,7 @@ from kardia_rl.rewards.cache import JudgmentCache
 from kardia_rl.rewards.judge.base import (
     DIMENSIONS, SCORE_MAX, SCORE_MIN, ChatBackend, JudgeBackend, Judgment, JudgeRequest,
 )
+from kardia_rl.monitoring.stats import percentile
 from kardia_rl.rewards.rubric_parse import parse_group_judgment, parse_judgment
 from kardia_rl.rewards.rubric_prompt import (
     build_group_messages, build_judge_messages, make_nonce, reask_message, rubric_version_hash,
@@ -90,15 +91,6 @@ def _backend_model_name(chat: ChatBackend) -> str:
     return ""
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return 0.0
-    v = sorted(values)
-    k = (len(v) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
-
-
 @dataclass
 class JudgeStats:
     requests: int = 0  # requests received by judge()
@@ -118,7 +110,8 @@ class JudgeStats:
                 "judge/group_fallbacks": self.group_fallbacks, "judge/retries": self.retries,
                 "judge/timeouts": self.timeouts, "judge/parse_failures": self.parse_failures,
                 "judge/backend_errors": self.backend_errors, "judge/failures": self.failures,
-                "judge/latency_p50": percentile(lat, 0.5), "judge/latency_p95": percentile(lat, 0.95)}
+                "judge/latency_p50": percentile(lat, 50) if lat else 0.0,
+                "judge/latency_p95": percentile(lat, 95) if lat else 0.0}
 
 
 class RubricJudge(JudgeBackend):

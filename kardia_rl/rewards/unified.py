@@ -28,26 +28,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import statistics
 from collections import defaultdict, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
+from kardia_rl.config.schema import JUDGE_FALLBACKS
 from kardia_rl.data.emotions import EMOTIONS_32, label_set
 from kardia_rl.errors import DataError
-from kardia_rl.format.prompt import visible_history
-from kardia_rl.format.spans import parse_spans
+from kardia_rl.format.prompt import crop_history, visible_history
+from kardia_rl.format.spans import parse_spans, visible_response
+from kardia_rl.monitoring.stats import percentile
 from kardia_rl.rewards.emotion_reward import credited_emotion, emotion_score
 from kardia_rl.rewards.format_reward import format_score
 from kardia_rl.rewards.judge.base import DIMENSIONS, JudgeBackend, Judgment, JudgeRequest
 from kardia_rl.rewards.rubric import aggregate_scores, failed_judgment, percentile
 
 log = logging.getLogger(__name__)
-FALLBACKS = ("neutral", "zero", "midpoint")
 NEUTRAL_IF_NONE = 0.5
-_ANY_TAG = re.compile(r"<\|(?:understanding|reasoning|emotion|response)_(?:begin|end)\|>"
-                      r"|</?(?:understanding|reasoning|emotion|response)>")
 
 
 @dataclass
@@ -69,11 +67,6 @@ class RewardBreakdown:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-    @property
-    def scores(self) -> dict:
-        """The per-dimension scores under the name the monitoring layer reads."""
-        return self.dims
 
 
 def _col(sample: Any, name: str, default: Any = None) -> Any:
@@ -109,8 +102,8 @@ class UnifiedReward:
         self.wf, self.we, self.wr = cfg_reward.format_weight, cfg_reward.emotion_weight, cfg_reward.rubric_weight
         self.format_mode, self.emotion_mode = cfg_reward.format_mode, cfg_reward.emotion_mode
         self.fallback = cfg_judge.fallback
-        if self.fallback not in FALLBACKS:
-            raise ValueError(f"judge.fallback: {self.fallback!r} is not one of {list(FALLBACKS)}")
+        if self.fallback not in JUDGE_FALLBACKS:
+            raise ValueError(f"judge.fallback: {self.fallback!r} is not one of {list(JUDGE_FALLBACKS)}")
         self.judge_malformed = bool(cfg_judge.judge_malformed)
         self.dim_weights = dict(cfg_judge.dimension_weights)
         self.judge = judge
@@ -130,17 +123,15 @@ class UnifiedReward:
         return {"judge/calls": s["judge_calls"], "judge/failures": s["judge_failures"],
                 "judge/fallbacks": s["fallbacks"], "judge/malformed_skipped": s["malformed_skipped"],
                 "judge/cache_hit_rate": s["cache_hits"] / s["judge_calls"] if s["judge_calls"] else 0.0,
-                "judge/latency_p50": percentile(lat, 0.5), "judge/latency_p95": percentile(lat, 0.95)}
+                "judge/latency_p50": percentile(lat, 50) if lat else 0.0,
+                "judge/latency_p95": percentile(lat, 95) if lat else 0.0}
 
     def _request(self, sample: Any, response: str, group_id: str) -> JudgeRequest:
         missing = [k for k in ("person", "situation", "history") if _col(sample, k) is None]
         if missing:
             raise DataError(f"sample {_col(sample, 'id', '?')!r}: missing column(s) {missing} needed by the judge")
         hist = [m for m in _col(sample, "history") if m.get("role") in ("user", "assistant")]
-        if self.max_history_turns > 0:
-            users = [i for i, m in enumerate(hist) if m["role"] == "user"]
-            if len(users) > self.max_history_turns:
-                hist = hist[users[-self.max_history_turns]:]
+        hist = crop_history(hist, self.max_history_turns)
         hist = visible_history(hist, self.history_mode, self.notation)
         return JudgeRequest(person=str(_col(sample, "person")), situation=str(_col(sample, "situation")),
                             history=tuple((m["role"], m["content"]) for m in hist), response=response,
@@ -178,7 +169,7 @@ class UnifiedReward:
             if res.ok:
                 response = res.spans.response
             elif self.judge_malformed:
-                response = res.found.get("response") or _ANY_TAG.sub(" ", text).strip()
+                response = visible_response(res, text)
             else:
                 response = ""
                 self.stats["malformed_skipped"] += 1
@@ -231,5 +222,3 @@ class UnifiedReward:
                    group_ids: Optional[Sequence[Any]] = None) -> list[RewardBreakdown]:
         """`score` for synchronous callers (CLI, evaluation) that run no event loop of their own."""
         return asyncio.run(self.score(samples, completions, group_ids))
-
-    summary = staticmethod(summary)

@@ -6,7 +6,6 @@ log -> checkpoint. All heavy work happens in the actors; the driver only moves t
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from typing import Optional, Sequence
@@ -36,7 +35,7 @@ class GRPOTrainer:
         from kardia_rl.monitoring import HackingMonitor, MetricsLogger
         from kardia_rl.rewards.unified import UnifiedReward
         from kardia_rl.trainer.checkpoint import CheckpointManager
-        from kardia_rl.trainer.judge_pool import PoolJudge
+        from kardia_rl.trainer.judge_pool import JudgePool
         from kardia_rl.trainer.learner_group import LearnerGroup
         from kardia_rl.trainer.prompt_source import PromptSource
         from kardia_rl.trainer.ray_cluster import init_ray
@@ -60,7 +59,7 @@ class GRPOTrainer:
         from kardia_rl.trainer.weight_sync import WeightSync
 
         self.weight_sync = WeightSync(cfg, self.learner, self.rollout, self.probe)
-        self.judge = PoolJudge(cfg, cpus)
+        self.judge = JudgePool(cfg, cpus)
         self.reward = UnifiedReward(cfg.reward, cfg.judge, self.judge, label_set(cfg.data.emotion_labels),
                                     cfg.data.span_notation, history_mode=cfg.data.history,
                                     max_history_turns=cfg.data.max_history_turns)
@@ -235,11 +234,12 @@ class GRPOTrainer:
             self.logger.close()
 
 
-@contextlib.contextmanager
-def _timed(into: dict, key: str):
-    """Seconds spent in the block, stored as `into[key]` (also when the block raises)."""
-    t = time.perf_counter()
-    try:
-        yield
-    finally:
-        into[key] = time.perf_counter() - t
+class _timed:
+    def __init__(self, into: dict, key: str):
+        self.into, self.key = into, key
+
+    def __enter__(self):
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.into[self.key] = time.perf_counter() - self.t

@@ -76,16 +76,14 @@ class ChatSession:
                           system=self.profile.get("system"), history=list(self.history), target="")
 
     def reply(self, user_text: str) -> dict:
+        from kardia_rl.format.prompt import crop_history
         from kardia_rl.format.spans import parse_spans
         from kardia_rl.learner.sft_data import encode_prompt
 
         cfg = self.cfg
         self.history.append({"role": "user", "content": user_text})
         # the stored history keeps only what the prompt can use (data.max_history_turns user turns)
-        keep = cfg.data.max_history_turns
-        users = [i for i, m in enumerate(self.history) if m["role"] == "user"]
-        if keep > 0 and len(users) > keep:
-            self.history = self.history[users[-keep]:]
+        self.history = crop_history(self.history, cfg.data.max_history_turns)
         prompt = encode_prompt(self._sample(), self.engine.tokenizer, cfg)
         out = self.engine.generate([prompt], 1, temperature=cfg.eval.temperature, top_p=cfg.rollout.top_p,
                                    max_new_tokens=cfg.model.max_new_tokens, seed=cfg.seed + self.turn,

@@ -14,22 +14,11 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 
-from kardia_rl.config import KardiaConfig, from_dict, to_dict
+from kardia_rl.config import KardiaConfig, to_dict
 from kardia_rl.errors import KardiaError
 from kardia_rl.utils.io import atomic_write_text
-
-
-def _with(cfg: KardiaConfig, **dotted) -> KardiaConfig:
-    """A copy of `cfg` with dotted keys replaced (validated again)."""
-    d = to_dict(cfg)
-    for key, value in dotted.items():
-        node = d
-        *parents, leaf = key.split("__")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return from_dict(d)
 
 
 def stage_data(cfg: KardiaConfig, state: dict) -> dict:
@@ -112,8 +101,9 @@ def stage_grpo(cfg: KardiaConfig, state: dict) -> dict:
     run_dir = os.path.join(cfg.run_dir, "grpo")
     policy = os.path.join(run_dir, "policy")
     if not os.path.exists(os.path.join(policy, "config.json")):
-        gcfg = _with(cfg, run_dir=run_dir, model__path=state["sft"]["path"], checkpoint__resume=True,
-                     algo__train_samples=os.path.join(state["split"]["dir"], "hard.jsonl"))
+        gcfg = replace(cfg, run_dir=run_dir, model=replace(cfg.model, path=state["sft"]["path"]),
+                       checkpoint=replace(cfg.checkpoint, resume=True),
+                       algo=replace(cfg.algo, train_samples=os.path.join(state["split"]["dir"], "hard.jsonl")))
         run_train(gcfg)
     from kardia_rl.monitoring.logger import read_metrics
 
@@ -201,7 +191,7 @@ def run_pipeline(cfg: KardiaConfig) -> int:
         print(f"[pipeline] stage {name}")
         state[name] = run_isolated(name, fn, cfg, state) if name in ISOLATED else fn(cfg, state)
         if name == "model":  # later stages (split, SFT, eval's base) load the prepared folder
-            cfg = _with(cfg, model__path=state["model"]["path"])
+            cfg = replace(cfg, model=replace(cfg.model, path=state["model"]["path"]))
         report["stages"][name] = {"result": state[name], "seconds": round(time.time() - t0, 2)}
         report["seconds"] = round(time.time() - t_all, 2)
         atomic_write_text(os.path.join(cfg.run_dir, "report.json"), json.dumps(report, indent=2, default=str))

@@ -169,3 +169,15 @@ def test_rollout_group_refuses_to_queue_on_a_busy_actor():
         group.submit([[3]], 2, seed=2)
     group.done(second)
     assert group.submit([[3]], 2, seed=2)[0] == second
+
+
+def test_rollout_group_sends_an_explicit_zero_temperature():
+    from kardia_rl.trainer.rollout_group import RolloutGroup
+
+    group = RolloutGroup.__new__(RolloutGroup)  # only the dispatch state: no Ray actors are started
+    group.cfg = load_config(TINY, ["rollout.temperature=0.7"])
+    group.actors = [SimpleNamespace(generate=SimpleNamespace(remote=lambda *a: a))]
+    group.outstanding, group.in_flight = [0], {}
+    assert group.submit([[1]], 2, seed=0, temperature=0.0)[1][2] == 0.0  # not replaced by rollout.temperature
+    group.done(0)
+    assert group.submit([[1]], 2, seed=0)[1][2] == 0.7  # None: the config's

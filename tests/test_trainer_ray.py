@@ -7,11 +7,13 @@ import os
 
 import pytest
 
+from kardia_rl.trainer.driver import NON_DETERMINISTIC_PREFIXES
+
 # ray: every test runs the GRPO trainer on a local Ray cluster
 pytestmark = pytest.mark.ray
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DETERMINISTIC = lambda k: not k.startswith(("timing/", "perf/", "judge/latency"))  # noqa: E731
+DETERMINISTIC = lambda k: not k.startswith(NON_DETERMINISTIC_PREFIXES)  # noqa: E731
 
 
 @pytest.fixture(scope="module")

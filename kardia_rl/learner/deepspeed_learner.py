@@ -22,14 +22,11 @@ from kardia_rl.algo import policy_loss
 from kardia_rl.errors import KardiaError
 from kardia_rl.learner import batching as B
 from kardia_rl.learner.distributed import all_reduce_, barrier, init_distributed, use_cuda
-from kardia_rl.learner.ds_config import (ds_config, make_client_optimizer, param_groups, resolve_dtype,
-                                         warmup_lambda)
+from kardia_rl.learner.ds_config import (OptimSpec, ds_config, make_client_optimizer, param_groups,
+                                         resolve_dtype, warmup_lambda)
 from kardia_rl.learner.export import hf_metadata, hf_state_dict, iter_hf_tensors, save_hf_folder, unwrap_peft
-from kardia_rl.learner.logprobs import response_logprobs, sft_loss_sum
-from kardia_rl.learner.model_init import load_models, train_span_rows
-
-ROLES = ("policy", "sft")
-
+from kardia_rl.learner.logprobs import mismatch_sums, response_logprobs, sft_loss_sum
+from kardia_rl.learner.model_init import count_checkpointed_calls, load_models, train_span_rows
 
 def _to(batch: dict, device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -42,31 +39,20 @@ def importance_correction_on(cfg, dtype: torch.dtype) -> bool:
     return dtype != torch.float32 if value is None else bool(value)
 
 
-def _mismatch_sums(sums: dict, learner_lp: torch.Tensor, engine_lp: torch.Tensor, mask: torch.Tensor) -> None:
-    """Accumulate |learner - engine| and the k3 estimate of KL(engine || learner) over the sampled tokens
-    (the engine sampled them, so the estimate is unbiased); padding is masked out before any arithmetic."""
-    valid = mask != 0
-    d = torch.where(valid, learner_lp.detach().float() - engine_lp.float(), torch.zeros_like(learner_lp.float()))
-    sums["diff_sum"] += float(d.abs().sum())
-    sums["mismatch_kl_sum"] += float(((torch.exp(d) - d - 1.0) * valid).sum())
-    sums["diff_max"] = max(sums.get("diff_max", 0.0), float(d.abs().max()) if d.numel() else 0.0)
-
-
 class DeepSpeedLearner:
     """An HF causal LM inside DeepSpeed (ZeRO 0-3), optionally with a LoRA adapter and a reference model.
 
-    role="policy": GRPO learner (lr/micro-batch from cfg.learner; a reference model iff cfg.algo.kl_beta > 0).
-    role="sft": supervised fine-tuning (lr/micro-batch from cfg.sft; never a reference model).
-    `total_steps` lets an LR decay schedule (SFT) know its horizon.
+    `optim` says what to optimise and how (learning rate, schedule, micro-batch, a reference model or not):
+    `OptimSpec.grpo(cfg)` by default, `OptimSpec.sft(cfg, total_steps)` for supervised fine-tuning.
     """
 
-    def __init__(self, cfg, model_path: str, *, rank: int = 0, world_size: int = 1, role: str = "policy",
-                 local_rank: Optional[int] = None, master_port: Optional[int] = None, total_steps: int = 0):
-        if role not in ROLES:
-            raise KardiaError(f"learner role {role!r} is not one of {list(ROLES)}")
+    def __init__(self, cfg, model_path: str, *, rank: int = 0, world_size: int = 1,
+                 optim: Optional[OptimSpec] = None, local_rank: Optional[int] = None,
+                 master_port: Optional[int] = None):
         import deepspeed
 
-        self.cfg, self.role = cfg, role
+        optim = optim if optim is not None else OptimSpec.grpo(cfg)
+        self.cfg, self.optim = cfg, optim
         self.dist = init_distributed(rank, world_size, local_rank, master_port=master_port)
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.cuda = use_cuda()
@@ -74,19 +60,11 @@ class DeepSpeedLearner:
         self.dtype = resolve_dtype(cfg.model.dtype, self.cuda)
         lc = cfg.learner
         self.zero_stage = int(lc.zero_stage)
-        if role == "sft":
-            lr, self.micro_batch_size = cfg.sft.lr, cfg.sft.micro_batch_size
-            # proposed keys sft.warmup_steps / sft.lr_schedule (defaults: 10 steps, linear decay to 0)
-            warmup, schedule = cfg.sft.warmup_steps, cfg.sft.lr_schedule
-        else:
-            lr, self.micro_batch_size = lc.lr, lc.micro_batch_size
-            warmup, schedule = lc.warmup_steps, "constant"
-        self.max_tokens = lc.max_tokens_per_micro_batch
-
-        need_ref = role == "policy" and cfg.algo.kl_beta > 0
+        self.micro_batch_size, self.max_tokens = optim.micro_batch_size, lc.max_tokens_per_micro_batch
+        need_ref = optim.reference
         conf = ds_config(zero_stage=self.zero_stage, micro_batch_size=self.micro_batch_size,
-                         world_size=self.world_size, dtype=self.dtype, max_grad_norm=lc.max_grad_norm,
-                         optimizer=lc.optimizer, lr=lr, weight_decay=lc.weight_decay, cuda=self.cuda)
+                         world_size=self.world_size, dtype=self.dtype, max_grad_norm=optim.max_grad_norm,
+                         optimizer=optim.optimizer, lr=optim.lr, weight_decay=optim.weight_decay, cuda=self.cuda)
         # ZeRO-3: partitioned at load (deepspeed.zero.Init), no full copy per rank; else full load + reference copy
         # (learner/model_init.py)
         self.tokenizer, model, ref_model, self.added_tokens, self.partitioned_init = load_models(
@@ -95,7 +73,7 @@ class DeepSpeedLearner:
         self.ckpt_calls = 0  # checkpointed layer calls since the last train/sft step began (a metric)
         if lc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self._count_checkpointed_calls(model)
+            count_checkpointed_calls(model, self)
         self.lora = bool(cfg.model.lora.enabled)
         if self.lora:
             from peft import LoraConfig, get_peft_model
@@ -108,14 +86,14 @@ class DeepSpeedLearner:
             self._embed0 = model.get_input_embeddings().weight.detach().clone() if need_ref else None
             if lc.gradient_checkpointing:
                 model.enable_input_require_grads()
-        client_opt = make_client_optimizer(model, zero_stage=self.zero_stage, optimizer=lc.optimizer, lr=lr,
-                                           weight_decay=lc.weight_decay, max_grad_norm=lc.max_grad_norm,
-                                           cuda=self.cuda)
-        lam = warmup_lambda(warmup, total_steps, schedule)
+        client_opt = make_client_optimizer(model, zero_stage=self.zero_stage, optimizer=optim.optimizer,
+                                           lr=optim.lr, weight_decay=optim.weight_decay,
+                                           max_grad_norm=optim.max_grad_norm, cuda=self.cuda)
+        lam = warmup_lambda(optim.warmup_steps, optim.total_steps, optim.schedule)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=client_opt, config=conf,
             model_parameters=None if client_opt is not None else param_groups(model.named_parameters(),
-                                                                             lc.weight_decay),
+                                                                             optim.weight_decay),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lam))
         # from_pretrained returns the model in eval mode and DeepSpeed does not change it; HF layers checkpoint
         # only `if self.gradient_checkpointing and self.training`, so updates must run in train mode.
@@ -127,19 +105,6 @@ class DeepSpeedLearner:
             self.ref = "adapter_disabled" if self.lora else self._wrap_ref(ref_model)
 
     # --- models ---------------------------------------------------------------------------------------
-    def _count_checkpointed_calls(self, model: torch.nn.Module) -> None:
-        """Wrap each layer's checkpoint function with a counter, so metrics show checkpointing really ran."""
-        def counted(fn):
-            def call(*args, **kwargs):
-                self.ckpt_calls += 1
-                return fn(*args, **kwargs)
-            return call
-
-        for mod in model.modules():
-            if getattr(mod, "gradient_checkpointing", False) and callable(getattr(mod, "_gradient_checkpointing_func",
-                                                                                   None)):
-                mod._gradient_checkpointing_func = counted(mod._gradient_checkpointing_func)
-
     def _begin_update(self) -> None:
         """Train mode for a gradient step (checkpointing, dropout); scoring switches to eval and back."""
         self.engine.train()
@@ -294,7 +259,7 @@ class DeepSpeedLearner:
             old = mb.get("old_logprobs", logp.detach())
             eng = mb.get("engine_logprobs") if tis else None
             if "engine_logprobs" in mb:  # engine/learner mismatch on the sampled tokens (pre-update learner)
-                _mismatch_sums(sums, mb.get("old_logprobs", logp.detach()), mb["engine_logprobs"], m)
+                mismatch_sums(sums, mb.get("old_logprobs", logp.detach()), mb["engine_logprobs"], m)
             loss, met = policy_loss(
                 logp, old, mb["advantages"], m, clip_eps=ac.clip_eps, clip_eps_high=ac.clip_eps_high or None,
                 beta=beta_loss, ref_logp=ref, kl_kind=ac.kl_estimator, agg=ac.loss_agg, num_tokens=n_tok,
@@ -412,8 +377,7 @@ class DeepSpeedLearner:
         leaves `latest` on the previous complete checkpoint. Collective.
         """
         state = dict(client_state or {})
-        state["kardia_learner"] = {"global_step": self.global_step, "skipped_steps": self.skipped_steps,
-                                   "role": self.role}
+        state["kardia_learner"] = {"global_step": self.global_step, "skipped_steps": self.skipped_steps}
         tag = f"step{self.global_step}"
         self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=state)
         barrier()

@@ -14,11 +14,46 @@ Choices and why:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
 
+from kardia_rl.config.schema import LR_SCHEDULES, MODEL_DTYPES, OPTIMIZERS
 from kardia_rl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """What a learner optimises and how, so the learner itself reads no role-specific config section.
+
+    `grpo(cfg)` reads cfg.learner (and a frozen reference iff algo.kl_beta > 0), `sft(cfg, total_steps)`
+    reads cfg.sft's rate, micro-batch and schedule; both share cfg.learner's optimizer, weight decay and
+    clipping. `total_steps` is the horizon of a decaying schedule (0: none known).
+    """
+    lr: float
+    micro_batch_size: int
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    total_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optimizer: str = "torch_adamw"
+    reference: bool = False  # load a frozen reference model (the objective has a KL term to it)
+
+    @classmethod
+    def grpo(cls, cfg) -> "OptimSpec":
+        lc = cfg.learner
+        return cls(lr=lc.lr, micro_batch_size=lc.micro_batch_size, warmup_steps=lc.warmup_steps,
+                   weight_decay=lc.weight_decay, max_grad_norm=lc.max_grad_norm, optimizer=lc.optimizer,
+                   reference=cfg.algo.kl_beta > 0)
+
+    @classmethod
+    def sft(cls, cfg, total_steps: int = 0) -> "OptimSpec":
+        lc, sc = cfg.learner, cfg.sft
+        return cls(lr=sc.lr, micro_batch_size=sc.micro_batch_size, warmup_steps=sc.warmup_steps,
+                   schedule=sc.lr_schedule, total_steps=total_steps, weight_decay=lc.weight_decay,
+                   max_grad_norm=lc.max_grad_norm, optimizer=lc.optimizer)
 
 
 def resolve_dtype(name: str, cuda: bool) -> torch.dtype:
@@ -26,7 +61,7 @@ def resolve_dtype(name: str, cuda: bool) -> torch.dtype:
         return torch.bfloat16 if cuda else torch.float32
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if name not in table:
-        raise ConfigError(f"model.dtype: {name!r} is not one of ['auto', 'float32', 'bfloat16']")
+        raise ConfigError(f"model.dtype: {name!r} is not one of {list(MODEL_DTYPES)}")
     return table[name]
 
 
@@ -57,8 +92,8 @@ def ds_config(*, zero_stage: int, micro_batch_size: int, world_size: int, dtype:
         cfg["optimizer"] = {"type": "AdamW", "params": {
             "lr": lr, "weight_decay": weight_decay, "betas": [0.9, 0.999], "eps": 1e-8,
             "torch_adam": not cuda}}
-    elif optimizer not in ("torch_adamw", "deepspeed_adamw"):
-        raise ConfigError(f"learner.optimizer: {optimizer!r} is not one of ['torch_adamw', 'deepspeed_adamw']")
+    elif optimizer not in OPTIMIZERS:
+        raise ConfigError(f"learner.optimizer: {optimizer!r} is not one of {list(OPTIMIZERS)}")
     return cfg
 
 
@@ -125,10 +160,10 @@ def make_client_optimizer(module: torch.nn.Module, *, zero_stage: int, optimizer
 
 
 def warmup_lambda(warmup_steps: int, total_steps: int = 0, schedule: str = "constant"):
-    """LR multiplier per applied optimizer step: linear warm-up, then constant | linear | cosine decay to 0
-    over `total_steps` (decay needs total_steps > 0). Skipped steps do not advance it."""
-    if schedule not in ("constant", "linear", "cosine"):
-        raise ConfigError(f"lr schedule {schedule!r} is not one of ['constant', 'linear', 'cosine']")
+    """LR multiplier per applied optimizer step: linear warm-up, then constant, or linear decay to 0 over
+    `total_steps` (decay needs total_steps > 0). Skipped steps do not advance it."""
+    if schedule not in LR_SCHEDULES:
+        raise ConfigError(f"lr schedule {schedule!r} is not one of {list(LR_SCHEDULES)}")
 
     def f(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
@@ -136,5 +171,5 @@ def warmup_lambda(warmup_steps: int, total_steps: int = 0, schedule: str = "cons
         if schedule == "constant" or total_steps <= warmup_steps:
             return 1.0
         frac = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 1.0 - frac if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+        return 1.0 - frac
     return f

@@ -87,3 +87,13 @@ def sft_loss_sum(model, batch: dict, chunk_rows: int = 4) -> tuple[torch.Tensor,
         total = total + F.cross_entropy(x.reshape(-1, x.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX,
                                         reduction="sum")
     return total, int((labels != IGNORE_INDEX).sum())
+
+
+def mismatch_sums(sums: dict, learner_lp: torch.Tensor, engine_lp: torch.Tensor, mask: torch.Tensor) -> None:
+    """Accumulate |learner - engine| and the k3 estimate of KL(engine || learner) over the sampled tokens
+    (the engine sampled them, so the estimate is unbiased); padding is masked out before any arithmetic."""
+    valid = mask != 0
+    d = torch.where(valid, learner_lp.detach().float() - engine_lp.float(), torch.zeros_like(learner_lp.float()))
+    sums["diff_sum"] += float(d.abs().sum())
+    sums["mismatch_kl_sum"] += float(((torch.exp(d) - d - 1.0) * valid).sum())
+    sums["diff_max"] = max(sums.get("diff_max", 0.0), float(d.abs().max()) if d.numel() else 0.0)

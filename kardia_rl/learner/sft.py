@@ -161,6 +161,112 @@ def format_eval(learner, samples: Sequence[TurnSample], cfg, keep_examples: int 
             "examples": [{"id": s.id, "output": t} for s, t in list(zip(mine, texts))[:keep_examples]]}
 
 
+class SFTTrainer:
+    """The SFT stage as named phases, like `GRPOTrainer`: `setup` (model, examples, step plan, learner) ->
+    `validate` / `evaluate` -> `train` (one optimizer step per planned batch, validation every
+    sft.eval_every) -> `save` -> `evaluate` -> `finish` (rank 0 writes the metrics and the result).
+    Every phase that runs the model is collective: all ranks call it in the same order."""
+
+    def __init__(self, cfg, out_dir: Optional[str] = None, *, train_samples: Optional[Sequence[TurnSample]] = None,
+                 val_samples: Optional[Sequence[TurnSample]] = None, rank: Optional[int] = None,
+                 world_size: Optional[int] = None, local_rank: Optional[int] = None,
+                 master_port: Optional[int] = None, progress: bool = True):
+        self.cfg, self.out_dir = cfg, out_dir or os.path.join(cfg.run_dir, "sft_model")
+        self.train_samples, self.val_samples = train_samples, val_samples
+        self.rank, self.world_size, self.local_rank, self.master_port = rank, world_size, local_rank, master_port
+        self.progress = progress
+        self.history: list[dict] = []
+
+    # --- set-up -----------------------------------------------------------------------------------------
+    def setup(self) -> "SFTTrainer":
+        from transformers import AutoTokenizer
+
+        from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
+        from kardia_rl.learner.ds_config import OptimSpec
+
+        cfg = self.cfg
+        self.t0 = time.time()
+        threads = cfg.learner.cpu_threads
+        if threads > 0 and not torch.cuda.is_available():
+            torch.set_num_threads(threads)
+        model_path = ensure_model(cfg)
+        if self.train_samples is None or self.val_samples is None:
+            tr, va = load_training_turns(cfg)
+            self.train_samples = tr if self.train_samples is None else self.train_samples
+            self.val_samples = va if self.val_samples is None else self.val_samples
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.train_ex, cut, prompts_cut = build_examples(self.train_samples, tokenizer, cfg)
+        self.val_ex, _, _ = build_examples(self.val_samples, tokenizer, cfg)
+        if prompts_cut and self.progress:
+            print(f"[sft] warning: {prompts_cut} of {len(self.train_ex)} training prompts were cut to fit "
+                  f"sft.max_seq_len={cfg.sft.max_seq_len}; generation sees the uncut prompts. Raise "
+                  "sft.max_seq_len to avoid it.", flush=True)
+        ws_hint = self.world_size if self.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+        self.plan = step_plan(self.train_ex, cfg, ws_hint)
+        self.learner = DeepSpeedLearner(cfg, model_path, rank=self.rank, world_size=self.world_size,
+                                        optim=OptimSpec.sft(cfg, total_steps=len(self.plan)),
+                                        local_rank=self.local_rank, master_port=self.master_port)
+        self.result: dict[str, Any] = {
+            "model_path": model_path, "out_dir": self.out_dir, "train_examples": len(self.train_ex),
+            "val_examples": len(self.val_ex), "targets_truncated": cut, "prompts_truncated": prompts_cut,
+            "steps": len(self.plan), "world_size": self.learner.world_size, "val_loss_history": []}
+        return self
+
+    # --- the phases -------------------------------------------------------------------------------------
+    def validate(self) -> float:
+        return validation_loss(self.learner, self.val_ex, self.cfg.sft.micro_batch_size)
+
+    def evaluate(self) -> dict:
+        """Greedy format-valid rate and emotion accuracy on the validation turns."""
+        return format_eval(self.learner, self.val_samples, self.cfg)
+
+    def train(self) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        learner, plan, every = self.learner, self.plan, self.cfg.sft.eval_every
+        bar = tqdm(total=len(plan), desc="sft", disable=not self.progress or learner.rank != 0, dynamic_ncols=True)
+        t_train = time.time()
+        tokens = 0.0
+        seq_tokens = sum(len(r[0]) for rows in plan for r in rows)
+        for i, rows in enumerate(plan, start=1):
+            m = self.step(rows)
+            tokens += m["train/tokens"]
+            m["step"] = i
+            if (every > 0 and i % every == 0) or i == len(plan):
+                m["val/loss"] = self.validate()
+                self.result["val_loss_history"].append([i, m["val/loss"]])
+            self.history.append(m)
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['train/sft_loss']:.3f}",
+                            **({"val": f"{m['val/loss']:.3f}"} if "val/loss" in m else {}))
+        bar.close()
+        r, history = self.result, self.history
+        r["train_seconds"] = round(time.time() - t_train, 2)
+        r["train_tokens_per_s"] = round(seq_tokens / max(r["train_seconds"], 1e-9), 1)  # all tokens
+        r["target_tokens"] = tokens
+        r["train_loss_first"] = history[0]["train/sft_loss"]
+        r["train_loss_last"] = history[-1]["train/sft_loss"]
+        r["val_loss_final"] = history[-1]["val/loss"]
+        r["skipped_steps"] = learner.skipped_steps
+        return history
+
+    def step(self, rows: Sequence[tuple]) -> dict:
+        """One optimizer step on this rank's contiguous share of a planned batch."""
+        rank, ws = self.learner.rank, self.learner.world_size
+        mine = rows[len(rows) * rank // ws:len(rows) * (rank + 1) // ws]
+        return self.learner.sft_step(_collate(mine, self.learner.tokenizer.pad_token_id))
+
+    def save(self) -> str:
+        return self.learner.save_pretrained(self.out_dir)
+
+    def finish(self) -> dict[str, Any]:
+        self.result["seconds"] = round(time.time() - self.t0, 2)
+        if self.learner.rank == 0:
+            atomic_write_jsonl(os.path.join(self.out_dir, "sft_metrics.jsonl"), self.history)
+            atomic_write_text(os.path.join(self.out_dir, "sft_result.json"), json.dumps(self.result, indent=2))
+        return self.result
+
+
 def run_sft(cfg, out_dir: Optional[str] = None, *, train_samples: Optional[Sequence[TurnSample]] = None,
             val_samples: Optional[Sequence[TurnSample]] = None, rank: Optional[int] = None,
             world_size: Optional[int] = None, eval_before: bool = False, generate_eval: bool = True,
@@ -172,74 +278,18 @@ def run_sft(cfg, out_dir: Optional[str] = None, *, train_samples: Optional[Seque
     One rank of a W-rank run when rank/world_size are given (trainer.learner_group.run_sft_on_group: the
     pipeline and the split's warm-ups), or of torchrun (RANK/WORLD_SIZE), else the only process.
     """
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
-
-    from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
-
-    t0 = time.time()
-    threads = cfg.learner.cpu_threads
-    if threads > 0 and not torch.cuda.is_available():
-        torch.set_num_threads(threads)
-    out_dir = out_dir or os.path.join(cfg.run_dir, "sft_model")
-    model_path = ensure_model(cfg)
-    if train_samples is None or val_samples is None:
-        tr, va = load_sft_samples(cfg)
-        train_samples = tr if train_samples is None else train_samples
-        val_samples = va if val_samples is None else val_samples
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train_ex, cut, prompts_cut = build_examples(train_samples, tokenizer, cfg)
-    val_ex, _, _ = build_examples(val_samples, tokenizer, cfg)
-    if prompts_cut and progress:
-        print(f"[sft] warning: {prompts_cut} of {len(train_ex)} training prompts were cut to fit sft.max_seq_len="
-              f"{cfg.sft.max_seq_len}; generation sees the uncut prompts. Raise sft.max_seq_len to avoid it.",
-              flush=True)
-    ws_hint = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
-    plan = step_plan(train_ex, cfg, ws_hint)
-    learner = DeepSpeedLearner(cfg, model_path, rank=rank, world_size=world_size, role="sft", total_steps=len(plan),
-                               local_rank=local_rank, master_port=master_port)
-    pad = learner.tokenizer.pad_token_id
-    result: dict[str, Any] = {"model_path": model_path, "out_dir": out_dir, "train_examples": len(train_ex),
-                              "val_examples": len(val_ex), "targets_truncated": cut,
-                              "prompts_truncated": prompts_cut, "steps": len(plan),
-                              "world_size": learner.world_size, "val_loss_history": []}
-    if eval_before and generate_eval and val_samples:
-        result["before"] = {k: v for k, v in format_eval(learner, val_samples, cfg).items() if k != "examples"}
-    result["val_loss_initial"] = validation_loss(learner, val_ex, cfg.sft.micro_batch_size)
-    history: list[dict] = []
-    bar = tqdm(total=len(plan), desc="sft", disable=not progress or learner.rank != 0, dynamic_ncols=True)
-    t_train = time.time()
-    tokens = 0.0
-    seq_tokens = sum(len(r[0]) for rows in plan for r in rows)
-    for i, rows in enumerate(plan, start=1):
-        mine = rows[len(rows) * learner.rank // learner.world_size:len(rows) * (learner.rank + 1) // learner.world_size]
-        m = learner.sft_step(_collate(mine, pad))
-        tokens += m["train/tokens"]
-        m["step"] = i
-        if (cfg.sft.eval_every > 0 and i % cfg.sft.eval_every == 0) or i == len(plan):
-            m["val/loss"] = validation_loss(learner, val_ex, cfg.sft.micro_batch_size)
-            result["val_loss_history"].append([i, m["val/loss"]])
-        history.append(m)
-        bar.update(1)
-        bar.set_postfix(loss=f"{m['train/sft_loss']:.3f}",
-                        **({"val": f"{m['val/loss']:.3f}"} if "val/loss" in m else {}))
-    bar.close()
-    result["train_seconds"] = round(time.time() - t_train, 2)
-    result["train_tokens_per_s"] = round(seq_tokens / max(result["train_seconds"], 1e-9), 1)  # all tokens
-    result["target_tokens"] = tokens
-    result["train_loss_first"] = history[0]["train/sft_loss"]
-    result["train_loss_last"] = history[-1]["train/sft_loss"]
-    result["val_loss_final"] = history[-1]["val/loss"]
-    result["skipped_steps"] = learner.skipped_steps
-    learner.save_pretrained(out_dir)
-    if generate_eval and val_samples:
+    t = SFTTrainer(cfg, out_dir, train_samples=train_samples, val_samples=val_samples, rank=rank,
+                   world_size=world_size, local_rank=local_rank, master_port=master_port, progress=progress).setup()
+    generate = generate_eval and bool(t.val_samples)
+    if eval_before and generate:
+        t.result["before"] = {k: v for k, v in t.evaluate().items() if k != "examples"}
+    t.result["val_loss_initial"] = t.validate()
+    t.train()
+    t.save()
+    if generate:
         t_eval = time.time()
-        result["after"] = format_eval(learner, val_samples, cfg)
-        result["format_valid_rate"] = result["after"]["format_valid_rate"]
-        result["emotion_accuracy"] = result["after"]["emotion_accuracy"]
-        result["eval_seconds"] = round(time.time() - t_eval, 2)
-    result["seconds"] = round(time.time() - t0, 2)
-    if learner.rank == 0:
-        atomic_write_jsonl(os.path.join(out_dir, "sft_metrics.jsonl"), history)
-        atomic_write_text(os.path.join(out_dir, "sft_result.json"), json.dumps(result, indent=2))
-    return result
+        after = t.result["after"] = t.evaluate()
+        t.result["format_valid_rate"] = after["format_valid_rate"]
+        t.result["emotion_accuracy"] = after["emotion_accuracy"]
+        t.result["eval_seconds"] = round(time.time() - t_eval, 2)
+    return t.finish()

@@ -40,6 +40,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
+from kardia_rl.monitoring.stats import percentile
 from kardia_rl.rewards.judge.base import (
     MAX_RAW_CHARS, ChatBackend, ChatRequestError, JudgeBackend, Judgment, JudgeRequest, RetryPolicy, failed_judgment,
     retry_delay,
@@ -63,15 +64,6 @@ def _backend_model_name(chat: ChatBackend) -> str:
     return ""
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return 0.0
-    v = sorted(values)
-    k = (len(v) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
-
-
 @dataclass
 class JudgeStats:
     requests: int = 0  # requests received by judge()
@@ -91,7 +83,8 @@ class JudgeStats:
                 "judge/group_fallbacks": self.group_fallbacks, "judge/retries": self.retries,
                 "judge/timeouts": self.timeouts, "judge/parse_failures": self.parse_failures,
                 "judge/backend_errors": self.backend_errors, "judge/failures": self.failures,
-                "judge/latency_p50": percentile(lat, 0.5), "judge/latency_p95": percentile(lat, 0.95)}
+                "judge/latency_p50": percentile(lat, 50) if lat else 0.0,
+                "judge/latency_p95": percentile(lat, 95) if lat else 0.0}
 
 
 class RubricJudge(JudgeBackend):

@@ -44,7 +44,6 @@ from kardia_rl.rewards.format_reward import format_score
 from kardia_rl.rewards.judge.base import (
     DIMENSIONS, JudgeBackend, Judgment, JudgeRequest, aggregate_scores, failed_judgment,
 )
-from kardia_rl.rewards.rubric import percentile
 
 log = logging.getLogger(__name__)
 NEUTRAL_IF_NONE = 0.5

@@ -6,6 +6,7 @@ log -> checkpoint. All heavy work happens in the actors; the driver only moves t
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Optional, Sequence
@@ -234,12 +235,11 @@ class GRPOTrainer:
             self.logger.close()
 
 
-class _timed:
-    def __init__(self, into: dict, key: str):
-        self.into, self.key = into, key
-
-    def __enter__(self):
-        self.t = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.into[self.key] = time.perf_counter() - self.t
+@contextlib.contextmanager
+def _timed(into: dict, key: str):
+    """Seconds spent in the block, stored as `into[key]` (also when the block raises)."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        into[key] = time.perf_counter() - t

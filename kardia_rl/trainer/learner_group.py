@@ -50,7 +50,7 @@ class LearnerActor:
         self._prepare(master_addr)
         # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so the local device is always index 0.
         self.learner = DeepSpeedLearner(self.cfg, self.model_path, rank=self.rank, world_size=self.world_size,
-                                        role="policy", local_rank=0, master_port=master_port)
+                                        local_rank=0, master_port=master_port)
         return self.rank
 
     def run_sft(self, master_addr: str, master_port: int, out_dir: str, train_samples: list, val_samples: list,

@@ -81,7 +81,8 @@ class RolloutGroup:
                                "at a time (a queued call would split the engine's batch)")
         self.outstanding[i] += 1
         r = self.cfg.rollout
-        ref = self.actors[i].generate.remote(prompts, n, temperature or r.temperature, r.top_p,
+        temperature = r.temperature if temperature is None else temperature  # an explicit 0.0 stays 0.0
+        ref = self.actors[i].generate.remote(prompts, n, temperature, r.top_p,
                                              max_new_tokens or self.cfg.model.max_new_tokens, seed, greedy)
         return i, ref
 

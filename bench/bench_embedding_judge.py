@@ -41,7 +41,7 @@ def generate(model_dir: str, samples, cfg, steps: int, n: int, max_new_tokens: i
     from transformers import AutoTokenizer
 
     from kardia_rl.engines import make_engine
-    from kardia_rl.learner.sft_data import encode_prompt
+    from kardia_rl.data.encoding import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = [encode_prompt(s, tok, cfg) for s in samples]

@@ -194,10 +194,8 @@ def run_trl(args, cfg, samples, model_dir: str, our_prompt_ids: list, workdir: s
         from trl import GRPOConfig
         from trl import GRPOTrainer as TRLGRPOTrainer
 
-    from kardia_rl.data import label_set
     from kardia_rl.engines.base import stop_token_ids
     from kardia_rl.format.prompt import DEFAULT_SYSTEM_TEMPLATE, build_messages
-    from kardia_rl.rewards.judge import make_judge
     from kardia_rl.rewards.unified import UnifiedReward
 
     out = {"load_start": load_line()}
@@ -210,8 +208,7 @@ def run_trl(args, cfg, samples, model_dir: str, our_prompt_ids: list, workdir: s
     total = args.warmup + args.steps
     # One copy of the P prompts per step and no shuffling: every generation batch holds exactly the P prompts.
     dataset = Dataset.from_dict({"prompt": messages * total, "sample_index": list(range(len(samples))) * total})
-    reward = UnifiedReward(cfg.reward, cfg.judge, make_judge(cfg.judge, seed=cfg.seed), label_set(d.emotion_labels),
-                           d.span_notation, history_mode=d.history, max_history_turns=d.max_history_turns)
+    reward = UnifiedReward.from_config(cfg)
     tokens_per_call: list[int] = []
 
     def kardia_reward(prompts, completions, completion_ids, sample_index, **kw):

@@ -28,7 +28,7 @@ def main() -> int:
     from kardia_rl.engines.vllm_weight_transfer import KardiaTrainerInitInfo, trainer_init
     from kardia_rl.learner.distributed import free_port
     from kardia_rl.learner.export import hf_metadata, iter_hf_tensors
-    from kardia_rl.learner.sft_data import encode_prompt, encode_target
+    from kardia_rl.data.encoding import encode_prompt, encode_target
 
     path, dtype = sys.argv[1], sys.argv[2]
     eng = make_engine("vllm", path, dtype=dtype, max_model_len=1024, kv_cache_bytes=1 << 27, verify_reference=False)

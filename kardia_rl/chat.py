@@ -2,7 +2,7 @@
 
 The persona comes from `--profile FILE` (a KardiaBench record, as .json or the first line of a .jsonl, or any
 JSON object with `person` and `situation`) or from `--persona TEXT --situation TEXT`. Each user turn goes
-through the same prompt encoder as SFT, GRPO and eval (kardia_rl.learner.sft_data.encode_prompt: system
+through the same prompt encoder as SFT, GRPO and eval (kardia_rl.data.encoding.encode_prompt: system
 prompt, the model's chat template, history cut to data.max_history_turns and model.max_prompt_tokens), and the
 answer is parsed with the strict four-span parser: the response span is shown, `--show-spans` shows all four,
 and a malformed answer is shown raw with a note (never an error). User turns come from `--input FILE` (one per
@@ -78,7 +78,7 @@ class ChatSession:
     def reply(self, user_text: str) -> dict:
         from kardia_rl.format.prompt import crop_history
         from kardia_rl.format.spans import parse_spans
-        from kardia_rl.learner.sft_data import encode_prompt
+        from kardia_rl.data.encoding import encode_prompt
 
         cfg = self.cfg
         self.history.append({"role": "user", "content": user_text})
@@ -111,11 +111,11 @@ def render(result: dict, show_spans: bool) -> str:
 
 
 def cmd_chat(args) -> int:
-    from kardia_rl.config import load_config
-    from kardia_rl.engines import make_engine
+    from kardia_rl.config.cli import config_from_args
+    from kardia_rl.engines import engine_from_config
     from kardia_rl.model.prepare import resolve_source
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = config_from_args(args)
     if args.profile and (args.persona or args.situation):
         raise KardiaError("give either --profile FILE or --persona TEXT --situation TEXT, not both")
     if args.profile:
@@ -130,9 +130,7 @@ def cmd_chat(args) -> int:
     if src.kind == "gguf":
         raise KardiaError(f"--model {args.model}: a .gguf file must be prepared first: "
                           f"kardia-rl prepare --model {args.model} --out DIR, then --model DIR")
-    engine = make_engine(args.engine or cfg.rollout.engine, src.local, seed=cfg.seed, dtype=cfg.model.dtype,
-                         max_model_len=cfg.model.max_prompt_tokens + cfg.model.max_new_tokens,
-                         kv_cache_bytes=cfg.rollout.kv_cache_bytes, verify_reference=False)
+    engine = engine_from_config(cfg, src.local, kind=args.engine, verify_reference=False)
     session = ChatSession(cfg, engine, profile)
     try:
         for text in user_turns(args.input, sys.stdin):
@@ -145,8 +143,9 @@ def cmd_chat(args) -> int:
 
 
 def configure_chat(p) -> None:
-    p.add_argument("config", nargs="?", default=None, help="YAML config (prompt, history and decoding settings)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    from kardia_rl.config.cli import add_config_args
+
+    add_config_args(p, "YAML config (prompt, history and decoding settings)", "eval.greedy=false")
     p.add_argument("--model", required=True, help="trained policy folder (or a prepared hub id)")
     p.add_argument("--profile", default=None, help="KardiaBench record (.json/.jsonl) or JSON with person/situation")
     p.add_argument("--persona", default=None, help="the user's profile, as free text")

@@ -52,12 +52,12 @@ def stage_model(cfg: KardiaConfig, state: dict) -> dict:
 
 def stage_split(cfg: KardiaConfig, state: dict) -> dict:
     from kardia_rl.curriculum.split import split_samples
-    from kardia_rl.learner.sft_data import load_sft_samples
+    from kardia_rl.data.encoding import load_training_turns
 
     out_dir = os.path.join(cfg.run_dir, "split")
     done = os.path.join(out_dir, "split.json")
     if not os.path.exists(done):  # split.reference=warmup: K cross-fitted warm-ups (curriculum/crossfit.py)
-        train, _ = load_sft_samples(cfg)
+        train, _ = load_training_turns(cfg)
         split_samples(cfg, train, None, out_dir, work_dir=os.path.join(cfg.run_dir, "reference_models"))
     with open(done) as f:
         meta = json.load(f)
@@ -79,7 +79,7 @@ def _read_samples(path: str) -> list:
 
 
 def stage_sft(cfg: KardiaConfig, state: dict) -> dict:
-    from kardia_rl.learner.sft_data import load_sft_samples
+    from kardia_rl.data.encoding import load_training_turns
     from kardia_rl.trainer.learner_group import run_sft_on_group
 
     out_dir = os.path.join(cfg.run_dir, "sft_model")
@@ -87,7 +87,7 @@ def stage_sft(cfg: KardiaConfig, state: dict) -> dict:
     if not os.path.exists(result_file):
         easy = _read_samples(os.path.join(state["split"]["dir"], "easy.jsonl"))
         # learner.num_workers Ray ranks with the ZeRO stage and placement of the GRPO learner group
-        run_sft_on_group(cfg, out_dir, easy, load_sft_samples(cfg)[1])
+        run_sft_on_group(cfg, out_dir, easy, load_training_turns(cfg)[1])
     with open(result_file) as f:
         res = json.load(f)
     keep = ("train_examples", "steps", "train_seconds", "val_loss_final", "format_valid_rate", "emotion_accuracy")
@@ -96,7 +96,7 @@ def stage_sft(cfg: KardiaConfig, state: dict) -> dict:
 
 
 def stage_grpo(cfg: KardiaConfig, state: dict) -> dict:
-    from kardia_rl.trainer.train_cli import run_train
+    from kardia_rl.trainer.run import run_train
 
     run_dir = os.path.join(cfg.run_dir, "grpo")
     policy = os.path.join(run_dir, "policy")
@@ -197,3 +197,19 @@ def run_pipeline(cfg: KardiaConfig) -> int:
         atomic_write_text(os.path.join(cfg.run_dir, "report.json"), json.dumps(report, indent=2, default=str))
     print(f"[pipeline] done in {report['seconds']:.0f} s; report: {os.path.join(cfg.run_dir, 'report.json')}")
     return 0
+
+
+def cmd_pipeline(args) -> int:
+    """`kardia-rl pipeline [CONFIG] [key=value ...]`."""
+    from kardia_rl.config.cli import config_from_args
+
+    return run_pipeline(config_from_args(args))
+
+
+def _configure_pipeline(p) -> None:
+    from kardia_rl.config.cli import add_config_args
+
+    add_config_args(p)
+
+
+cmd_pipeline.configure = _configure_pipeline

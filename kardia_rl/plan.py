@@ -354,9 +354,9 @@ def preflight(cfg, mode: str = "pipeline", **cluster_kw) -> Plan:
 
 
 def cmd_plan(args) -> int:
-    from kardia_rl.config import load_config
+    from kardia_rl.config.cli import config_from_args
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = config_from_args(args)
     plan = build_plan(cfg, detect_cluster(cfg, args.gpus, args.gpu_mem, args.host_mem, args.shm), args.mode)
     print(render(plan), flush=True)
     if args.json:
@@ -370,8 +370,9 @@ def cmd_plan(args) -> int:
 
 
 def configure_plan(p) -> None:
-    p.add_argument("config", nargs="?", default=None, help="YAML config")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    from kardia_rl.config.cli import add_config_args
+
+    add_config_args(p)
     p.add_argument("--gpus", type=float, default=None, help="plan for a cluster with this many GPUs (instead of the visible one)")
     p.add_argument("--gpu-mem", type=float, default=None, help="memory per GPU in GiB")
     p.add_argument("--host-mem", type=float, default=None, help="host RAM in GiB")

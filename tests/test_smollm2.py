@@ -81,7 +81,7 @@ def test_vllm_rollout_engine_matches_transformers_logprobs_at_temperature(smollm
     from transformers import AutoModelForCausalLM
 
     from kardia_rl.engines import make_engine
-    from kardia_rl.learner.sft_data import encode_prompt
+    from kardia_rl.data.encoding import encode_prompt
 
     cfg = _cfg(tmp_path, smollm2_dir)
     temp = 0.7

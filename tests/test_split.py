@@ -17,9 +17,9 @@ from kardia_rl.curriculum.crossfit import assign_folds, fold_key
 from kardia_rl.curriculum.split import (
     apply_tau, data_rate, histogram, load_split_data, rates_from_rewards, sample_rewards, split_samples,
 )
+from kardia_rl.cli import main
 from kardia_rl.data import TurnSample
 from kardia_rl.errors import ConfigError, DataError, KardiaError
-from kardia_rl.evaluation.cli import _main, cmd_split
 from kardia_rl.utils.io import read_jsonl
 
 SETTINGS = ["rollout.engine=hf", "split.k=4", "model.max_new_tokens=24", "model.max_prompt_tokens=384",
@@ -75,7 +75,7 @@ def test_cli_split_end_to_end_is_complete_disjoint_and_deterministic(sampled, ti
     out = tmp_path / "split"
     args = ["--data", data_file, "--model", tiny_model_dir, "--out", str(out), "--no-progress", *SETTINGS,
             f"split.reward_threshold={threshold}", "split.tau=0.5"]
-    assert _main("split", cmd_split, args) == 0
+    assert main(["split", *args]) == 0
     doc = json.loads((out / "split.json").read_text())
     assert doc["method"] == "sampled" and doc["k"] == 4 and doc["seed"] == 7 and doc["tau"] == 0.5
     assert doc["rewards"] == rewards  # same seed, same samples, same judge: identical to the library run

@@ -119,7 +119,7 @@ def _prompts_with_partial_success(model_dir, cfg, n_prompts=2):
     from kardia_rl.data import expand_turns, load_dialogues, normalize_emotion
     from kardia_rl.engines import make_engine
     from kardia_rl.format import parse_spans
-    from kardia_rl.learner.sft_data import encode_prompt
+    from kardia_rl.data.encoding import encode_prompt
 
     turns = [t for d in load_dialogues("builtin:sample/train") for t in expand_turns(d)]
     tok = AutoTokenizer.from_pretrained(model_dir)

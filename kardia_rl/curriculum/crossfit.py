@@ -64,7 +64,8 @@ def crossfit_rewards(cfg, samples: Sequence[TurnSample], work_dir: str, *, progr
                      judge=None) -> tuple[dict, dict]:
     """(id -> k rewards, in the order of `samples`; info for split.json) from K cross-fitted warm-ups."""
     from kardia_rl.curriculum import split
-    from kardia_rl.evaluation.harness import build_reward, close_judge
+    from kardia_rl.rewards.judge import make_judge
+    from kardia_rl.rewards.offline import close_judge
     from kardia_rl.trainer.learner_group import run_sft_on_group
 
     k, by, epochs = cfg.split.folds, cfg.data.split_by, cfg.split.warmup_epochs
@@ -72,7 +73,7 @@ def crossfit_rewards(cfg, samples: Sequence[TurnSample], work_dir: str, *, progr
     warm_cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, epochs=epochs))
     own = judge is None
     if own:  # one judge for all folds (the embedding judge loads its model once)
-        judge = build_reward(cfg, None)[1]
+        judge = make_judge(cfg.judge, seed=cfg.seed)
     rewards: dict[str, list[float]] = {}
     info: list[dict] = []
     held = [[s for s in samples if folds[fold_key(s, by)] == i] for i in range(k)]

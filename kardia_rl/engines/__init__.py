@@ -1,9 +1,12 @@
 """Generation engines: one interface (`GenerationEngine`), two implementations (vLLM, transformers).
 
-`make_engine("vllm" | "hf", model_path, ...)` is the only constructor callers need; the vLLM module is
-imported lazily so the hf engine works where vLLM is not installed.
+`make_engine("vllm" | "hf", model_path, ...)` is the one constructor; `engine_from_config(cfg, path)` reads its
+arguments from a KardiaConfig (rollout actors, eval, the split's rater, chat). The vLLM module is imported lazily
+so the hf engine works where vLLM is not installed. Chunked generation with a progress bar: engines/generate.py.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 from kardia_rl.engines.base import Completion, GenerationEngine, stop_token_ids
 from kardia_rl.errors import KardiaError
@@ -47,4 +50,20 @@ def make_engine(kind: str, model_path: str, *, seed: int = 0, dtype: str = "auto
     raise KardiaError(f"engine {kind!r}: choose one of {', '.join(ENGINE_KINDS)}")
 
 
-__all__ = ["Completion", "GenerationEngine", "ENGINE_KINDS", "make_engine", "stop_token_ids"]
+def engine_from_config(cfg, model_path: str, *, kind: Optional[str] = None, seed_offset: int = 0,
+                       verify_reference: bool = True) -> GenerationEngine:
+    """The engine cfg.rollout.engine (or `kind`) on `model_path` with the rollout section's settings, sized for
+    prompt + answer; seed cfg.seed + seed_offset (rollout actor i uses offset i, so actors sample differently)."""
+    import os
+
+    if not os.path.isdir(model_path):
+        raise KardiaError(f"model {model_path!r}: not a directory (a save_pretrained checkpoint is needed)")
+    r = cfg.rollout
+    return make_engine(kind or r.engine, model_path, seed=cfg.seed + seed_offset, dtype=cfg.model.dtype,
+                       max_model_len=cfg.model.max_prompt_tokens + cfg.model.max_new_tokens,
+                       kv_cache_bytes=r.kv_cache_bytes, enforce_eager=r.enforce_eager,
+                       gpu_memory_utilization=r.gpu_memory_utilization,
+                       tensor_parallel_size=max(1, int(r.gpus_per_actor)), verify_reference=verify_reference)
+
+
+__all__ = ["Completion", "GenerationEngine", "ENGINE_KINDS", "engine_from_config", "make_engine", "stop_token_ids"]

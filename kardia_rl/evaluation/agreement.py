@@ -155,17 +155,14 @@ def score_with_judges(cfgs: Mapping[str, object], judges: Mapping[str, object], 
 
     The reward weights are forced to rubric only (format 0, emotion 0, rubric 1) so every judge is asked
     whatever the run's weights are; malformed answers are judged only under judge.judge_malformed."""
-    from kardia_rl.data import label_set
-    from kardia_rl.evaluation.harness import score_chunked
     from kardia_rl.rewards import UnifiedReward
+    from kardia_rl.rewards.offline import score_chunked
 
     out = {}
     for name, judge in judges.items():
         cfg = cfgs[name]
         rubric_only = dataclasses.replace(cfg.reward, format_weight=0.0, emotion_weight=0.0, rubric_weight=1.0)
-        reward = UnifiedReward(rubric_only, cfg.judge, judge, label_set(cfg.data.emotion_labels or None),
-                               cfg.data.span_notation, history_mode=cfg.data.history,
-                               max_history_turns=cfg.data.max_history_turns)
+        reward = UnifiedReward.from_config(cfg, judge, rubric_only)
         gids = list(group_ids) if group_ids is not None else [getattr(s, "id", str(i)) for i, s in enumerate(samples)]
         out[name] = score_chunked(reward, list(samples), list(completions), gids, progress=progress,
                                   desc=f"judge [{name}]")

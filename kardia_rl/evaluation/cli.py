@@ -1,48 +1,25 @@
-"""Command-line entry points: `kardia-rl eval`, `kardia-rl judge-agreement`, `kardia-rl split`.
+"""`kardia-rl eval` and `kardia-rl judge-agreement` (commands of kardia_rl.cli's table).
 
     kardia-rl eval [CONFIG] --model DIR [--compare DIR2 ...] [--names a,b,c] [--data test|validation|train|PATH]
                    [--judge BACKEND] [--out DIR] [key=value ...]
     kardia-rl judge-agreement [CONFIG] --judges A B ... [--seeds 0 1 ...] --data D --responses FILE [--out DIR]
-    kardia-rl split [CONFIG] [--data D] [--out DIR] [--model DIR] [key=value ...]
 
-Each `cmd_x(args) -> int` carries `.configure` (its argparse set-up), which kardia_rl.cli.command() reads.
-CONFIG is optional: when the first positional is a key=value override rather than a file, it is treated
-as an override. `main_x(argv)` runs a command standalone (python -m kardia_rl.evaluation.cli eval ...),
-with intermixed options and overrides in any order.
+Each `cmd_x(args) -> int` carries `.configure` (its argparse set-up); CONFIG and the overrides follow the one
+convention of kardia_rl.config.cli.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 
+from kardia_rl.config.cli import add_config_args, config_from_args, config_source, is_override
 from kardia_rl.errors import KardiaError
 from kardia_rl.rewards.score_cli import JUDGE_CHOICES
 
 
 def _positional(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.max_samples=20")
+    add_config_args(p, example="eval.max_samples=20")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _is_override(text: str) -> bool:
-    return "=" in text and not os.path.exists(text)
-
-
-def _config_overrides(args, extra: tuple = ()) -> tuple:
-    """(config path or None, overrides): a first positional that is key=value is an override."""
-    config, overrides = args.config, list(args.overrides or [])
-    if config and _is_override(config):
-        config, overrides = None, [config] + overrides
-    return config, list(extra) + overrides
-
-
-def _load(config, overrides):
-    from kardia_rl.config import load_config
-
-    return load_config(config, overrides)
 
 
 # ------------------------------------------------------------------------------------------------ eval
@@ -79,11 +56,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kardia_rl.evaluation.report import main_table
 
     # `--compare A B x=y`: argparse gives x=y to --compare; it is an override, not a model
-    compare = [c for c in args.compare if not _is_override(c)]
-    extra = [c for c in args.compare if _is_override(c)]
-    config, overrides = _config_overrides(args)
+    compare = [c for c in args.compare if not is_override(c)]
+    extra = [c for c in args.compare if is_override(c)]
     judge_override = [f"judge.backend={args.judge}"] if args.judge else []
-    cfg = _load(config, overrides + extra + judge_override)
+    cfg = config_from_args(args, extra + judge_override)
     paths = [args.model or cfg.model.path] + compare
     models = list(zip(model_names(paths, args.names), paths))
     out = args.out or os.path.join(cfg.run_dir, "eval")
@@ -131,18 +107,19 @@ def load_responses(cfg, data: str, responses: str, split=None) -> tuple:
 
 def cmd_judge_agreement(args: argparse.Namespace) -> int:
     from kardia_rl.evaluation.agreement import agreement_report, expand_judge_specs, score_with_judges
-    from kardia_rl.evaluation.harness import close_judge
-    from kardia_rl.evaluation.report import render_agreement_markdown, write_json
+    from kardia_rl.config import load_config
+    from kardia_rl.evaluation.report import render_agreement_markdown
     from kardia_rl.rewards import make_judge
-    from kardia_rl.utils.io import atomic_write_text
+    from kardia_rl.rewards.offline import close_judge
+    from kardia_rl.utils.io import atomic_write_text, write_json
 
-    config, overrides = _config_overrides(args)
-    cfg = _load(config, overrides)
+    config, overrides = config_source(args)
+    cfg = load_config(config, overrides)
     specs = expand_judge_specs(args.judges, args.seeds, cfg.seed)
     samples, completions = load_responses(cfg, args.data, args.responses, args.split)
     breakdowns, meta = {}, {}
     for spec in specs:  # one judge at a time: LLM judges are released before the next one loads
-        cfg_j = _load(config, overrides + [f"judge.backend={spec.backend}"] + spec.overrides)
+        cfg_j = load_config(config, overrides + [f"judge.backend={spec.backend}"] + spec.overrides)
         judge = make_judge(cfg_j.judge, seed=spec.seed)
         try:
             breakdowns.update(score_with_judges({spec.name: cfg_j}, {spec.name: judge}, samples, completions,
@@ -163,56 +140,3 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
 
 
 cmd_judge_agreement.configure = configure_judge_agreement
-
-
-# ----------------------------------------------------------------------------------------------- split
-def configure_split(p: argparse.ArgumentParser) -> None:
-    _positional(p)
-    p.add_argument("--data", default=None, help="dialogues to split (default: data.path), split as given")
-    p.add_argument("--out", default=None, help="output folder for easy.jsonl, hard.jsonl, split.json, rates.png "
-                                               "(default: RUN_DIR/split)")
-    p.add_argument("--model", default=None, help="reference policy sampled for resolution rates (default: split.reference: "
-                                              "model.path, or K cross-fitted warm-ups in OUT/reference_models)")
-
-
-def cmd_split(args: argparse.Namespace) -> int:
-    from kardia_rl.curriculum.split import load_split_data, split_samples
-
-    config, overrides = _config_overrides(args)
-    cfg = _load(config, overrides)
-    data = args.data or cfg.data.path
-    samples, sources = load_split_data(cfg, data)
-    out = args.out or os.path.join(cfg.run_dir, "split")
-    doc = split_samples(cfg, samples, args.model, out, progress=not args.no_progress, sources=sources, data=data)
-    shown = {k: doc[k] for k in ("method", "folds", "k", "reward_threshold", "temperature", "tau", "seed", "sizes", "rate_mean",
-                                 "fields", "seconds") if k in doc}
-    if "timing" in doc:
-        shown["timing"] = {k: v for k, v in doc["timing"].items() if k != "judge_stats"}
-    print(json.dumps(shown, indent=2))
-    print("histogram: " + "  ".join(f"{h['lo']:.2f}{'' if h['lo'] == h['hi'] else '-' + format(h['hi'], '.2f')}: "
-                                    f"{h['count']}" for h in doc["histogram"]))
-    print(f"wrote {out}/easy.jsonl ({doc['sizes']['easy']}), hard.jsonl ({doc['sizes']['hard']}), split.json, rates.png")
-    return 0
-
-
-cmd_split.configure = configure_split
-
-
-# ------------------------------------------------------------------------------------------ standalone
-def _main(name: str, fn, argv=None) -> int:
-    p = argparse.ArgumentParser(prog=f"kardia-rl {name}")
-    fn.configure(p)
-    try:
-        return int(fn(p.parse_intermixed_args(argv)) or 0)
-    except KardiaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-COMMANDS = {"eval": cmd_eval, "judge-agreement": cmd_judge_agreement, "split": cmd_split}
-
-if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        print(f"usage: python -m kardia_rl.evaluation.cli {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(_main(sys.argv[1], COMMANDS[sys.argv[1]], sys.argv[2:]))

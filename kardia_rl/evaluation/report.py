@@ -5,45 +5,17 @@ so a crash never leaves a half-written report. matplotlib runs on the Agg backen
 """
 from __future__ import annotations
 
-import io
-import json
 import os
 from typing import Optional
 
 from kardia_rl.rewards.judge.base import DIMENSIONS
-from kardia_rl.utils.io import atomic_open, atomic_write_text
+from kardia_rl.utils.io import atomic_write_text, write_json
+from kardia_rl.utils.plots import pyplot, save_figure
 
 DIM_TITLES = {"relevance": "Relevance", "fluency": "Fluency", "empathy": "Empathy",
               "persona_consistency": "Persona", "safety": "Safety"}
 PROXY_NOTE = ("Judge: the offline embedding proxy (MiniLM similarities mapped onto the rubric scale), NOT an "
               "LLM judge: use it for smoke tests and relative comparisons only, never for reported results.")
-
-
-def write_json(path: str, obj) -> None:
-    """Strict JSON (no NaN: a mean over nothing is null), atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-
-
-def save_figure(fig, path: str) -> None:
-    """Render a matplotlib figure to PNG in memory, then write it atomically; closes the figure."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    with atomic_open(path, "wb") as f:
-        f.write(buf.getvalue())
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def fmt(x: Optional[float], spec: str = ".2f", scale: float = 1.0) -> str:
@@ -131,7 +103,7 @@ def render_eval_markdown(doc: dict) -> str:
 
 def plot_dimensions(doc: dict, path: str) -> None:
     """Grouped bars: the five dimension means (1-5) per model."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(doc["models"])
     width = 0.8 / max(1, len(names))
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -150,7 +122,7 @@ def plot_dimensions(doc: dict, path: str) -> None:
 
 def plot_emotion_accuracy(doc: dict, path: str) -> None:
     """Horizontal grouped bars: accuracy per gold emotion per model."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(doc["models"])
     emotions = sorted({e for entry in doc["models"].values() for e in entry["metrics"]["per_emotion"]})
     height = 0.8 / max(1, len(names))

@@ -26,7 +26,8 @@ from kardia_rl.errors import KardiaError
 from kardia_rl.format.spans import parse_spans
 from kardia_rl.learner import batching as B
 from kardia_rl.learner.distributed import all_reduce_
-from kardia_rl.learner.sft_data import SFTExample, build_examples, encode_prompt, load_sft_samples
+from kardia_rl.data.encoding import encode_prompt, load_training_turns
+from kardia_rl.learner.sft_data import SFTExample, build_examples
 from kardia_rl.rewards.emotion_reward import credited_emotion
 from kardia_rl.utils.io import atomic_write_jsonl, atomic_write_text
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from kardia_rl.config.cli import add_config_args, config_from_args
+
 
 def configure_sft(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sft.epochs=3")
+    add_config_args(p, example="sft.epochs=3")
     p.add_argument("--out", default=None, help="output model folder (default: RUN_DIR/sft_model)")
     p.add_argument("--eval-before", action="store_true",
                    help="also measure the format-valid rate before training (greedy, validation split)")
@@ -23,10 +24,9 @@ def configure_sft(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from kardia_rl.config import load_config
     from kardia_rl.learner.sft import run_sft
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = config_from_args(args)
     if args.threads > 0:
         import torch
 
@@ -41,7 +41,5 @@ def cmd_sft(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     return 0
 
+
 cmd_sft.configure = configure_sft
-
-
-cmd_sft.configure = configure_sft  # read by kardia_rl.cli.command() when the subcommand is registered

@@ -118,3 +118,20 @@ def build_tiny_model(out_dir: str, size: str = "tiny", seed: int = 0, overwrite:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out_dir
+
+
+def cmd_init_model(args) -> int:
+    """`kardia-rl init-model --out DIR`: build a tiny/small local Qwen2 model and tokenizer (no downloads)."""
+    out = build_tiny_model(args.out, args.size, args.seed, args.overwrite)
+    print(f"built {args.size} model and tokenizer in {out}")
+    return 0
+
+
+def configure_init_model(p) -> None:
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--size", default="tiny", choices=list(SIZES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+
+cmd_init_model.configure = configure_init_model

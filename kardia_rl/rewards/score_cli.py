@@ -1,7 +1,7 @@
 """`kardia-rl score`: the unified reward of any model's outputs on KardiaBench data.
 
-    kardia-rl score --data builtin:sample/test --responses outputs.jsonl --judge embedding [--config CFG]
-                    [--set reward.format_mode=graded ...] [--out scores.json]
+    kardia-rl score [CONFIG] --data builtin:sample/test --responses outputs.jsonl --judge embedding
+                    [reward.format_mode=graded ...] [--out scores.json]
 
 --data is KardiaBench data (any form `validate-data` accepts), expanded to per-turn samples in order;
 --responses is a JSONL file with one {"id": <sample id>, "completion": <text>} per line ("response" is
@@ -17,20 +17,18 @@ import argparse
 import json
 import math
 import os
-import sys
 
-from kardia_rl.errors import DataError, KardiaError
+from kardia_rl.config.cli import add_config_args, config_from_args
+from kardia_rl.errors import DataError
 
 JUDGE_CHOICES = ("embedding", "vllm", "openai", "hf")
 
 
 def configure_score(p: argparse.ArgumentParser) -> None:
+    add_config_args(p, example="reward.emotion_mode=soft")
     p.add_argument("--data", required=True, help="KardiaBench data: file, directory, HF name or builtin:sample[/test]")
     p.add_argument("--responses", required=True, help='JSONL with one {"id": SAMPLE_ID, "completion": TEXT} per line')
     p.add_argument("--judge", choices=JUDGE_CHOICES, default=None, help="judge backend (default: the config's)")
-    p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, repeatable (e.g. --set reward.emotion_mode=soft)")
     p.add_argument("--split", default=None, help="split of a DatasetDict source (default: data.hf_split)")
     p.add_argument("--out", default=None, help="write per-sample rows, summary and judge stats as JSON")
     p.add_argument("--quiet", action="store_true", help="print only the summary, not the per-sample table")
@@ -81,14 +79,11 @@ def _fmt(x: float) -> str:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from kardia_rl.config import load_config
     from kardia_rl.data import expand_turns, label_set, load_dialogues
-    from kardia_rl.rewards.judge import make_judge
     from kardia_rl.rewards.unified import UnifiedReward, summary
     from kardia_rl.utils.io import atomic_write_text
 
-    overrides = list(args.overrides) + ([f"judge.backend={args.judge}"] if args.judge else [])
-    cfg = load_config(args.config, overrides)
+    cfg = config_from_args(args, [f"judge.backend={args.judge}"] if args.judge else [])
     labels = label_set(cfg.data.emotion_labels)
     dialogues = load_dialogues(args.data, labels, cfg.data.span_notation, args.split or cfg.data.hf_split)
     samples = {t.id: t for d in dialogues for t in expand_turns(d)}
@@ -100,9 +95,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         example = ", ".join(repr(k) for k in list(samples)[:3])
         raise DataError(f"{args.responses}: {len(unknown)} id(s) not found in {args.data} ({shown}{more}); "
                         f"ids look like {example}")
-    judge = make_judge(cfg.judge, seed=cfg.seed)
-    reward = UnifiedReward(cfg.reward, cfg.judge, judge, labels, cfg.data.span_notation,
-                           history_mode=cfg.data.history, max_history_turns=cfg.data.max_history_turns)
+    reward = UnifiedReward.from_config(cfg)
+    judge = reward.judge
     batch = [samples[sid] for _, sid, _ in rows]
 
     async def run():
@@ -139,20 +133,4 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-cmd_score.configure = configure_score  # what kardia_rl.cli.command() reads to add the arguments
-
-
-def main(argv=None) -> int:
-    """Standalone entry (`python -m kardia_rl.rewards.score_cli ...`) until the subcommand is registered."""
-    p = argparse.ArgumentParser(prog="kardia-rl score", description=__doc__.splitlines()[0])
-    configure_score(p)
-    args = p.parse_args(argv)
-    try:
-        return cmd_score(args)
-    except KardiaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+cmd_score.configure = configure_score

@@ -41,9 +41,8 @@ from kardia_rl.format.spans import parse_spans, visible_response
 from kardia_rl.monitoring.stats import percentile
 from kardia_rl.rewards.emotion_reward import credited_emotion, emotion_score
 from kardia_rl.rewards.format_reward import format_score
-from kardia_rl.rewards.judge.base import (
-    DIMENSIONS, JudgeBackend, Judgment, JudgeRequest, aggregate_scores, failed_judgment,
-)
+from kardia_rl.rewards.judge.base import DIMENSIONS, JudgeBackend, Judgment, JudgeRequest
+from kardia_rl.rewards.rubric import aggregate_scores, failed_judgment, percentile
 
 log = logging.getLogger(__name__)
 NEUTRAL_IF_NONE = 0.5
@@ -111,6 +110,19 @@ class UnifiedReward:
         self.labels = label_set(labels) if labels else EMOTIONS_32
         self.notation, self.history_mode, self.max_history_turns = notation, history_mode, max_history_turns
         self.reset_stats()
+
+    @classmethod
+    def from_config(cls, cfg, judge: Optional[JudgeBackend] = None, cfg_reward=None) -> "UnifiedReward":
+        """The reward of a whole KardiaConfig, as training, eval, split, score and judge agreement all build it.
+        `judge` defaults to make_judge(cfg.judge, seed=cfg.seed) (the caller closes it: `reward.judge`);
+        `cfg_reward` replaces cfg.reward (judge agreement asks for rubric only)."""
+        if judge is None:
+            from kardia_rl.rewards.judge import make_judge
+
+            judge = make_judge(cfg.judge, seed=cfg.seed)
+        return cls(cfg_reward or cfg.reward, cfg.judge, judge, label_set(cfg.data.emotion_labels or None),
+                   cfg.data.span_notation, history_mode=cfg.data.history,
+                   max_history_turns=cfg.data.max_history_turns)
 
     def reset_stats(self) -> None:
         # judge_calls = requests sent to the judge (cache hits included); latencies = the recent window of

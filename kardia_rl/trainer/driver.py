@@ -30,13 +30,12 @@ class GRPOTrainer:
         from transformers import AutoTokenizer
 
         from kardia_rl.config import RUBRIC_DIMENSIONS
-        from kardia_rl.data import label_set
         from kardia_rl.format.spans import SPAN_TOKENS
-        from kardia_rl.learner.sft_data import encode_prompt, encode_target
+        from kardia_rl.data.encoding import encode_prompt, encode_target
         from kardia_rl.monitoring import HackingMonitor, MetricsLogger
         from kardia_rl.rewards.unified import UnifiedReward
         from kardia_rl.trainer.checkpoint import CheckpointManager
-        from kardia_rl.trainer.judge_pool import JudgePool
+        from kardia_rl.trainer.judge_pool import PoolJudge
         from kardia_rl.trainer.learner_group import LearnerGroup
         from kardia_rl.trainer.prompt_source import PromptSource
         from kardia_rl.trainer.ray_cluster import init_ray
@@ -60,10 +59,8 @@ class GRPOTrainer:
         from kardia_rl.trainer.weight_sync import WeightSync
 
         self.weight_sync = WeightSync(cfg, self.learner, self.rollout, self.probe)
-        self.judge = JudgePool(cfg, cpus)
-        self.reward = UnifiedReward(cfg.reward, cfg.judge, self.judge, label_set(cfg.data.emotion_labels),
-                                    cfg.data.span_notation, history_mode=cfg.data.history,
-                                    max_history_turns=cfg.data.max_history_turns)
+        self.judge = PoolJudge(cfg, cpus)
+        self.reward = UnifiedReward.from_config(cfg, self.judge)
         self.prompts = PromptSource(self.samples, cfg.algo.prompts_per_step, cfg.seed)
         self.monitor = HackingMonitor(cfg.monitor)
         self.ckpt = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep_last)

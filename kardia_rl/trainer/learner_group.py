@@ -191,9 +191,9 @@ def run_sft_on_group(cfg, out_dir: str, train_samples, val_samples, **kwargs) ->
 
     cfg = replace(cfg, model=replace(cfg.model, path=ensure_model(cfg)))
     if train_samples is None or val_samples is None:
-        from kardia_rl.learner.sft_data import load_sft_samples
+        from kardia_rl.data.encoding import load_training_turns
 
-        tr, va = load_sft_samples(cfg)
+        tr, va = load_training_turns(cfg)
         train_samples = tr if train_samples is None else train_samples
         val_samples = va if val_samples is None else val_samples
     init_ray(cfg.ray.address, cfg.ray.num_cpus, log_level=cfg.logging.engine_log_level)

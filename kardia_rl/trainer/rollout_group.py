@@ -11,23 +11,17 @@ from typing import Optional, Sequence
 import ray
 
 from kardia_rl.config import from_dict
-from kardia_rl.trainer.balance import least_loaded
 
 
 @ray.remote
 class RolloutActor:
     def __init__(self, cfg_dict: dict, model_path: str, index: int):
-        from kardia_rl.engines import make_engine
+        from kardia_rl.engines import engine_from_config
 
         cfg = from_dict(cfg_dict)
-        r = cfg.rollout
         self.index = index
-        self.engine = make_engine(
-            r.engine, model_path, seed=cfg.seed + index, dtype=cfg.model.dtype,
-            max_model_len=cfg.model.max_prompt_tokens + cfg.model.max_new_tokens, kv_cache_bytes=r.kv_cache_bytes,
-            enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization,
-            tensor_parallel_size=max(1, int(r.gpus_per_actor)),
-            verify_reference=False)  # verified against the learner's own forward: no CPU model copy here
+        # verified against the learner's own forward: no CPU model copy here
+        self.engine = engine_from_config(cfg, model_path, seed_offset=index, verify_reference=False)
 
     def ready(self) -> int:
         return self.index
@@ -75,10 +69,11 @@ class RolloutGroup:
         would batch each call's prompts alone (two half batches run one after the other). Callers submit at
         most one chunk per actor at a time (see rollout.generate_and_score).
         """
-        i = least_loaded(self.outstanding)
-        if self.outstanding[i]:
+        idle = [k for k in range(len(self.actors)) if self.outstanding[k] == 0]
+        if not idle:
             raise RuntimeError(f"all {len(self.actors)} rollout actors are busy: submit at most one chunk per actor "
                                "at a time (a queued call would split the engine's batch)")
+        i = idle[0]
         self.outstanding[i] += 1
         r = self.cfg.rollout
         temperature = r.temperature if temperature is None else temperature  # an explicit 0.0 stays 0.0

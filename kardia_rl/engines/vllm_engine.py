@@ -18,8 +18,8 @@ from kardia_rl.engines.verify import check_state_dict_keys
 from kardia_rl.errors import KardiaError
 
 
-def _checkpoint_keys(model_path: str) -> set[str]:
-    """Tensor names of the model's safetensors checkpoint: what a full weight update must provide."""
+def _checkpoint_shapes(model_path: str) -> dict[str, tuple]:
+    """Tensor names and shapes of the model's safetensors checkpoint: what a full weight update must provide."""
     import glob
     import os
 
@@ -28,11 +28,11 @@ def _checkpoint_keys(model_path: str) -> set[str]:
     files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
     if not files:
         raise KardiaError(f"{model_path}: no *.safetensors files (vLLM and weight reload need safetensors)")
-    keys: set[str] = set()
+    shapes: dict[str, tuple] = {}
     for path in files:
         with safe_open(path, framework="pt") as f:
-            keys.update(f.keys())
-    return keys
+            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    return shapes
 
 
 class VLLMEngine(GenerationEngine):
@@ -56,7 +56,8 @@ class VLLMEngine(GenerationEngine):
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.stop_ids = stop_token_ids(self.tokenizer, model_path)
         self.tied = tied_embeddings(AutoConfig.from_pretrained(model_path))
-        self.param_names = _checkpoint_keys(model_path) - ({"lm_head.weight"} if self.tied else set())
+        self.param_shapes = _checkpoint_shapes(model_path)
+        self.param_names = set(self.param_shapes) - ({"lm_head.weight"} if self.tied else set())
         t0 = time.perf_counter()
         self.llm = vllm_compat.create_llm(vllm_compat.engine_kwargs(
             model_path, seed=seed, dtype=self.dtype, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
@@ -96,6 +97,10 @@ class VLLMEngine(GenerationEngine):
 
     def load_state_dict(self, state_dict: dict) -> None:
         check_state_dict_keys(state_dict, self.param_names, self.tied, f"vLLM engine {self.model_path}")
+        for name, value in state_dict.items():  # vLLM's loader would fail on a bare assert, mid-update
+            if name in self.param_shapes and tuple(value.shape) != self.param_shapes[name]:
+                raise KardiaError(f"state dict {name}: shape {tuple(value.shape)} != model's "
+                                  f"{self.param_shapes[name]}")
         if self.tied:  # the engine re-ties lm_head itself; a separate copy would only be ignored
             state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
         import torch

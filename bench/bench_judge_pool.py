@@ -9,11 +9,11 @@ Method (also printed by the run):
   so any number of requests wait concurrently) and answers a valid rubric judgment (five dimensions, score
   4, carrying the request's nonce as kardia-rl's injection-proof parser requires). It counts requests and the
   peak number in flight (GET /stats), which checks the bound the pool should reach: J x in-flight.
-- The pool is kardia-rl's real one: `PoolJudge` over J `JudgeActor`s (Ray local on 127.0.0.1, num_cpus=0
+- The pool is kardia-rl's real one: `JudgePool` over J `JudgeActor`s (Ray local on 127.0.0.1, num_cpus=0
   each), each running `RubricJudge` + the `openai` chat backend with judge.max_in_flight = k (its HTTP
   semaphore and connection pool), no cache, no retries needed (every reply is valid).
 - Load: R = `--requests-per-actor` x J distinct requests (real profiles and turns from the bundled data, a
-  distinct reply each), submitted at once as R concurrent `PoolJudge.judge([request])` calls, so the pool
+  distinct reply each), submitted at once as R concurrent `JudgePool.judge([request])` calls, so the pool
   always has work queued and throughput is bounded by J x k / latency. Each J first runs one untimed wave
   (J x k requests: HTTP sessions, imports); then the timed run. Throughput = R / wall time
   (time.perf_counter around the whole batch, from first submission to last judgment back).
@@ -131,7 +131,7 @@ async def judge_all(pool, requests: list) -> list:
 
 def run_pool(args, j: int, port: int, server_pid: int, contexts: list) -> dict:
     from kardia_rl.config import load_config
-    from kardia_rl.trainer.judge_pool import PoolJudge
+    from kardia_rl.trainer.judge_pool import JudgePool
 
     cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), [
         "judge.backend=openai", f"judge.api_base=http://127.0.0.1:{port}/v1", "judge.model=loopback-judge",
@@ -139,7 +139,7 @@ def run_pool(args, j: int, port: int, server_pid: int, contexts: list) -> dict:
         "judge.cache_size=0", "judge.group_wise=false", "judge.requests_per_minute=0", "ray.cpus_per_actor=0",
         "logging.wandb_mode=disabled"])
     t = time.perf_counter()
-    pool = PoolJudge(cfg, cfg.ray.cpus_per_actor)
+    pool = JudgePool(cfg, cfg.ray.cpus_per_actor)
     startup = time.perf_counter() - t
     try:
         warm = asyncio.run(judge_all(pool, make_requests(j * args.in_flight, f"warm{j}", contexts)))
@@ -168,7 +168,7 @@ def run_pool(args, j: int, port: int, server_pid: int, contexts: list) -> dict:
             "peak_in_flight": srv["peak_in_flight"], "latency_p50": median(lat),
             "latency_p95": lat[min(len(lat) - 1, int(0.95 * len(lat)))], "startup_s": startup,
             "load_before": load_before, "load_after": os.getloadavg()[0],
-            "retries": stats.get("retries", 0), "failures": stats.get("failures", 0),
+            "retries": stats.get("judge/retries", 0), "failures": stats.get("judge/failures", 0),
             "cpu_ms_per_request": {k: 1e3 * v / n for k, v in cpu.items()}}
 
 
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
                   f"{100 * r['throughput'] / r['ideal']:.0f}", f"{r['efficiency']:.2f}", r["peak_in_flight"],
                   f"{1e3 * r['latency_p50']:.0f}", f"{1e3 * r['latency_p95']:.0f}", f"{r['ok']}/{r['requests']}",
                   f"{r['startup_s']:.1f}", f"{r['load_before']:.1f}->{r['load_after']:.1f}") for r in rows]))
-    print("CPU per judged request (ms; driver = PoolJudge + Ray client, actors = RubricJudge + HTTP client, server = "
+    print("CPU per judged request (ms; driver = JudgePool + Ray client, actors = RubricJudge + HTTP client, server = "
           "the loopback judge): " + "; ".join(f"J={r['actors']}: " + ", ".join(f"{k} {v:.1f}" for k, v in
                                                                                r["cpu_ms_per_request"].items())
                                               for r in rows))

@@ -56,7 +56,7 @@ def test_bundled_references_beat_replies_from_other_dialogues(judge):
     from kardia_rl.data import expand_turns, load_dialogues
     from kardia_rl.format.prompt import visible_history
     from kardia_rl.format.spans import parse_spans
-    from kardia_rl.rewards.rubric import aggregate_scores
+    from kardia_rl.rewards.judge.base import aggregate_scores
 
     ts = [t for d in load_dialogues("builtin:sample/test") for t in expand_turns(d)]
     n = len(ts)

@@ -96,7 +96,7 @@ class ScriptedJudge(ChatBackend):
 
 
 def scripted(table):
-    return RubricJudge(ScriptedJudge(table), max_retries=0, backoff_s=0.0, timeout_s=10.0)
+    return RubricJudge(ScriptedJudge(table), max_retries=0, backoff_s=0.0)
 
 
 def test_inverted_judge_disagrees_by_the_closed_form(answers, embedding_scores):

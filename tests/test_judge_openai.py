@@ -1,4 +1,5 @@
-"""The `openai` chat backend against a scripted OpenAI-compatible server on 127.0.0.1 (tests/judge_server.py).
+"""The `openai` chat backend against a scripted OpenAI-compatible server on 127.0.0.1 (tests/judge_server.py):
+one attempt per call, with errors that say whether to retry; RubricJudge over it owns the retries.
 
 Timing assertions are only lower bounds that the code guarantees (a rate limit, a Retry-After), never
 speed limits, so a loaded machine cannot make them fail.
@@ -16,7 +17,9 @@ import pytest
 from judge_server import ScriptedJudgeServer, judgment_text, marker
 from kardia_rl.config.schema import JudgeConfig
 from kardia_rl.errors import ConfigError
-from kardia_rl.rewards.judge.openai_backend import ChatRequestError, OpenAIChatBackend
+from kardia_rl.rewards.judge.base import ChatRequestError, JudgeRequest
+from kardia_rl.rewards.judge.openai_backend import OpenAIChatBackend
+from kardia_rl.rewards.rubric import RubricJudge
 from kardia_rl.rewards.judge.ratelimit import RateLimiter
 
 SECRET = "sk-test-5f1c9e0a-never-print-me"
@@ -28,7 +31,7 @@ def conv(text: str) -> list[dict]:
 
 
 def backend(url: str, **kw) -> OpenAIChatBackend:
-    args = dict(model="judge-test", max_in_flight=4, timeout_s=5.0, max_retries=3, backoff_s=0.01)
+    args = dict(model="judge-test", max_in_flight=4, timeout_s=5.0)
     args.update(kw)
     return OpenAIChatBackend(url, **args)
 
@@ -39,6 +42,24 @@ def run(b: OpenAIChatBackend, convs, **kw):
             return await b.complete(convs, temperature=kw.get("temperature", 0.0), max_tokens=64, seed=kw.get("seed"))
         finally:
             await b.close()
+    return asyncio.run(go())
+
+
+def rubric(b: OpenAIChatBackend, **kw) -> RubricJudge:
+    return RubricJudge(b, **{"max_retries": 3, "backoff_s": 0.0, "cache_size": 0, "max_tokens": 64, **kw})
+
+
+def jreq(steps: str, key: str) -> JudgeRequest:
+    return JudgeRequest(person="Mia, 34, nurse", situation="She lost her job.", history=(("user", "I feel useless."),),
+                        response=f"That sounds heavy. {marker(steps, key)}", group_id="g")
+
+
+def judge_all(judge, reqs):
+    async def go():
+        try:
+            return await judge.judge(reqs)
+        finally:
+            await judge.close()
     return asyncio.run(go())
 
 
@@ -58,66 +79,66 @@ def test_success_payload_and_alignment(server):
     body = server.attempts("#a1]]")[0]["body"]
     assert body["model"] == "judge-test" and body["temperature"] == 0.0 and body["max_tokens"] == 64
     assert body["seed"] == 7 and body["messages"] == conv(marker("ok=5", "a1"))
-    assert b.stats["requests"] == 4 and b.stats["attempts"] == 4 and b.stats["failures"] == 0
+    assert b.stats["requests"] == 4 and b.stats["failures"] == 0
     assert len(b.stats["latencies"]) == 4 and all(x > 0 for x in b.stats["latencies"])
 
 
-def test_500_twice_then_success_is_retried(server):
-    b = backend(server.url, max_retries=3)
-    out = run(b, [conv(marker("500,503,ok=3", "r1"))])
-    assert out == [judgment_text(3)]
-    assert [a["attempt"] for a in server.attempts("#r1]]")] == [0, 1, 2]
-    assert b.stats["retries"] == 2 and b.stats["attempts"] == 3 and b.stats["http_errors"] == 2
-    assert b.stats["failures"] == 0
+def test_one_attempt_per_call_and_errors_say_whether_to_retry(server):
+    b = backend(server.url)
+    e500, e400, bad, e429 = run(b, [conv(marker("500,ok", "r1")), conv(marker("400", "c1")),
+                                    conv(marker("badjson,ok", "m1")), conv(marker("429@0.4,ok", "q1"))])
+    assert isinstance(e500, ChatRequestError) and e500.kind == "http" and e500.status == 500 and e500.retryable
+    assert isinstance(e400, ChatRequestError) and e400.status == 400 and not e400.retryable  # never accepted
+    assert isinstance(bad, ChatRequestError) and bad.kind == "bad_response" and bad.retryable
+    assert isinstance(e429, ChatRequestError) and e429.retryable and e429.retry_after_s == 0.4
+    assert all(len(server.attempts(f"#{k}]]")) == 1 for k in ("r1", "c1", "m1", "q1"))
+    assert (b.stats["requests"], b.stats["failures"], b.stats["http_errors"], b.stats["rate_limited"]) == (4, 4, 3, 1)
 
 
-def test_persistent_500_fails_after_max_retries(server):
-    b = backend(server.url, max_retries=2)
-    (err,) = run(b, [conv(marker("500", "r2"))])
-    assert isinstance(err, ChatRequestError) and err.kind == "http" and err.status == 500 and err.attempts == 3
-    assert len(server.attempts("#r2]]")) == 3 and b.stats["failures"] == 1 and b.stats["retries"] == 2
-
-
-def test_400_is_not_retried(server):
-    b = backend(server.url, max_retries=3)
-    out = run(b, [conv(marker("400", "c1")), conv(marker("ok", "c2"))])
-    assert isinstance(out[0], ChatRequestError) and out[0].status == 400 and out[0].attempts == 1
-    assert out[1] == judgment_text(4)
-    assert len(server.attempts("#c1]]")) == 1 and b.stats["retries"] == 0 and b.stats["failures"] == 1
-
-
-def test_timeout_fails_after_retries_and_is_counted(server):
-    b = backend(server.url, timeout_s=0.25, max_retries=1)
+def test_timeout_is_one_counted_attempt(server):
+    b = backend(server.url, timeout_s=0.25)
     (err,) = run(b, [conv(marker("delay=1.5", "t1"))])
-    assert isinstance(err, ChatRequestError) and err.kind == "timeout" and err.attempts == 2
-    assert b.stats["timeouts"] == 2 and b.stats["failures"] == 1 and b.stats["retries"] == 1
-    assert len(server.attempts("#t1]]")) == 2
+    assert isinstance(err, ChatRequestError) and err.kind == "timeout" and err.retryable
+    assert b.stats["timeouts"] == 1 and b.stats["failures"] == 1 and len(server.attempts("#t1]]")) == 1
 
 
-def test_malformed_reply_is_retried_then_returned_as_error(server):
-    b = backend(server.url, max_retries=1)
-    out = run(b, [conv(marker("badjson", "m1")), conv(marker("badjson,ok=1", "m2"))])
-    assert isinstance(out[0], ChatRequestError) and out[0].kind == "bad_response"
-    assert out[1] == judgment_text(1)
-
-
-def test_429_honours_retry_after(server):
-    b = backend(server.url, max_retries=2, backoff_s=0.0)
-    out = run(b, [conv(marker("429@0.4,ok", "q1"))])
-    assert out == [judgment_text(4)]
-    first, second = server.attempts("#q1]]")
-    assert second["t"] - first["t"] >= 0.4 - TOL
-    assert b.stats["rate_limited"] == 1 and b.stats["retries"] == 1
-
-
-def test_connection_error_is_retried_and_returned(server):
+def test_connection_error_is_returned_as_retryable(server):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()  # nothing listens on this port now
-    b = backend(f"http://127.0.0.1:{port}/v1", max_retries=1, timeout_s=2.0)
+    b = backend(f"http://127.0.0.1:{port}/v1", timeout_s=2.0)
     (err,) = run(b, [conv("hello")])
-    assert isinstance(err, ChatRequestError) and err.kind in ("connection", "timeout") and err.attempts == 2
+    assert isinstance(err, ChatRequestError) and err.kind in ("connection", "timeout") and err.retryable
+
+
+def test_rubric_judge_retries_what_the_backend_marks_retryable(server):
+    """500 then 503 then a judgment: three attempts; a 400: one; a 429's Retry-After is waited out."""
+    judge = rubric(backend(server.url), max_retries=3)
+    ok, bad, limited = judge_all(judge, [jreq("500,503,ok=3", "r2"), jreq("400", "c2"), jreq("429@0.4,ok", "q2")])
+    assert ok.ok and set(ok.scores.values()) == {3.0} and ok.attempts == 3
+    assert [a["attempt"] for a in server.attempts("#r2]]")] == [0, 1, 2]
+    assert not bad.ok and "400" in bad.error and bad.attempts == 1 and len(server.attempts("#c2]]")) == 1
+    first, second = server.attempts("#q2]]")
+    assert limited.ok and second["t"] - first["t"] >= 0.4 - TOL
+    assert judge.stats.retries == 3 and judge.stats.backend_errors == 4 and judge.stats.failures == 1
+
+
+def test_factory_gives_the_timeout_to_the_transport_and_one_retry_budget_to_the_judge(server):
+    """judge.timeout_s bounds each HTTP attempt and a timed-out attempt is retried by the judge; judge.max_retries
+    is ONE budget per request for transport failures and re-asks together: a server alternating HTTP 500 and
+    garbage sees max_retries + 1 requests (before, the backend retried each 500 inside every re-ask: 6 here)."""
+    from kardia_rl.rewards.judge import make_judge
+
+    judge = make_judge(JudgeConfig(backend="openai", api_base=server.url, model="judge-test", timeout_s=0.3,
+                                   max_retries=2, backoff_s=0.0, cache_size=0, max_tokens=64))
+    assert judge.chat.timeout_s == 0.3 and judge.max_retries == 2
+    mixed, slow, late = judge_all(judge, [jreq(",".join(["500", "garbage"] * 3), "x1"), jreq("delay=1.5,ok=2", "x2"),
+                                          jreq("500,garbage,ok=5", "x3")])
+    assert not mixed.ok and mixed.attempts == 3 and len(server.attempts("#x1]]")) == 3
+    assert slow.ok and slow.attempts == 2 and set(slow.scores.values()) == {2.0}
+    assert late.ok and late.attempts == 3 and len(server.attempts("#x3]]")) == 3
+    assert judge.stats.timeouts == 1 and judge.stats.parse_failures == 2 and judge.stats.retries == 2 + 1 + 2
 
 
 def test_concurrency_bound(server):
@@ -161,8 +182,8 @@ def test_rate_limiter_with_fake_clock():
 def test_api_key_sent_but_never_printed(server, monkeypatch, caplog):
     monkeypatch.setenv("KARDIA_TEST_JUDGE_KEY", SECRET)
     cfg = JudgeConfig(backend="openai", api_base=server.url, model="judge-test", api_key_env="KARDIA_TEST_JUDGE_KEY",
-                      max_retries=1, backoff_s=0.01, timeout_s=5.0, max_in_flight=2)
-    b = OpenAIChatBackend.from_config(cfg)
+                      max_in_flight=2)
+    b = OpenAIChatBackend.from_config(cfg, timeout_s=5.0)
     with caplog.at_level(logging.DEBUG):
         out = run(b, [conv(marker("ok", "s1")), conv(marker("400", "s2")), conv(marker("500", "s3"))])
     assert server.attempts("#s1]]")[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
@@ -198,23 +219,9 @@ def test_bad_config_raises_config_error():
 
 def test_rubric_judge_over_the_openai_backend(server):
     """End to end with RubricJudge: a scored answer, a dead endpoint and garbage; no exception escapes and
-    transport retries are the backend's alone (the server sees max_retries + 1 attempts, not their square)."""
-    from kardia_rl.rewards.judge.base import JudgeRequest
-    from kardia_rl.rewards.rubric import RubricJudge
-
-    b = backend(server.url, max_retries=2, backoff_s=0.0)
-    judge = RubricJudge(b, max_retries=2, backoff_s=0.0, timeout_s=5.0, cache_size=0, max_tokens=64)
-
-    def req(steps, key):
-        return JudgeRequest(person="Mia, 34, nurse", situation="She lost her job.", history=(("user", "I feel useless."),),
-                            response=f"That sounds heavy. {marker(steps, key)}", group_id="g")
-
-    async def go():
-        try:
-            return await judge.judge([req("ok=5", "e1"), req("500", "e2"), req("garbage", "e3")])
-        finally:
-            await judge.close()
-    good, dead, garbage = asyncio.run(go())
+    the server sees max_retries + 1 attempts of each failing request."""
+    judge = rubric(backend(server.url), max_retries=2)
+    good, dead, garbage = judge_all(judge, [jreq("ok=5", "e1"), jreq("500", "e2"), jreq("garbage", "e3")])
     assert good.ok and set(good.scores.values()) == {5.0}
     assert not dead.ok and dead.fallback and "500" in dead.error and len(server.attempts("#e2]]")) == 3
     assert not garbage.ok and garbage.error.startswith("parse error") and len(server.attempts("#e3]]")) == 3

@@ -3,11 +3,15 @@ the Ray trainer (vLLM rollout, DeepSpeed learner, the tiny model after a short S
 front of an LLM-like loopback judge (tests/judge_server.py, `prompt_scores`: every score is a hash of the
 prompt text, nonce included, and of the sampling seed), each step judged twice with the prompt-to-actor
 assignment reversed. Before the fix every actor had its own seed (seed + index), so the nonce in the prompt
-and the sampling seed, and with them the scores, changed with the actor."""
+and the sampling seed, and with them the scores, changed with the actor. Also: the pool's re-sends after an
+actor death follow judge.pool_max_attempts."""
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import dataclasses
 import os
+import tempfile
 
 import pytest
 
@@ -17,17 +21,63 @@ from judge_server import ScriptedJudgeServer
 pytestmark = pytest.mark.ray
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CRASH_FILE = os.path.join(tempfile.mkdtemp(prefix="kardia-judge-pool-"), "crash")  # exists only when a test wants it
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
+    from kardia_rl.trainer.judge_pool import FAULT_FILE_ENV
     from kardia_rl.trainer.ray_cluster import init_ray
 
+    os.environ[FAULT_FILE_ENV] = CRASH_FILE  # before Ray starts: the judge actors inherit it
     init_ray(num_cpus=2)
     yield
     import ray
 
     ray.shutdown()
+    os.environ.pop(FAULT_FILE_ENV, None)
+
+
+def _wait_until_restarted(pool, tries: int = 120) -> None:
+    import time
+
+    import ray
+    from ray.exceptions import RayActorError
+
+    for _ in range(tries):
+        try:
+            ray.get([a.pid.remote() for a in pool.actors])
+            return
+        except RayActorError:  # ActorUnavailableError while Ray restarts it
+            time.sleep(0.5)
+    raise AssertionError("a judge actor did not come back after its restart")
+
+
+def test_pool_attempts_follow_the_config_key(ray_cluster, tmp_path):
+    """judge.pool_max_attempts = sends of a batch whose judge actor dies. With 1 the death is at once a counted
+    failed judgment (the pool used to re-send 3 times whatever the config); with 2 the batch is re-sent to the
+    other actor and judged."""
+    from kardia_rl.config import load_config
+    from kardia_rl.rewards.judge.base import JudgeRequest
+    from kardia_rl.trainer.judge_pool import JudgePool
+
+    req = JudgeRequest("Mia, 34, nurse", "She lost her job.", (("user", "I feel useless."),), "That sounds heavy.", "g")
+    with ScriptedJudgeServer() as server:
+        cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), [
+            f"run_dir={tmp_path}", "judge.num_actors=2", "judge.backend=openai", f"judge.api_base={server.url}",
+            "judge.model=judge-test", "judge.backoff_s=0.01", "judge.cache_size=0", "judge.pool_max_attempts=1"])
+        pool = JudgePool(cfg)
+        try:
+            open(CRASH_FILE, "w").close()  # the next request kills the actor serving it (once)
+            [j] = asyncio.run(pool.judge([req]))
+            assert not j.ok and j.fallback and "died" in j.error and pool.actor_failures == 1
+            _wait_until_restarted(pool)  # else the re-send could meet the restarting actor, not a dying one
+            pool.policy = dataclasses.replace(pool.policy, pool_max_attempts=2)
+            open(CRASH_FILE, "w").close()
+            [k] = asyncio.run(pool.judge([req]))
+            assert k.ok and pool.actor_failures == 2
+        finally:
+            pool.shutdown()
 
 
 def _cfg(run_dir, model, url):
@@ -71,7 +121,7 @@ def test_rewards_do_not_depend_on_which_judge_actor_served_them(ray_cluster, sft
                 served.add((parity, 1 - parity if reverse.get() else parity))
             out = [None] * len(requests)
             for actor, ks in sorted(by_actor.items()):
-                pool._pick = lambda exclude, a=actor: a  # read by PoolJudge.judge before its first await
+                pool._pick = lambda exclude, a=actor: a  # read by JudgePool.judge before its first await
                 for k, j in zip(ks, await pool_judge([requests[k] for k in ks])):
                     out[k] = j
             return out

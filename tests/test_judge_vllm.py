@@ -102,7 +102,7 @@ def test_a_prompt_too_long_fails_alone(engine):
 def test_rubric_judge_turns_garbage_into_failed_judgments(engine):
     from kardia_rl.rewards.rubric import RubricJudge
 
-    judge = RubricJudge(engine, max_retries=1, max_tokens=24, temperature=0.7, timeout_s=120.0, backoff_s=0.0,
+    judge = RubricJudge(engine, max_retries=1, max_tokens=24, temperature=0.7, backoff_s=0.0,
                         cache_size=0, seed=0)
     reqs = [JudgeRequest(person="Mia, 34, nurse", situation="She lost her job last week.",
                          history=(("user", f"I keep thinking I failed everyone ({i})."),),

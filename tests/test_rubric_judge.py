@@ -1,5 +1,5 @@
 """RubricJudge (rewards/rubric.py) behind a scripted chat backend: score aggregation, bounded concurrency, re-asks,
-failures/timeouts/backoff counted and never raised, backends that own retries, group-wise judging. No model."""
+failures/timeouts/backoff counted and never raised, one retry budget per request, group-wise judging. No model."""
 import asyncio
 import re
 
@@ -9,6 +9,7 @@ from conftest import (
 )
 
 from kardia_rl.rewards import RubricJudge, aggregate_scores
+from kardia_rl.rewards.judge.base import ChatRequestError
 
 
 def test_aggregate_scores():
@@ -65,11 +66,11 @@ def test_failures_timeouts_and_backoff_are_counted_never_raised(monkeypatch):
     class SlowForZero(ScriptedChat):
         async def complete(self, conversations, **kw):
             if "reply number 0\n" in conversations[0][1]["content"]:
-                await real_sleep(10)  # the per-request timeout cancels this
+                raise TimeoutError("the backend's attempt timed out")  # the backend owns the attempt timeout
             return await super().complete(conversations, **kw)
 
     chat = SlowForZero(behave)
-    judge = RubricJudge(chat, timeout_s=0.05, max_retries=2, backoff_s=0.1)
+    judge = RubricJudge(chat, max_retries=2, backoff_s=0.1)
     monkeypatch.setattr(asyncio, "sleep", fake_sleep)
     out = asyncio.run(judge.judge(judge_requests(5)))
     monkeypatch.setattr(asyncio, "sleep", real_sleep)
@@ -81,34 +82,31 @@ def test_failures_timeouts_and_backoff_are_counted_never_raised(monkeypatch):
     st = judge.stats
     assert (st.failures, st.timeouts, st.parse_failures, st.retries) == (4, 3, 3, 8)
     assert st.backend_errors == 6
-    assert sorted(s for s in sleeps if s > 0) == sorted([0.1, 0.2] * 4)  # exponential backoff per request
+    waits = sorted(s for s in sleeps if s > 0)  # exponential backoff per request, jittered to 50-100 %
+    assert len(waits) == 8 and all(0.05 <= w <= 0.1 for w in waits[:4]) and all(0.1 <= w <= 0.2 for w in waits[4:])
     # through the unified reward: counted neutral fallbacks, no exception
-    r = make_reward(RubricJudge(SlowForZero(behave), timeout_s=0.05, max_retries=0))
+    r = make_reward(RubricJudge(SlowForZero(behave), max_retries=0))
     comps = [ans(response=q.response) for q in judge_requests(5)]
     res = asyncio.run(r.score([reward_sample()] * 5, comps, ["g"] * 5))
     assert r.stats["fallbacks"] == 4 and r.stats["judge_failures"] == 4
     assert all(b.rubric == pytest.approx(res[4].rubric) for b in res)
 
 
-def test_backend_that_retries_itself_is_not_retried_again():
-    chat = ScriptedChat(lambda i, conv: ConnectionError("down"))
-    chat.max_retries = 3  # like OpenAIChatBackend: it owns transport retries
-    judge = RubricJudge(chat, max_retries=3, backoff_s=0.0, timeout_s=1.0)
-    [j] = asyncio.run(judge.judge(judge_requests(1)))
-    assert not j.ok and chat.calls == 1 and judge.call_timeout_s is None
-
-
-def test_backend_that_owns_timeouts_is_not_cut_off_while_queued():
-    # A backend with its own retries/timeouts may legitimately wait (rate limiter, Retry-After) longer than
-    # timeout_s before answering; that wait must not be cancelled and miscounted as a judge timeout.
-    chat = ScriptedChat(delay=0.3)
-    chat.max_retries = 2
-    judge = RubricJudge(chat, max_retries=1, backoff_s=0.0, timeout_s=0.05)
-    [j] = asyncio.run(judge.judge(judge_requests(1)))
-    assert j.ok and judge.stats.timeouts == 0 and chat.calls == 1
-    plain = RubricJudge(ScriptedChat(delay=0.3), max_retries=0, backoff_s=0.0, timeout_s=0.05)
-    [k] = asyncio.run(plain.judge(judge_requests(1)))
-    assert not k.ok and plain.stats.timeouts == 1  # without own retries, our timeout applies
+def test_one_retry_budget_per_request_whatever_fails():
+    """Transport failures and re-asks share max_retries (before, a backend with a `max_retries` attribute was
+    probed and then retried transport failures inside every re-ask); a failure the backend marks final ends
+    the request at once; the judge sets no timeout of its own (the backend's attempt timeout decides)."""
+    mixed = ScriptedChat(lambda i, conv: ConnectionError("down") if i % 2 == 0 else "garbage")
+    mixed.max_retries = 3  # an attribute is not an instruction: nobody probes it any more
+    [j] = asyncio.run(RubricJudge(mixed, max_retries=3, backoff_s=0.0).judge(judge_requests(1)))
+    assert not j.ok and j.attempts == 4 and mixed.calls == 4
+    final = ScriptedChat(lambda i, conv: ChatRequestError("HTTP 400", kind="http", status=400, retryable=False))
+    judge = RubricJudge(final, max_retries=3, backoff_s=0.0)
+    [k] = asyncio.run(judge.judge(judge_requests(1)))
+    assert not k.ok and final.calls == 1 and "HTTP 400" in k.error and judge.stats.retries == 0
+    slow = RubricJudge(ScriptedChat(delay=0.3), max_retries=0)
+    [s] = asyncio.run(slow.judge(judge_requests(1)))
+    assert s.ok and slow.stats.timeouts == 0
 
 
 def test_group_wise_equals_per_candidate_with_fewer_calls():

@@ -109,9 +109,14 @@ class JudgeConfig:
     model: str = doc("Qwen/Qwen3-8B", "judge model for vllm/hf/openai backends")
     num_actors: int = doc(2, "judge actors in the pool")
     max_in_flight: int = doc(16, "bounded concurrent judge requests per actor")
-    timeout_s: float = doc(60.0, "per-request timeout in seconds")
-    max_retries: int = doc(3, "retries after a failed or unparseable judgment")
-    backoff_s: float = doc(0.5, "initial retry backoff in seconds (doubles each retry)")
+    timeout_s: float = doc(60.0, "timeout in seconds of one judge backend attempt (one HTTP request or engine batch; "
+                                 "a wait for the rate limiter does not count)")
+    max_retries: int = doc(3, "retries per judge request, transport failures and re-asks after an unparseable answer "
+                              "together (at most max_retries + 1 backend attempts), then a counted fallback")
+    backoff_s: float = doc(0.5, "initial retry backoff in seconds (doubles each retry, jittered; at least a 429's "
+                                "Retry-After)")
+    pool_max_attempts: int = doc(3, "sends of one batch of judge requests to the pool when the serving judge actor "
+                                    "dies (re-sent to another actor), then counted fallbacks")
     requests_per_minute: int = doc(0, "rate limit for external APIs (0 = unlimited)")
     api_base: str = doc("http://127.0.0.1:8000/v1", "OpenAI-compatible endpoint for backend=openai")
     api_key_env: str = doc("OPENAI_API_KEY", "environment variable holding the API key (never logged)")

@@ -34,7 +34,8 @@ def config_problems(cfg: KardiaConfig) -> list[str]:
         if v not in choices:
             p.append(f"{key}: {v!r} is not one of {list(choices)}")
     positive_ints = ["algo.group_size", "algo.prompts_per_step", "algo.num_steps", "algo.updates_per_step",
-                     "rollout.num_actors", "judge.num_actors", "judge.max_in_flight", "learner.num_workers",
+                     "rollout.num_actors", "judge.num_actors", "judge.max_in_flight", "judge.pool_max_attempts",
+                     "learner.num_workers",
                      "learner.micro_batch_size", "sft.batch_size", "sft.micro_batch_size", "sft.max_seq_len",
                      "model.max_prompt_tokens", "model.max_new_tokens", "split.k", "logging.log_every"]
     for key in positive_ints:
@@ -47,6 +48,9 @@ def config_problems(cfg: KardiaConfig) -> list[str]:
             p.append(f"{key}: must be > 0, got {_get(cfg, key)}")
     if cfg.rollout.verify_every < 0:
         p.append(f"rollout.verify_every: must be >= 0, got {cfg.rollout.verify_every}")
+    for key in ("judge.max_retries", "judge.backoff_s"):
+        if _get(cfg, key) < 0:
+            p.append(f"{key}: must be >= 0, got {_get(cfg, key)}")
     if cfg.rollout.weight_sync == "collective" and cfg.rollout.engine == "hf":
         p.append("rollout.weight_sync: collective needs rollout.engine=vllm (the transformers engine cannot join "
                  "the weight-transfer group); use auto or object_store")

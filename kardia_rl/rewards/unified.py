@@ -41,8 +41,9 @@ from kardia_rl.format.spans import parse_spans, visible_response
 from kardia_rl.monitoring.stats import percentile
 from kardia_rl.rewards.emotion_reward import credited_emotion, emotion_score
 from kardia_rl.rewards.format_reward import format_score
-from kardia_rl.rewards.judge.base import DIMENSIONS, JudgeBackend, Judgment, JudgeRequest
-from kardia_rl.rewards.rubric import aggregate_scores, failed_judgment, percentile
+from kardia_rl.rewards.judge.base import (
+    DIMENSIONS, JudgeBackend, Judgment, JudgeRequest, aggregate_scores, failed_judgment,
+)
 
 log = logging.getLogger(__name__)
 NEUTRAL_IF_NONE = 0.5

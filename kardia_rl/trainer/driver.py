@@ -35,7 +35,7 @@ class GRPOTrainer:
         from kardia_rl.monitoring import HackingMonitor, MetricsLogger
         from kardia_rl.rewards.unified import UnifiedReward
         from kardia_rl.trainer.checkpoint import CheckpointManager
-        from kardia_rl.trainer.judge_pool import PoolJudge
+        from kardia_rl.trainer.judge_pool import JudgePool
         from kardia_rl.trainer.learner_group import LearnerGroup
         from kardia_rl.trainer.prompt_source import PromptSource
         from kardia_rl.trainer.ray_cluster import init_ray
@@ -59,7 +59,7 @@ class GRPOTrainer:
         from kardia_rl.trainer.weight_sync import WeightSync
 
         self.weight_sync = WeightSync(cfg, self.learner, self.rollout, self.probe)
-        self.judge = PoolJudge(cfg, cpus)
+        self.judge = JudgePool(cfg, cpus)
         self.reward = UnifiedReward.from_config(cfg, self.judge)
         self.prompts = PromptSource(self.samples, cfg.algo.prompts_per_step, cfg.seed)
         self.monitor = HackingMonitor(cfg.monitor)

@@ -1,11 +1,13 @@
 """The judge pool: J Ray actors serving the rubric judge, behind the ordinary `JudgeBackend` contract.
 
-`PoolJudge` is what the driver's `UnifiedReward` calls: each batch of judge requests goes to the actor with
-the fewest requests in flight, so candidates are scored as soon as they are generated and judging
-overlaps generation. Actors are async (many requests in flight each, bounded by the judge's own
-`max_in_flight`). Ray restarts a dead actor (max_restarts=-1); the request that was in flight is re-sent
-to another actor, counted in `actor_failures`, and only after `max_attempts` does it become a failed
-Judgment, which the reward layer turns into a counted fallback. Nothing here raises into training.
+`JudgePool` is what the driver's `UnifiedReward` calls: each batch of judge requests goes to the actor with
+the fewest requests in flight (trainer/balance.py), so candidates are scored as soon as they are generated
+and judging overlaps generation. Actors are async (many requests in flight each, bounded by the judge's own
+`max_in_flight`). Ray restarts a dead actor (max_restarts=-1); the batch that was in flight is re-sent to
+another actor after the policy's backoff, counted in `actor_failures`, and after `judge.pool_max_attempts`
+sends in all its requests become failed Judgments, which the reward layer turns into counted fallbacks.
+Timeouts and retries of single requests are the judge's inside each actor (rewards/judge/base.py), so they
+never multiply with these attempts. Nothing here raises into training.
 All actors judge with the same seed, so which actor serves a request (load, restarts) never changes its
 reward (tests/test_judge_pool.py judges two GRPO steps twice, with the request-to-actor assignment reversed).
 """
@@ -13,13 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 from typing import Sequence
 
 import ray
 from ray.exceptions import RayActorError
 
 from kardia_rl.config import from_dict, to_dict
-from kardia_rl.rewards.judge.base import JudgeBackend, JudgeRequest, Judgment
+from kardia_rl.rewards.judge.base import (
+    JudgeBackend, JudgeRequest, Judgment, RetryPolicy, failed_judgment, retry_delay,
+)
+from kardia_rl.trainer.balance import least_loaded
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -52,10 +58,11 @@ class JudgeActor:
         return out
 
 
-# Per-step judge counters in metrics.jsonl -> the actor-side counters they sum (RubricJudge's, then the transport's).
+# Per-step judge counters in metrics.jsonl -> the actor-side counters they sum. Retries and timeouts are
+# RubricJudge's alone (the transport makes one attempt per call); HTTP details are the transport's.
 COUNTERS = {
-    "judge/retries": ("judge/retries", "chat/retries"),
-    "judge/timeouts": ("judge/timeouts", "chat/timeouts"),
+    "judge/retries": ("judge/retries",),
+    "judge/timeouts": ("judge/timeouts",),
     "judge/parse_failures": ("judge/parse_failures",),
     "judge/http_errors": ("chat/http_errors",),
     "judge/connection_errors": ("chat/connection_errors",),
@@ -78,26 +85,28 @@ def _maybe_inject_crash() -> None:
         os._exit(1)
 
 
-class PoolJudge(JudgeBackend):
+class JudgePool(JudgeBackend):
     name = "pool"
 
-    def __init__(self, cfg, cpus_per_actor: float = 0.0, max_attempts: int = 3):
+    def __init__(self, cfg, cpus_per_actor: float = 0.0):
         d = to_dict(cfg)
         opts = {"num_cpus": cpus_per_actor, "num_gpus": cfg.judge.gpus_per_actor}
         self.actors = [JudgeActor.options(**opts).remote(d, i) for i in range(cfg.judge.num_actors)]
         self.in_flight = [0] * len(self.actors)
-        self.max_attempts = max_attempts
+        self.policy = RetryPolicy.from_config(cfg.judge)
         self.actor_failures = 0
+        self._jitter = random.Random()  # spreads re-sends in time only
         ray.get([a.pid.remote() for a in self.actors])
 
     def _pick(self, exclude: set[int]) -> int:
-        live = [i for i in range(len(self.actors)) if i not in exclude] or list(range(len(self.actors)))
-        return min(live, key=lambda i: (self.in_flight[i], i))
+        return least_loaded(self.in_flight, exclude)
 
     async def judge(self, requests: Sequence[JudgeRequest]) -> list[Judgment]:
         tried: set[int] = set()
         last_error = ""
-        for _ in range(self.max_attempts):
+        for attempt in range(self.policy.pool_max_attempts):
+            if attempt:  # give Ray time to restart the dead actor, in case every actor has been tried
+                await asyncio.sleep(retry_delay(self.policy.backoff_s, attempt, self._jitter))
             i = self._pick(tried)
             self.in_flight[i] += 1
             try:
@@ -106,10 +115,10 @@ class PoolJudge(JudgeBackend):
                 self.actor_failures += 1
                 tried.add(i)
                 last_error = f"judge actor {i} died: {type(e).__name__}"
-                await asyncio.sleep(0.5)
             finally:
                 self.in_flight[i] -= 1
-        return [Judgment(scores={}, ok=False, error=last_error, fallback=True) for _ in requests]
+        return [failed_judgment(f"{last_error} ({self.policy.pool_max_attempts} attempt(s))",
+                                attempts=self.policy.pool_max_attempts) for _ in requests]
 
     def stats(self) -> dict:
         """Summed counters of every actor (calls, failures, cache hits ...) plus actor deaths seen here."""

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import ray
 
 from kardia_rl.config import from_dict
+from kardia_rl.trainer.balance import least_loaded
 
 
 @ray.remote
@@ -69,11 +70,10 @@ class RolloutGroup:
         would batch each call's prompts alone (two half batches run one after the other). Callers submit at
         most one chunk per actor at a time (see rollout.generate_and_score).
         """
-        idle = [k for k in range(len(self.actors)) if self.outstanding[k] == 0]
-        if not idle:
+        i = least_loaded(self.outstanding)
+        if self.outstanding[i]:
             raise RuntimeError(f"all {len(self.actors)} rollout actors are busy: submit at most one chunk per actor "
                                "at a time (a queued call would split the engine's batch)")
-        i = idle[0]
         self.outstanding[i] += 1
         r = self.cfg.rollout
         temperature = r.temperature if temperature is None else temperature  # an explicit 0.0 stays 0.0

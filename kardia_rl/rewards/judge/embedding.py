@@ -57,9 +57,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from kardia_rl.errors import KardiaError
-from kardia_rl.rewards.cache import JudgmentCache
-from kardia_rl.rewards.judge.base import JudgeBackend, Judgment, JudgeRequest
-from kardia_rl.rewards.rubric import aggregate_scores, failed_judgment
+from kardia_rl.rewards.judge.base import JudgeBackend, Judgment, JudgeRequest, aggregate_scores, failed_judgment
+from kardia_rl.rewards.judge.cache import JudgmentCache
 
 EMBEDDING_JUDGE_VERSION = "embedding-proxy-v1"
 EXEMPLAR_SETS = ("empathetic", "dismissive", "harmful")

@@ -21,7 +21,9 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
+
+from kardia_rl.rewards.judge.base import ChatRequestError
 
 log = logging.getLogger(__name__)
 
@@ -159,16 +161,22 @@ class EngineThread:
 
 
 async def complete_on_engine(engine: "EngineThread", generate, stats: dict, conversations, *, temperature: float,
-                             max_tokens: int, seed) -> list:
+                             max_tokens: int, seed, timeout_s: Optional[float] = None) -> list:
     """The `ChatBackend.complete` body shared by the in-process backends (vllm, hf): validate, run the batch on
-    the engine thread (failures come back per item as exceptions), and count requests, failures and latency."""
+    the engine thread (failures come back per item as exceptions; past `timeout_s` every item is a timeout
+    ChatRequestError, and the batch is cancelled if it has not started), and count requests, failures and
+    latency."""
     import time
 
     if max_tokens < 1 or temperature < 0:
         raise ValueError(f"need max_tokens >= 1 and temperature >= 0, got {max_tokens}, {temperature}")
     start = time.monotonic()
     items = [(list(c), float(temperature), int(max_tokens), seed) for c in conversations]
-    results = await engine.run_batch(generate, items)
+    try:
+        results = await asyncio.wait_for(engine.run_batch(generate, items), timeout_s)
+    except asyncio.TimeoutError:
+        results = [ChatRequestError(f"judge engine batch timed out after {timeout_s:g} s", kind="timeout")
+                   for _ in items]
     done = time.monotonic() - start
     stats["requests"] += len(results)
     stats["failures"] += sum(isinstance(r, Exception) for r in results)

@@ -47,10 +47,11 @@ class HFChatBackend(ChatBackend):
     name = "hf"
 
     def __init__(self, model_path: str, *, batch_size: int = 16, device: Optional[str] = None, dtype: str = "auto",
-                 chat_template_kwargs: Optional[dict] = None):
+                 chat_template_kwargs: Optional[dict] = None, timeout_s: Optional[float] = None):
         if batch_size < 1:
             raise ConfigError(f"judge.max_in_flight (the hf judge batch size) must be >= 1, got {batch_size!r}")
         self.model_path, self.batch_size = model_path, int(batch_size)
+        self.timeout_s = timeout_s  # per attempt (one engine batch); None = unbounded
         self.chat_template_kwargs = dict(DEFAULT_CHAT_TEMPLATE_KWARGS if chat_template_kwargs is None
                                          else chat_template_kwargs)
         self.stats = engine_stats()
@@ -64,10 +65,10 @@ class HFChatBackend(ChatBackend):
             raise
 
     @classmethod
-    def from_config(cls, cfg) -> "HFChatBackend":
+    def from_config(cls, cfg, *, timeout_s: Optional[float] = None) -> "HFChatBackend":
         """Build from JudgeConfig: cfg.model is a local directory or hub id; rows per batch = max_in_flight."""
         return cls(cfg.model, batch_size=cfg.max_in_flight, device=cfg.device or None, dtype=cfg.dtype,
-                   chat_template_kwargs=cfg.chat_template_kwargs)
+                   chat_template_kwargs=cfg.chat_template_kwargs, timeout_s=timeout_s)
 
     def __repr__(self) -> str:
         return f"HFChatBackend(model={self.model_path!r}, batch_size={self.batch_size}, device={self.device!r})"
@@ -75,7 +76,8 @@ class HFChatBackend(ChatBackend):
     async def complete(self, conversations: Sequence[list[dict]], *, temperature: float, max_tokens: int,
                        seed: Optional[int] = None) -> list:
         return await complete_on_engine(self._engine, self._generate, self.stats, conversations,
-                                        temperature=temperature, max_tokens=max_tokens, seed=seed)
+                                        temperature=temperature, max_tokens=max_tokens, seed=seed,
+                                        timeout_s=self.timeout_s)
 
     async def close(self) -> None:
         if self._engine.alive:

@@ -6,19 +6,20 @@ with: a single failing request never raises (RubricJudge turns it into a counted
 
 Robustness, because a judge endpoint under RL load is slow and flaky:
 - bounded concurrency: at most `max_in_flight` HTTP requests in flight (per event loop);
-- a per-attempt timeout (`timeout_s`) covering connect, send and the whole reply;
-- retries with exponential backoff and jitter on timeouts, connection errors, 429, 5xx and malformed
-  200 replies; any other 4xx is a request the server will never accept, so it is returned at once;
-  a 429's Retry-After header is honoured (capped);
-- an optional requests-per-minute limiter (ratelimit.RateLimiter; every attempt, retries included,
-  takes a token, because that is what the provider counts);
+- a per-attempt timeout (`timeout_s`, given by the factory from judge.timeout_s) covering connect, send and
+  the whole reply, but not the wait for the rate limiter;
+- ONE attempt per conversation: a failure comes back as a `ChatRequestError` saying whether it is worth a
+  retry (timeouts, connection errors, 429, 5xx and malformed 200 replies are; any other 4xx is a request the
+  server will never accept) and the 429's Retry-After; RubricJudge owns the retries (base.py: one budget per
+  request, so transport retries never multiply with re-asks);
+- an optional requests-per-minute limiter (ratelimit.RateLimiter; every attempt takes a token, because that
+  is what the provider counts);
 - the API key comes from the environment variable named by `api_key_env`; it is held in a private
   attribute, never logged, and redacted from every error message (a proxy may echo request headers).
 
-`stats`: requests (conversations), attempts (HTTP requests sent), retries, failures (conversations that
-ended with an error), timeouts / rate_limited (429) / http_errors / connection_errors (per attempt),
-rate_wait_s (time spent waiting on the limiter), latencies (seconds per successful conversation, retries
-included; a bounded window).
+`stats` (per attempt): requests (HTTP requests sent), failures (attempts that ended with an error),
+timeouts / rate_limited (429) / http_errors / connection_errors, rate_wait_s (time spent waiting on the
+limiter), latencies (seconds per successful request; a bounded window).
 
 aiohttp sessions are bound to the event loop that created them, so one session is kept per loop (the
 Ray judge actor uses one loop; tests call asyncio.run repeatedly). Call `close()` from each loop.
@@ -30,42 +31,19 @@ import collections
 import json
 import logging
 import os
-import random
 import time
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import aiohttp
 
 from kardia_rl.errors import ConfigError
-from kardia_rl.rewards.judge.base import ChatBackend
+from kardia_rl.rewards.judge.base import ChatBackend, ChatRequestError
 from kardia_rl.rewards.judge.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
-MAX_RETRY_AFTER_S = 60.0  # never sleep longer than this on a server's Retry-After
 ERROR_BODY_CHARS = 300  # how much of an error reply is kept in the exception message
 LATENCY_WINDOW = 4096  # latencies kept for percentiles (a bounded window: training runs for days)
-
-
-class ChatRequestError(Exception):
-    """A chat request that failed for good. `kind`: http | timeout | connection | bad_response | internal."""
-
-    def __init__(self, message: str, *, kind: str, status: Optional[int] = None, attempts: int = 1):
-        super().__init__(message)
-        self.kind, self.status, self.attempts = kind, status, attempts
-
-    def __repr__(self) -> str:
-        return f"ChatRequestError({str(self)!r}, kind={self.kind!r}, status={self.status!r}, attempts={self.attempts})"
-
-
-@dataclass
-class _Attempt:
-    """The outcome of one HTTP attempt: text on success, else an error and whether to retry it."""
-    text: Optional[str] = None
-    error: Optional[ChatRequestError] = None
-    retryable: bool = False
-    retry_after_s: float = 0.0
 
 
 class _Secret:
@@ -93,8 +71,8 @@ class _LoopState:
 
 
 def new_stats() -> dict:
-    return {"requests": 0, "attempts": 0, "retries": 0, "failures": 0, "timeouts": 0, "rate_limited": 0,
-            "http_errors": 0, "connection_errors": 0, "rate_wait_s": 0.0,
+    return {"requests": 0, "failures": 0, "timeouts": 0, "rate_limited": 0, "http_errors": 0,
+            "connection_errors": 0, "rate_wait_s": 0.0,
             "latencies": collections.deque(maxlen=LATENCY_WINDOW)}
 
 
@@ -102,42 +80,37 @@ class OpenAIChatBackend(ChatBackend):
     name = "openai"
 
     def __init__(self, api_base: str, model: str, *, api_key: Optional[str] = None, max_in_flight: int = 16,
-                 timeout_s: float = 60.0, max_retries: int = 3, backoff_s: float = 0.5,
-                 requests_per_minute: float = 0, extra_body: Optional[dict] = None):
+                 timeout_s: float = 60.0, requests_per_minute: float = 0, extra_body: Optional[dict] = None):
         if not api_base.startswith(("http://", "https://")):
             raise ConfigError(f"judge.api_base must be an http(s) URL, got {api_base!r}")
         for key, value, ok in (("max_in_flight", max_in_flight, max_in_flight >= 1),
                                ("timeout_s", timeout_s, timeout_s > 0),
-                               ("max_retries", max_retries, max_retries >= 0),
-                               ("backoff_s", backoff_s, backoff_s >= 0),
                                ("requests_per_minute", requests_per_minute, requests_per_minute >= 0)):
             if not ok:
                 raise ConfigError(f"judge.{key} has an invalid value {value!r} for the openai backend")
         self.url = api_base.rstrip("/") + "/chat/completions"
         self.model = model
         self.max_in_flight, self.timeout_s = int(max_in_flight), float(timeout_s)
-        self.max_retries, self.backoff_s = int(max_retries), float(backoff_s)
         self.extra_body = dict(extra_body or {})
         self.limiter = RateLimiter(requests_per_minute) if requests_per_minute > 0 else None
         self._api_key = _Secret(api_key) if api_key else None
         self.stats = new_stats()
         self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
-        self._jitter = random.Random()  # jitter only spreads retries in time; it never touches results
 
     @classmethod
-    def from_config(cls, cfg) -> "OpenAIChatBackend":
-        """Build from kardia_rl.config.schema.JudgeConfig; the key is read from os.environ[cfg.api_key_env]."""
+    def from_config(cls, cfg, *, timeout_s: float) -> "OpenAIChatBackend":
+        """Build from kardia_rl.config.schema.JudgeConfig and the attempt timeout the factory decided; the key
+        is read from os.environ[cfg.api_key_env]."""
         api_key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
         if not api_key:
             # Local servers (vLLM serve, SGLang) need no key; hosted APIs will answer 401, returned as an error.
             log.info("judge.api_key_env=%s is not set: sending requests without an API key", cfg.api_key_env)
         return cls(cfg.api_base, cfg.model, api_key=api_key, max_in_flight=cfg.max_in_flight,
-                   timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s,
-                   requests_per_minute=cfg.requests_per_minute, extra_body=cfg.extra_body)
+                   timeout_s=timeout_s, requests_per_minute=cfg.requests_per_minute, extra_body=cfg.extra_body)
 
     def __repr__(self) -> str:
         return (f"OpenAIChatBackend(url={self.url!r}, model={self.model!r}, max_in_flight={self.max_in_flight}, "
-                f"timeout_s={self.timeout_s}, max_retries={self.max_retries}, limiter={self.limiter!r}, "
+                f"timeout_s={self.timeout_s}, limiter={self.limiter!r}, "
                 f"api_key={'set' if self._api_key else 'unset'})")
 
     # ------------------------------------------------------------------ public API
@@ -189,34 +162,27 @@ class OpenAIChatBackend(ChatBackend):
         return body
 
     async def _complete_one(self, state: _LoopState, conv, temperature, max_tokens, seed):
-        self.stats["requests"] += 1
+        """One attempt: the text, or the ChatRequestError it ended with (RubricJudge decides on a retry)."""
         payload = self._payload(conv, temperature, max_tokens, seed)
-        start = time.monotonic()
-        attempt_no = 0
-        while True:
-            attempt_no += 1
-            async with state.semaphore:
-                if self.limiter is not None:
-                    self.stats["rate_wait_s"] += await self.limiter.acquire()
-                try:
-                    result = await self._attempt(state.session, payload)
-                except Exception as e:  # noqa: BLE001 - a bug or odd input must fail this request only
-                    msg = self._redact(f"judge request failed: {type(e).__name__}: {e}")
-                    result = _Attempt(error=ChatRequestError(msg, kind="internal"))
-            if result.error is None:
-                self.stats["latencies"].append(time.monotonic() - start)
-                return result.text
-            result.error.attempts = attempt_no
-            if not result.retryable or attempt_no > self.max_retries:
-                self.stats["failures"] += 1
-                log.debug("judge request failed after %d attempt(s): %s", attempt_no, result.error)
-                return result.error
-            self.stats["retries"] += 1
-            delay = self.backoff_s * (2 ** (attempt_no - 1)) * (0.5 + 0.5 * self._jitter.random())
-            await asyncio.sleep(max(delay, min(result.retry_after_s, MAX_RETRY_AFTER_S)))
+        async with state.semaphore:
+            if self.limiter is not None:
+                self.stats["rate_wait_s"] += await self.limiter.acquire()
+            start = time.monotonic()  # after the limiter: a queued request is not a slow one
+            try:
+                text = await self._attempt(state.session, payload)
+            except Exception as e:  # noqa: BLE001 - a bug or odd input must fail this request only
+                text = ChatRequestError(self._redact(f"judge request failed: {type(e).__name__}: {e}"),
+                                        kind="internal")
+        if isinstance(text, ChatRequestError):
+            self.stats["failures"] += 1
+            log.debug("judge request failed: %s", text)
+            return text
+        self.stats["latencies"].append(time.monotonic() - start)
+        return text
 
-    async def _attempt(self, session: aiohttp.ClientSession, payload: dict) -> _Attempt:
-        self.stats["attempts"] += 1
+    async def _attempt(self, session: aiohttp.ClientSession, payload: dict):
+        """The completion text or a ChatRequestError."""
+        self.stats["requests"] += 1
         try:
             async with session.post(self.url, json=payload, headers=self._headers()) as resp:
                 body = await resp.text(errors="replace")
@@ -225,25 +191,22 @@ class OpenAIChatBackend(ChatBackend):
                 return self._parse_reply(body)
         except asyncio.TimeoutError:
             self.stats["timeouts"] += 1
-            return _Attempt(error=ChatRequestError(f"judge request to {self.url} timed out after {self.timeout_s:g} s",
-                                                   kind="timeout"), retryable=True)
+            return ChatRequestError(f"judge request to {self.url} timed out after {self.timeout_s:g} s", kind="timeout")
         except aiohttp.ClientError as e:
             self.stats["connection_errors"] += 1
             msg = self._redact(f"{type(e).__name__}: {e}")
-            return _Attempt(error=ChatRequestError(f"judge request to {self.url} failed: {msg}", kind="connection"),
-                            retryable=True)
+            return ChatRequestError(f"judge request to {self.url} failed: {msg}", kind="connection")
 
-    def _http_error(self, status: int, body: str, retry_after: Optional[str]) -> _Attempt:
+    def _http_error(self, status: int, body: str, retry_after: Optional[str]) -> ChatRequestError:
         self.stats["http_errors"] += 1
         retryable = status == 429 or status >= 500
         if status == 429:
             self.stats["rate_limited"] += 1
         snippet = self._redact(body[:ERROR_BODY_CHARS])
-        err = ChatRequestError(f"judge endpoint {self.url} answered HTTP {status}: {snippet}", kind="http",
-                               status=status)
-        return _Attempt(error=err, retryable=retryable, retry_after_s=_parse_retry_after(retry_after))
+        return ChatRequestError(f"judge endpoint {self.url} answered HTTP {status}: {snippet}", kind="http",
+                                status=status, retryable=retryable, retry_after_s=_parse_retry_after(retry_after))
 
-    def _parse_reply(self, body: str) -> _Attempt:
+    def _parse_reply(self, body: str):
         try:
             data = json.loads(body)
             content = data["choices"][0]["message"]["content"]
@@ -256,9 +219,9 @@ class OpenAIChatBackend(ChatBackend):
         except (ValueError, KeyError, IndexError, TypeError) as e:
             snippet = self._redact(body[:ERROR_BODY_CHARS])
             # A 200 that is not a chat completion is a proxy or server glitch: worth another try.
-            return _Attempt(error=ChatRequestError(f"judge endpoint {self.url} sent a malformed reply ({e}): {snippet}",
-                                                   kind="bad_response"), retryable=True)
-        return _Attempt(text=content)
+            return ChatRequestError(f"judge endpoint {self.url} sent a malformed reply ({e}): {snippet}",
+                                    kind="bad_response")
+        return content
 
 
 def _parse_retry_after(value: Optional[str]) -> float:

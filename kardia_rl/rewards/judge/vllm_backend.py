@@ -88,10 +88,12 @@ class VLLMChatBackend(ChatBackend):
 
     def __init__(self, model: str, *, dtype: str = "auto", max_model_len: Optional[int] = None,
                  kv_cache_memory_bytes: Optional[int] = None, gpu_memory_utilization: Optional[float] = None,
-                 chat_template_kwargs: Optional[dict] = None, engine_seed: int = 0):
+                 chat_template_kwargs: Optional[dict] = None, engine_seed: int = 0,
+                 timeout_s: Optional[float] = None):
         import torch
 
         self.model = model
+        self.timeout_s = timeout_s  # per attempt (one engine batch); None = unbounded
         self.on_cpu = not torch.cuda.is_available()
         self.chat_template_kwargs = dict(DEFAULT_CHAT_TEMPLATE_KWARGS if chat_template_kwargs is None
                                          else chat_template_kwargs)
@@ -124,10 +126,10 @@ class VLLMChatBackend(ChatBackend):
         log.info("vLLM judge %s ready in %.1f s (env set: %s)", model, self.startup_s, self.env_set)
 
     @classmethod
-    def from_config(cls, cfg) -> "VLLMChatBackend":
+    def from_config(cls, cfg, *, timeout_s: Optional[float] = None) -> "VLLMChatBackend":
         return cls(cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                    kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                   chat_template_kwargs=cfg.chat_template_kwargs)
+                   chat_template_kwargs=cfg.chat_template_kwargs, timeout_s=timeout_s)
 
     def __repr__(self) -> str:
         return f"VLLMChatBackend(model={self.model!r}, on_cpu={self.on_cpu}, dtype={self.engine_kwargs['dtype']!r})"
@@ -135,7 +137,8 @@ class VLLMChatBackend(ChatBackend):
     async def complete(self, conversations: Sequence[list[dict]], *, temperature: float, max_tokens: int,
                        seed: Optional[int] = None) -> list:
         return await complete_on_engine(self._engine, self._generate, self.stats, conversations,
-                                        temperature=temperature, max_tokens=max_tokens, seed=seed)
+                                        temperature=temperature, max_tokens=max_tokens, seed=seed,
+                                        timeout_s=self.timeout_s)
 
     async def close(self) -> None:
         """Shut the engine down, free its memory and give the host process its torch settings back."""

@@ -1,0 +1,124 @@
+"""The pipeline's skip/resume (pipeline.py): a stage whose output is complete is skipped on a re-run, a re-run after
+a failed stage continues at that stage, and GRPO starts from the SFT model on the hard split with resume on.
+
+The heavy work (model preparation, split, SFT, GRPO, eval) is replaced by writers of each stage's output files,
+and the stages run in this process (ISOLATED emptied) so the replacements apply. No Ray, no model: seconds."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from kardia_rl import pipeline
+from kardia_rl.config import load_config
+from kardia_rl.errors import KardiaError
+from kardia_rl.utils.io import atomic_write_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class FakeWork:
+    """Stand-ins for each stage's heavy call; record what ran and with which settings."""
+
+    def __init__(self, model_dir: str):
+        self.model_dir, self.calls, self.fail, self.seen = model_dir, [], None, {}
+
+    def _run(self, stage: str, **seen) -> None:
+        self.calls.append(stage)
+        self.seen[stage] = seen
+        if self.fail == stage:
+            raise KardiaError(f"{stage} interrupted (scripted)")
+
+    def ensure_prepared(self, cfg):
+        self._run("model")
+        return self.model_dir
+
+    def split_samples(self, cfg, samples, rates, out_dir, **kw):
+        self._run("split")
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_write_jsonl(os.path.join(out_dir, "easy.jsonl"), [s.to_record() for s in samples[:3]])
+        atomic_write_jsonl(os.path.join(out_dir, "hard.jsonl"), [s.to_record() for s in samples[3:5]])
+        with open(os.path.join(out_dir, "split.json"), "w") as f:
+            json.dump({"method": "scripted", "sizes": {"easy": 3, "hard": 2}}, f)
+
+    def run_sft_on_group(self, cfg, out_dir, train, val, **kw):
+        self._run("sft", n_train=len(train))
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "sft_result.json"), "w") as f:
+            json.dump({"steps": 1, "format_valid_rate": 1.0}, f)
+
+    def run_train(self, cfg):
+        self._run("grpo", run_dir=cfg.run_dir, model=cfg.model.path, resume=cfg.checkpoint.resume,
+                  train_samples=cfg.algo.train_samples)
+        os.makedirs(os.path.join(cfg.run_dir, "policy"), exist_ok=True)
+        with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"step": 1, "rollout/reward_mean": 0.5}) + "\n")
+        with open(os.path.join(cfg.run_dir, "policy", "config.json"), "w") as f:
+            f.write("{}")
+
+    def run_eval(self, cfg, models, data, out_dir, **kw):
+        self._run("eval", models=list(models), data=data)
+        os.makedirs(out_dir, exist_ok=True)
+        for name, text in (("metrics.json", "{}"), ("report.md", "| model |\n")):
+            with open(os.path.join(out_dir, name), "w") as f:
+                f.write(text)
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    import kardia_rl.curriculum.split
+    import kardia_rl.evaluation.harness
+    import kardia_rl.model.prepare
+    import kardia_rl.plan
+    import kardia_rl.trainer.learner_group
+    import kardia_rl.trainer.run
+
+    fake = FakeWork(str(tmp_path / "prepared-model"))
+    monkeypatch.setattr(pipeline, "ISOLATED", set())
+    monkeypatch.setattr(kardia_rl.plan, "preflight", lambda cfg, mode: type("Plan", (), {"estimates": {}})())
+    monkeypatch.setattr(kardia_rl.model.prepare, "ensure_prepared", fake.ensure_prepared)
+    monkeypatch.setattr(kardia_rl.model.prepare, "prepared_record", lambda path: None)
+    monkeypatch.setattr(kardia_rl.curriculum.split, "split_samples", fake.split_samples)
+    monkeypatch.setattr(kardia_rl.trainer.learner_group, "run_sft_on_group", fake.run_sft_on_group)
+    monkeypatch.setattr(kardia_rl.trainer.run, "run_train", fake.run_train)
+    monkeypatch.setattr(kardia_rl.evaluation.harness, "run_eval", fake.run_eval)
+    return fake
+
+
+def test_rerun_after_a_failed_stage_continues_there_and_a_finished_run_redoes_nothing(work, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), [f"run_dir={run_dir}"])
+    work.fail = "sft"
+    with pytest.raises(KardiaError, match="sft interrupted"):
+        pipeline.run_pipeline(cfg)
+    assert work.calls == ["model", "split", "sft"]
+
+    work.calls, work.fail = [], None
+    assert pipeline.run_pipeline(cfg) == 0
+    assert work.calls == ["model", "sft", "grpo", "eval"], "the split was complete: not redone"
+    assert work.seen["sft"]["n_train"] == 3  # the easy part
+    assert work.seen["grpo"] == {"run_dir": str(run_dir / "grpo"), "model": str(run_dir / "sft_model"),
+                                 "resume": True, "train_samples": str(run_dir / "split" / "hard.jsonl")}
+    assert work.seen["eval"] == {"models": [("base", work.model_dir), ("sft", str(run_dir / "sft_model")),
+                                            ("grpo", str(run_dir / "grpo" / "policy"))], "data": "test"}
+    report = json.loads((run_dir / "report.json").read_text())
+    assert list(report["stages"]) == ["data", "model", "split", "sft", "grpo", "eval"]
+    assert report["stages"]["grpo"]["result"]["steps"] == 1
+
+    work.calls = []
+    assert pipeline.run_pipeline(cfg) == 0
+    assert work.calls == ["model"], "every later stage's output was complete"
+
+
+def test_grpo_interrupted_before_its_policy_is_resumed_not_skipped(work, tmp_path):
+    """Checkpoints without an exported policy mean GRPO did not finish: the stage runs again with resume on
+    (the trainer then continues from its latest intact checkpoint)."""
+    run_dir = tmp_path / "run"
+    cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), [f"run_dir={run_dir}"])
+    work.fail = "grpo"
+    with pytest.raises(KardiaError, match="grpo interrupted"):
+        pipeline.run_pipeline(cfg)
+    work.calls, work.fail = [], None
+    pipeline.run_pipeline(cfg)
+    assert work.calls == ["model", "grpo", "eval"] and work.seen["grpo"]["resume"] is True

@@ -40,9 +40,10 @@ import time
 
 from aiohttp import web
 
+from kardia_rl.config.schema import RUBRIC_DIMENSIONS as DIMENSIONS  # the judge contract the server plays
+
 MARKER = re.compile(r"\[\[judge:([^\]#]*)(?:#[^\]]*)?\]\]")
 NONCE = re.compile(r"\bid=([A-Za-z0-9_-]+)")
-DIMENSIONS = ("relevance", "fluency", "empathy", "persona_consistency", "safety")
 
 
 def marker(steps: str, key: str = "") -> str:

@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from kardia_rl.config.schema import SPAN_NOTATIONS
+
 
 def cmd_validate_data(args: argparse.Namespace) -> int:
     from kardia_rl.data import label_set, validate
@@ -30,7 +32,7 @@ def cmd_validate_data(args: argparse.Namespace) -> int:
 def configure_validate_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="data file/dir/name (or builtin:sample)")
     p.add_argument("--labels", default="", help="comma-separated emotion label set (default: the 32)")
-    p.add_argument("--notation", default="kardia", choices=["kardia", "xml", "auto"])
+    p.add_argument("--notation", default="kardia", choices=SPAN_NOTATIONS)
     p.add_argument("--split", default="train", help="split of a DatasetDict source")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 

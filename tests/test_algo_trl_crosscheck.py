@@ -18,12 +18,13 @@ import warnings
 
 import pytest
 import torch
+from conftest import require
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # TRL warns about the installed vLLM version on import
-    pytest.importorskip("trl")
-    pytest.importorskip("datasets")
-    pytest.importorskip("tokenizers")
+    require("trl")
+    require("datasets")
+    require("tokenizers")
     from datasets import Dataset
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM

@@ -27,8 +27,7 @@ def test_tiny_config_loads_and_overrides_apply():
 @pytest.mark.parametrize("conf", ["tiny.yaml", "cluster.yaml", "smollm2.yaml"])
 def test_every_yaml_key_documented_and_matches_schema(conf):
     path = os.path.join(ROOT, "conf", conf)
-    if not os.path.exists(path):
-        pytest.skip(f"{conf} not present")
+    assert os.path.exists(path), f"{path} is missing"
     import yaml
 
     with open(path) as f:

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import require
 
 from kardia_rl.data import (EMOTIONS_32, expand_turns, label_set, load_dialogues, normalize_emotion,
                             split_dialogues, validate)
@@ -102,7 +103,7 @@ def test_json_parquet_and_saved_dataset_sources(tmp_path):
     line = rep.problems[0].split(":")[1]
     text = jp.read_text().splitlines()
     assert text[int(line) - 1].strip() == "{", "line must point at the start of the third record"
-    datasets = pytest.importorskip("datasets")
+    datasets = require("datasets")
     ds = datasets.Dataset.from_list(recs[:2])
     ds.to_parquet(str(tmp_path / "d.parquet"))
     ds.save_to_disk(str(tmp_path / "saved"))

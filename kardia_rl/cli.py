@@ -51,6 +51,9 @@ COMMANDS: dict[str, Command] = {
                      "difficulty-aware split by resolution rate: easy (SFT) and hard (GRPO) samples"),
     "sft": Command("kardia_rl.learner.sft_cli", "cmd_sft",
                    "supervised fine-tuning on four-span targets (prompt masked); save_pretrained output"),
+    "synthesize": Command("kardia_rl.synth.cli", "cmd_synthesize",
+                          "KardiaBench construction: user simulator, responder and rubric evaluator with refinement; "
+                          "resumable shards, filtered JSONL, summary"),
     "synthesize": Command("kardia_rl.synth.cli", "cmd_synthesize", "KardiaBench construction: user simulator, responder and rubric evaluator with refinement; resumable shards, filtered JSONL, summary"),
 }
 

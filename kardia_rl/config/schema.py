@@ -37,6 +37,10 @@ SPLIT_REFERENCES = ("base", "warmup")
 WANDB_MODES = ("offline", "online", "disabled")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK")
+SYNTH_GENERATORS = ("engine", "openai")
+SYNTH_EVALUATORS = ("judge", "engine", "openai")
+SYNTH_PAIRINGS = ("zip", "product")
+SYNTH_POOLS = ("local", "ray")
 
 
 def doc(default, text: str, choices: Optional[tuple] = None, **kw):
@@ -260,6 +264,41 @@ class RayConfig:
 
 
 @dataclass
+class SynthConfig:
+    user_backend: str = doc("engine", "user simulator U: engine (synth.num_engines engines of rollout.engine on synth.model) | openai (synth.user_base_url)", SYNTH_GENERATORS)
+    responder_backend: str = doc("engine", "responder A (four spans, the training prompt): engine | openai (synth.responder_base_url)", SYNTH_GENERATORS)
+    evaluator_backend: str = doc("engine", "rubric evaluator R: judge (the judge section's vllm/hf/openai chat backend) | engine | openai (synth.evaluator_base_url)", SYNTH_EVALUATORS)
+    model: str = doc("", "model of the engine roles: HF name or save_pretrained dir; empty = model.path")
+    num_engines: int = doc(1, "engines serving the engine roles; a role's batch is split across them")
+    engine_pool: str = doc("local", "where the engines run: local (threads in this process) | ray (rollout-group actors, one process each; ray.* settings)", SYNTH_POOLS)
+    user_base_url: str = doc("", "OpenAI-compatible endpoint of U when user_backend=openai")
+    user_model: str = doc("gpt-4o", "model name sent to U's endpoint")
+    responder_base_url: str = doc("", "OpenAI-compatible endpoint of A when responder_backend=openai")
+    responder_model: str = doc("gpt-4o", "model name sent to A's endpoint")
+    evaluator_base_url: str = doc("", "OpenAI-compatible endpoint of R when evaluator_backend=openai")
+    evaluator_model: str = doc("gpt-4o", "model name sent to R's endpoint")
+    api_key_env: str = doc("OPENAI_API_KEY", "environment variable holding the key of the synth endpoints (never logged)")
+    max_revisions: int = doc(5, "revisions of an assistant turn after FAIL verdicts (the paper's 5)")
+    max_exchanges: int = doc(10, "user/assistant exchanges per dialogue at most (ends earlier on SOLVED)")
+    max_concurrent_dialogues: int = doc(16, "dialogues in flight at once; each round batches their pending calls per role")
+    user_temperature: float = doc(0.9, "sampling temperature of U")
+    responder_temperature: float = doc(0.7, "sampling temperature of A")
+    evaluator_temperature: float = doc(0.0, "sampling temperature of R (0 = greedy)")
+    user_max_tokens: int = doc(96, "max tokens of one user turn")
+    responder_max_tokens: int = doc(0, "max tokens of one assistant turn (0 = model.max_new_tokens)")
+    evaluator_max_tokens: int = doc(384, "max tokens of one verdict")
+    evaluator_retries: int = doc(2, "re-asks after an unreadable verdict; then the dialogue is dropped (evaluator_unreadable)")
+    pairing: str = doc("zip", "dialogues: zip (seed i with profile i mod P) | product (every profile with every seed)", SYNTH_PAIRINGS)
+    max_dialogues: int = doc(0, "synthesise at most this many dialogues (0 = all pairs)")
+    salt_env: str = doc("KARDIA_SYNTH_SALT", "environment variable with the username-hashing salt; unset = a random salt kept in OUT/.salt")
+    shard_size: int = doc(32, "finished dialogues per output shard (each shard is written atomically; resume skips them)")
+    near_dup_threshold: float = doc(0.92, "drop a dialogue whose MiniLM similarity to a kept one is above this")
+    max_emotion_jump: int = doc(1, "drop a dialogue whose consecutive assistant emotion labels are further apart: 0 same cluster, 1 same valence, 2 opposite valence (2 = never drop)")
+    min_user_safety: float = doc(2.0, "drop a dialogue with a user turn whose embedding-judge safety score (1-5) is below this (1 = never drop)")
+    identity_age_tolerance: int = doc(1, "years a user turn's stated age may differ from the profile's before it counts as identity drift")
+
+
+@dataclass
 class KardiaConfig:
     seed: int = doc(1, "global seed (sampling, data order, init)")
     run_dir: str = doc("runs/tiny", "outputs: checkpoints, metrics.jsonl, reports")
@@ -277,3 +316,4 @@ class KardiaConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)

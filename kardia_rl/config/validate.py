@@ -124,6 +124,38 @@ def config_problems(cfg: KardiaConfig) -> list[str]:
         p.append(f"checkpoint.auto_resume: must be >= 0, got {cfg.checkpoint.auto_resume}")
     if cfg.model.lora.enabled and cfg.model.lora.r < 1:
         p.append(f"model.lora.r: must be >= 1, got {cfg.model.lora.r}")
+    p.extend(_synth_problems(cfg))
+    return p
+
+
+def _synth_problems(cfg: KardiaConfig) -> list[str]:
+    """`synth.*`: counts, and an endpoint for every role that goes to one."""
+    p, sy = [], cfg.synth
+    for key in ("num_engines", "max_exchanges", "max_concurrent_dialogues", "user_max_tokens", "evaluator_max_tokens",
+                "shard_size"):
+        if getattr(sy, key) < 1:
+            p.append(f"synth.{key}: must be >= 1, got {getattr(sy, key)}")
+    for key in ("max_revisions", "evaluator_retries", "max_dialogues", "responder_max_tokens"):
+        if getattr(sy, key) < 0:
+            p.append(f"synth.{key}: must be >= 0, got {getattr(sy, key)}")
+    for key in ("user_temperature", "responder_temperature", "evaluator_temperature"):
+        if getattr(sy, key) < 0:
+            p.append(f"synth.{key}: must be >= 0 (0 = greedy), got {getattr(sy, key)}")
+    if not 0 < sy.near_dup_threshold <= 1:
+        p.append(f"synth.near_dup_threshold: must be in (0, 1], got {sy.near_dup_threshold}")
+    if sy.max_emotion_jump not in (0, 1, 2):
+        p.append(f"synth.max_emotion_jump: must be 0, 1 or 2, got {sy.max_emotion_jump}")
+    if not 1 <= sy.min_user_safety <= 5:
+        p.append(f"synth.min_user_safety: must be in [1, 5] (the judge's safety scale), got {sy.min_user_safety}")
+    if sy.identity_age_tolerance < 0:
+        p.append(f"synth.identity_age_tolerance: must be >= 0, got {sy.identity_age_tolerance}")
+    for role in ("user", "responder", "evaluator"):
+        url = getattr(sy, f"{role}_base_url")
+        if getattr(sy, f"{role}_backend") == "openai" and not url.startswith(("http://", "https://")):
+            p.append(f"synth.{role}_base_url: {url!r} must be an http(s) URL with synth.{role}_backend=openai")
+    if sy.evaluator_backend == "judge" and cfg.judge.backend == "embedding":
+        p.append("synth.evaluator_backend=judge needs an LLM judge (judge.backend vllm | hf | openai), got "
+                 "judge.backend=embedding; or set synth.evaluator_backend to engine or openai")
     return p
 
 

@@ -54,7 +54,6 @@ COMMANDS: dict[str, Command] = {
     "synthesize": Command("kardia_rl.synth.cli", "cmd_synthesize",
                           "KardiaBench construction: user simulator, responder and rubric evaluator with refinement; "
                           "resumable shards, filtered JSONL, summary"),
-    "synthesize": Command("kardia_rl.synth.cli", "cmd_synthesize", "KardiaBench construction: user simulator, responder and rubric evaluator with refinement; resumable shards, filtered JSONL, summary"),
 }
 
 

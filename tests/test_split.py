@@ -13,7 +13,7 @@ import pytest
 from conftest import require
 
 from kardia_rl.config import load_config
-from kardia_rl.curriculum import split as split_mod
+from kardia_rl.curriculum import rating as rating_mod
 from kardia_rl.curriculum.crossfit import assign_folds, fold_key
 from kardia_rl.curriculum.split import (
     apply_tau, data_rate, histogram, load_split_data, rates_from_rewards, sample_rewards, split_samples,
@@ -207,7 +207,7 @@ def test_crossfit_rater_never_trained_on_the_samples_dialogue_or_profile(by, tin
                              "sft.eval_every=0", "sft.warmup_steps=0", "learner.zero_stage=0", f"data.split_by={by}"])
     samples, _ = load_split_data(cfg, str(data))
     trained, rated, runs = {}, {}, []
-    real_sft, real_rewards = lg_mod.run_sft_on_group, split_mod.sample_rewards
+    real_sft, real_rewards = lg_mod.run_sft_on_group, rating_mod.sample_rewards
 
     def watched_sft(c, out_dir, train_samples, val_samples, **kw):  # the warm-ups run on the learner group (Ray)
         trained[out_dir] = [s.id for s in train_samples]
@@ -222,7 +222,7 @@ def test_crossfit_rater_never_trained_on_the_samples_dialogue_or_profile(by, tin
         return real_rewards(c, held, model_dir, **kw)
 
     monkeypatch.setattr(lg_mod, "run_sft_on_group", watched_sft)
-    monkeypatch.setattr(split_mod, "sample_rewards", watched_rewards)
+    monkeypatch.setattr(rating_mod, "sample_rewards", watched_rewards)
     work = str(tmp_path / "refs")
     doc = split_samples(cfg, samples, None, str(tmp_path / "a"), progress=False, work_dir=work)
     by_id = {s.id: s for s in samples}

@@ -63,7 +63,7 @@ def _fold_ready(fold_dir: str, spec: dict) -> bool:
 def crossfit_rewards(cfg, samples: Sequence[TurnSample], work_dir: str, *, progress: bool = True,
                      judge=None) -> tuple[dict, dict]:
     """(id -> k rewards, in the order of `samples`; info for split.json) from K cross-fitted warm-ups."""
-    from kardia_rl.curriculum import split
+    from kardia_rl.curriculum import rating
     from kardia_rl.rewards.judge import make_judge
     from kardia_rl.rewards.offline import close_judge
     from kardia_rl.trainer.learner_group import run_sft_on_group
@@ -95,11 +95,11 @@ def crossfit_rewards(cfg, samples: Sequence[TurnSample], work_dir: str, *, progr
                 run_sft_on_group(warm_cfg, dirs[i], train, held[i], generate_eval=False, progress=progress)
                 atomic_write_text(os.path.join(dirs[i], "fold.json"), json.dumps(spec, indent=1))
         for i in range(k):
-            got, timing = split.sample_rewards(cfg, held[i], dirs[i], progress=progress, judge=judge)
+            got, timing = rating.sample_rewards(cfg, held[i], dirs[i], progress=progress, judge=judge)
             rewards.update(got)
             with open(os.path.join(dirs[i], "sft_result.json")) as f:
                 trained = json.load(f)
-            rates = split.rates_from_rewards(got, cfg.split.reward_threshold)
+            rates = rating.rates_from_rewards(got, cfg.split.reward_threshold)
             info.append({"fold": i, "model": dirs[i], "trained_turns": len(samples) - len(held[i]),
                          "rated_turns": len(held[i]), "rate_mean": sum(rates.values()) / max(1, len(rates)),
                          f"rated_{by}s": sorted({fold_key(s, by) for s in held[i]}),

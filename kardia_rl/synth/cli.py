@@ -6,6 +6,7 @@ import os
 import secrets
 import sys
 import time
+from dataclasses import replace
 
 from kardia_rl.errors import KardiaError
 
@@ -34,21 +35,22 @@ def build_roles(cfg, labels, secret: str):
     kinds = {"user": sy.user_backend, "responder": sy.responder_backend, "evaluator": sy.evaluator_backend}
     engine_client = None
     if "engine" in kinds.values():
-        from kardia_rl.engines import make_engine
-
         path = sy.model or cfg.model.path
         if not os.path.isdir(path):
             raise KardiaError(f"synth.model / model.path {path!r}: not a model directory (build one with "
                               "`kardia-rl init-model` or `kardia-rl prepare`)")
-        r = cfg.rollout
-        engines = [make_engine(r.engine, path, seed=cfg.seed + i, dtype=cfg.model.dtype,
-                               max_model_len=cfg.model.max_prompt_tokens + max(cfg.model.max_new_tokens, sy.responder_max_tokens,
-                                                                               sy.user_max_tokens, sy.evaluator_max_tokens),
-                               kv_cache_bytes=r.kv_cache_bytes, enforce_eager=r.enforce_eager,
-                               gpu_memory_utilization=r.gpu_memory_utilization,
-                               tensor_parallel_size=max(1, int(r.gpus_per_actor)), verify_reference=False)
-                   for i in range(sy.num_engines)]
-        engine_client = roles.EngineClient(engines, cfg)
+        # the engines are sized for the longest role output, and the pool has synth.num_engines engines
+        longest = max(cfg.model.max_new_tokens, sy.responder_max_tokens, sy.user_max_tokens,
+                      sy.evaluator_max_tokens if sy.evaluator_backend == "engine" else 0)
+        ecfg = replace(cfg, model=replace(cfg.model, max_new_tokens=longest),
+                       rollout=replace(cfg.rollout, num_actors=sy.num_engines))
+        if sy.engine_pool == "ray":
+            engine_client = roles.RayEngineClient(ecfg, path)
+        else:
+            from kardia_rl.engines import engine_from_config
+
+            engine_client = roles.EngineClient([engine_from_config(ecfg, path, seed_offset=i, verify_reference=False)
+                                                for i in range(sy.num_engines)], cfg)
     judge_client = None
     if sy.evaluator_backend == "judge":
         judge_client = roles.judge_client(cfg)
@@ -64,8 +66,6 @@ def close_roles(r) -> None:
         if id(client) not in seen:
             seen.add(id(client))
             client.close()
-            for e in getattr(client, "engines", []):
-                e.shutdown()
 
 
 def cmd_synthesize(args) -> int:
@@ -87,11 +87,12 @@ def cmd_synthesize(args) -> int:
     todo = [(p, s) for p, s in todo_all if inputs.dialogue_id(p, s) not in store.done_ids]
     print(f"synthesize: {len(todo_all)} dialogues ({len(profiles)} profiles x {len(seeds)} seeds, "
           f"{cfg.synth.pairing}), {len(todo_all) - len(todo)} already done in {args.out}", file=sys.stderr)
-    t0, new = time.perf_counter(), 0
+    t0, new, startup = time.perf_counter(), 0, 0.0
     calls: dict = {}
     if todo:
         secret = hashlib.sha256(f"{salt}:{cfg.seed}".encode()).hexdigest()  # R's nonces: unknown to A
         clients = build_roles(cfg, labels, secret)
+        startup, t0 = time.perf_counter() - t0, time.perf_counter()  # dialogues/s counts synthesis, not loading
         loop = RefinementLoop(cfg, clients)
         stats = {"kept": 0, "dropped": 0, "FAIL": 0, "PASS": 0, "SOLVED": 0}
         bar = tqdm(total=len(todo), desc="synthesize", unit="dialogue", disable=args.no_progress)
@@ -118,7 +119,7 @@ def cmd_synthesize(args) -> int:
     seconds = time.perf_counter() - t0
     kept, drops = output.finalize(args.out, store.results, cfg, labels)
     s = output.write_summary(args.out, total=len(todo_all), results=store.results, kept=kept, drops=drops,
-                             resumed=store.resumed, new=new, seconds=seconds, calls=calls)
+                             resumed=store.resumed, new=new, seconds=seconds, startup=startup, calls=calls)
     print(f"synthesize: {s['kept']} kept, {s['dropped']} dropped {s['drops']}, verdicts {s['verdicts']}, "
           f"{s['dialogues_per_s']} dialogues/s -> {s['output']} (summary.json beside it)")
     return 0

@@ -9,7 +9,8 @@ Layout of OUT:
 - kardiabench.jsonl: the filtered records (filters.apply_filters over ALL shards, so near-duplicates are
   found across shards and runs), rewritten atomically at the end of every run; it passes
   `kardia-rl validate-data` (a record that would not is dropped as `invalid_record`, a last guard).
-- summary.json: counts, verdict frequencies, drops by reason, dialogues/s of this run, role calls.
+- summary.json: counts, verdict frequencies (of the output and before the filters), drops by reason, role
+  calls, start-up seconds (engines, clients) and dialogues/s of this run's synthesis (start-up excluded).
 """
 from __future__ import annotations
 
@@ -121,11 +122,12 @@ def verdict_stats(records: Sequence[dict]) -> dict:
 
 
 def write_summary(out_dir: str, *, total: int, results: Sequence[dict], kept: Sequence[dict], drops: Counter,
-                  resumed: int, new: int, seconds: float, calls: dict) -> dict:
+                  resumed: int, new: int, seconds: float, startup: float, calls: dict) -> dict:
     summary = {"dialogues_planned": total, "dialogues_finished": len(results), "resumed_from_shards": resumed,
                "synthesised_this_run": new, "kept": len(kept), "dropped": sum(drops.values()),
                "drops": dict(sorted(drops.items())), **verdict_stats(kept),
-               "seconds_this_run": round(seconds, 3),
+               "before_filters": verdict_stats([r for r in results if "dropped" not in r]),
+               "startup_s": round(startup, 3), "seconds_this_run": round(seconds, 3),
                "dialogues_per_s": round(new / seconds, 4) if seconds > 0 and new else 0.0,
                "role_calls_this_run": dict(calls), "output": os.path.join(out_dir, OUTPUT_FILE)}
     atomic_write(os.path.join(out_dir, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")

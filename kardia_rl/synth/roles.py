@@ -93,6 +93,50 @@ class EngineClient:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        for e in self.engines:
+            e.shutdown()
+
+
+class RayEngineClient(EngineClient):
+    """The same batches on the rollout group's Ray actors (trainer.rollout_group): one process per engine, so
+    engines run in parallel without sharing the driver's interpreter, on a cluster as on one machine."""
+
+    def __init__(self, cfg, model_path: str):
+        from transformers import AutoTokenizer
+
+        from kardia_rl.trainer.ray_cluster import init_ray
+        from kardia_rl.trainer.rollout_group import RolloutGroup
+
+        init_ray(cfg.ray.address, cfg.ray.num_cpus, log_level=cfg.logging.engine_log_level)
+        self.cfg, self.engines = cfg, []
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.group = RolloutGroup(cfg, model_path, cfg.ray.cpus_per_actor)
+
+    def complete(self, reqs: Sequence[Request], *, temperature: float, max_tokens: int) -> list:
+        import ray
+
+        if not reqs:
+            return []
+        prompts = [self._encode(r, max_tokens) for r in reqs]
+        k = len(self.group.actors)
+        bounds = [len(reqs) * i // k for i in range(k + 1)]
+        sent = []
+        for i in range(k):
+            lo, hi = bounds[i], bounds[i + 1]
+            if lo < hi:
+                seed = int(hashlib.sha256(repr([r.seed for r in reqs[lo:hi]]).encode()).hexdigest()[:12], 16)
+                sent.append(self.group.submit(prompts[lo:hi], 1, seed=seed, greedy=temperature == 0,
+                                              temperature=temperature or 1.0, max_new_tokens=max_tokens))
+        out: list = []
+        for index, ref in sent:
+            try:
+                out.extend(g[0].text for g in ray.get(ref))
+            finally:
+                self.group.done(index)
+        return out
+
+    def close(self) -> None:
+        self.group.shutdown()
 
 
 class ChatClient:

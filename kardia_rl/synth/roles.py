@@ -50,9 +50,15 @@ class EngineClient:
     """Generation on local engines; one batched generate call per engine per role batch."""
 
     def __init__(self, engines: Sequence[Any], cfg):
+        from kardia_rl.engines.hf_engine import HFEngine
+
         self.engines, self.cfg = list(engines), cfg
         self.tokenizer = self.engines[0].tokenizer
-        self._pool = ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix="synth-engine")
+        # The transformers engine samples with torch's process-global RNG (seeded per call): two of them in
+        # threads of one process would draw from each other's stream, so their chunks run one after another
+        # (deterministic, no speed-up: use synth.engine_pool=ray, one process per engine, to scale them).
+        serial = any(isinstance(e, HFEngine) for e in self.engines)
+        self._pool = ThreadPoolExecutor(max_workers=1 if serial else len(self.engines), thread_name_prefix="synth-engine")
 
     def _encode(self, req: Request, max_tokens: int) -> list[int]:
         from kardia_rl.format.prompt import build_prompt, fit_last_turn

@@ -88,11 +88,12 @@ class ShardStore:
 def finalize(out_dir: str, results: Sequence[dict], cfg, labels: Sequence[str]) -> tuple[list[dict], Counter]:
     """Filter every finished record, guard the output's validity, write kardiabench.jsonl; (kept, drops)."""
     from kardia_rl.data import check_record
-    from kardia_rl.synth.filters import apply_filters
+    from kardia_rl.synth.filters import DROP_REASONS, apply_filters
 
     drops = Counter(r["dropped"] for r in results if "dropped" in r)
     records = [r for r in results if "dropped" not in r]
     kept, filtered = apply_filters(records, cfg) if records else ([], {})
+    drops.update({reason: 0 for reason in DROP_REASONS})  # every filter listed, also when it dropped nothing
     drops.update(filtered)
     valid = []
     for r in kept:

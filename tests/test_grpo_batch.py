@@ -162,7 +162,7 @@ def test_rollout_group_refuses_to_queue_on_a_busy_actor():
     group = RolloutGroup.__new__(RolloutGroup)  # only the dispatch state: no Ray actors are started
     group.cfg = load_config(TINY)
     group.actors = [SimpleNamespace(generate=SimpleNamespace(remote=lambda *a: a)) for _ in range(2)]
-    group.outstanding = [0, 0]
+    group.outstanding, group.in_flight = [0, 0], {}
     first, second = group.submit([[1]], 2, seed=0)[0], group.submit([[2]], 2, seed=1)[0]
     assert {first, second} == {0, 1}
     with pytest.raises(RuntimeError, match="busy"):

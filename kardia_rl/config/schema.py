@@ -105,6 +105,7 @@ class RolloutConfig:
     weight_sync: str = doc("auto", "weight transport: auto (collective for vllm, object_store for hf) | collective | object_store", WEIGHT_SYNC_MODES)
     sync_bucket_mb: int = doc(64, "collective weight sync bucket size in MiB")
     sync_timeout_s: float = doc(120.0, "a weight sync (or joining its group) that takes longer fails, naming the engine")
+    max_restarts_per_step: int = doc(2, "rollout actors that may die and be replaced (current weights, chunk sent again) within one step before the run stops naming the actor (0 = no in-place restart: the step fails, checkpoint.auto_resume applies)")
 
 
 @dataclass

@@ -51,6 +51,8 @@ def config_problems(cfg: KardiaConfig) -> list[str]:
     for key in ("judge.max_retries", "judge.backoff_s"):
         if _get(cfg, key) < 0:
             p.append(f"{key}: must be >= 0, got {_get(cfg, key)}")
+    if cfg.rollout.max_restarts_per_step < 0:
+        p.append(f"rollout.max_restarts_per_step: must be >= 0, got {cfg.rollout.max_restarts_per_step}")
     if cfg.rollout.weight_sync == "collective" and cfg.rollout.engine == "hf":
         p.append("rollout.weight_sync: collective needs rollout.engine=vllm (the transformers engine cannot join "
                  "the weight-transfer group); use auto or object_store")

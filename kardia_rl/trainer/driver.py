@@ -120,7 +120,14 @@ class GRPOTrainer:
 
         self.reward.reset_stats()
         return generate_and_score(self.rollout, self.reward, samples, [self.prompt_ids[s.id] for s in samples],
-                                  n=self.cfg.algo.group_size, seed=self.cfg.seed, step=step)
+                                  n=self.cfg.algo.group_size, seed=self.cfg.seed, step=step,
+                                  recover=self.replace_rollout_actor,
+                                  max_restarts=self.cfg.rollout.max_restarts_per_step)
+
+    def replace_rollout_actor(self, index: int, error: BaseException) -> None:
+        """A rollout actor died mid-step: a new one in its place, loaded with the current weights and verified
+        (WeightSync.rejoin); the caller sends its chunk again."""
+        self.rollout.restart(index, error, reload=self.weight_sync.rejoin)
 
     def build_batch(self, rollout):
         from kardia_rl.algo import apply_kl_to_rewards, group_advantages, overlong_keep
@@ -183,6 +190,7 @@ class GRPOTrainer:
         m.update(summary(rollout.rewards))
         m.update(self.reward.stats_summary())
         m["judge/actor_failures"] = float(self.judge.actor_failures)
+        m["rollout/actor_restarts"] = float(rollout.actor_restarts)
         m.update(self.judge.step_counters())
         m.update({f"rollout/{k}": v for k, v in adv.stats().items()})
         m.update(train_metrics)  # incl. rollout/logprob_diff_{mean,max}, rollout/mismatch_kl (engine vs learner)

@@ -9,6 +9,11 @@ Determinism: prompts are cut into contiguous chunks whose layout depends only on
 of actors (config, never timing), and chunk c of step s is sampled with seed hash(seed, s, c), so results
 do not depend on which actor served a chunk or in which order chunks finished; a resumed run regenerates
 exactly the same candidates.
+
+Faults: a rollout actor that dies during its generate call (a killed process, a lost node) is replaced by
+`recover(actor index, error)` (the driver's: a new actor in its place with the current weights, verified) and
+its chunk is sent again; the chunk is seeded, so the step's results equal an undisturbed step's. At most
+`max_restarts` per step (rollout.max_restarts_per_step), then one error naming the actor.
 """
 from __future__ import annotations
 
@@ -16,9 +21,12 @@ import asyncio
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
+
+from ray.exceptions import RayActorError
 
 from kardia_rl.engines.base import Completion
+from kardia_rl.errors import KardiaError
 from kardia_rl.rewards.unified import RewardBreakdown
 
 
@@ -39,6 +47,7 @@ class Rollout:
     completions: list[Completion]  # one per candidate
     rewards: list[RewardBreakdown]  # one per candidate
     timing: dict = field(default_factory=dict)
+    actor_restarts: int = 0  # rollout actors that died during this step's generation and were replaced
 
     @property
     def group_size(self) -> int:
@@ -46,18 +55,36 @@ class Rollout:
 
 
 def generate_and_score(rollout_group: Any, reward: Any, samples: Sequence[Any], prompt_ids: Sequence[list[int]],
-                       *, n: int, seed: int, step: int) -> Rollout:
+                       *, n: int, seed: int, step: int, recover: Optional[Callable[[int, BaseException], None]] = None,
+                       max_restarts: int = 0) -> Rollout:
     chunks = contiguous_chunks(len(samples), len(rollout_group.actors))
     comps: list = [None] * len(samples)
     rewards: list = [None] * len(samples)
     marks: dict[str, float] = {}
+    restarts: list[int] = []
+
+    async def generate(c: int, idx: list[int]):
+        while True:
+            actor, ref = rollout_group.submit([prompt_ids[j] for j in idx], n, seed=chunk_seed(seed, step, c))
+            try:
+                return await ref
+            except RayActorError as e:
+                if recover is None or max_restarts <= 0:
+                    raise  # no in-place restart: the step fails like any actor failure (checkpoint.auto_resume)
+                restarts.append(actor)
+                if len(restarts) > max_restarts:
+                    raise KardiaError(
+                        f"rollout actor {actor} died at step {step} ({type(e).__name__}) after {max_restarts} "
+                        f"rollout actor restart(s) in this step (rollout.max_restarts_per_step={max_restarts}); "
+                        f"its engine keeps failing: look at that actor's log above, then resume with "
+                        f"checkpoint.resume=true") from None
+                # In a thread: the replacement waits for the other actors' chunks, whose scoring goes on here.
+                await asyncio.to_thread(recover, actor, e)
+            finally:
+                rollout_group.done(actor)
 
     async def one_chunk(c: int, idx: list[int]) -> None:
-        actor, ref = rollout_group.submit([prompt_ids[j] for j in idx], n, seed=chunk_seed(seed, step, c))
-        try:
-            out = await ref
-        finally:
-            rollout_group.done(actor)
+        out = await generate(c, idx)
         marks["generated"] = time.perf_counter()
         flat_samples = [samples[j] for j in idx for _ in range(n)]
         texts = [c.text for per in out for c in per]
@@ -75,4 +102,4 @@ def generate_and_score(rollout_group: Any, reward: Any, samples: Sequence[Any], 
     # generation: until the last chunk was generated; judge: the scoring tail that did not overlap it.
     timing = {"timing/generation": marks["generated"] - t0, "timing/judge": t1 - marks["generated"]}
     return Rollout(list(samples), [list(p) for p in prompt_ids], [c for per in comps for c in per],
-                   [r for per in rewards for r in per], timing)
+                   [r for per in rewards for r in per], timing, actor_restarts=len(restarts))

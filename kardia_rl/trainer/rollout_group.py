@@ -3,15 +3,42 @@
 Work goes to an idle actor, one generate call per actor at a time (never queued behind another). Weight sync
 (trainer.weight_sync) streams the learner's weights into each engine over a collective group; the actors
 expose its phases, the probe scoring that verifies it, and the object-store fallback for the hf engine.
+
+A dead actor is replaced in place (`restart`: a new actor, same index and options), then brought to the current
+weights by the caller's `reload` (trainer.weight_sync.WeightSync.rejoin) before its chunk is sent again.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import os
+import signal
+import sys
+import threading
+from typing import Callable, Optional, Sequence
 
 import ray
 
 from kardia_rl.config import from_dict
 from kardia_rl.trainer.balance import least_loaded
+
+# Fault injection for tests/test_faults.py: if the file named here exists and holds N, the actor's N-th generate
+# call deletes it and SIGKILLs its own process (consumed once, so the replacement runs normally). Unset in normal
+# runs: one environment lookup per generate call.
+KILL_FILE_ENV = "KARDIA_FAULT_ROLLOUT_KILL_FILE"
+
+
+def _maybe_kill_self(calls: int) -> None:
+    path = os.environ.get(KILL_FILE_ENV)
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            due = int(f.read().strip() or 0)
+        if calls != due:
+            return
+        os.remove(path)
+    except (FileNotFoundError, ValueError):
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @ray.remote
@@ -20,7 +47,7 @@ class RolloutActor:
         from kardia_rl.engines import engine_from_config
 
         cfg = from_dict(cfg_dict)
-        self.index = index
+        self.index, self.calls = index, 0
         # verified against the learner's own forward: no CPU model copy here
         self.engine = engine_from_config(cfg, model_path, seed_offset=index, verify_reference=False)
 
@@ -29,6 +56,8 @@ class RolloutActor:
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int,
                  seed: int, greedy: bool = False):
+        self.calls += 1
+        _maybe_kill_self(self.calls)
         return self.engine.generate(prompts, n, temperature=temperature, top_p=top_p,
                                     max_new_tokens=max_new_tokens, seed=seed, greedy=greedy)
 
@@ -53,14 +82,18 @@ class RolloutActor:
 
 class RolloutGroup:
     def __init__(self, cfg, model_path: str, cpus_per_actor: float = 0.0):
-        self.cfg = cfg
-        opts = {"num_cpus": cpus_per_actor, "num_gpus": cfg.rollout.gpus_per_actor}
         from kardia_rl.config import to_dict
 
-        d = to_dict(cfg)
-        self.actors = [RolloutActor.options(**opts).remote(d, model_path, i) for i in range(cfg.rollout.num_actors)]
+        self.cfg, self.model_path, self.cfg_dict = cfg, model_path, to_dict(cfg)
+        self.opts = {"num_cpus": cpus_per_actor, "num_gpus": cfg.rollout.gpus_per_actor}
+        self.actors = [self._start(i) for i in range(cfg.rollout.num_actors)]
         self.outstanding = [0] * len(self.actors)
+        self.in_flight: dict[int, ray.ObjectRef] = {}  # actor index -> its generate call
+        self._restart_lock = threading.Lock()
         ray.get([a.ready.remote() for a in self.actors])
+
+    def _start(self, index: int):
+        return RolloutActor.options(**self.opts).remote(self.cfg_dict, self.model_path, index)
 
     def submit(self, prompts: list[list[int]], n: int, *, seed: int, greedy: bool = False,
                temperature: Optional[float] = None, max_new_tokens: Optional[int] = None):
@@ -79,17 +112,39 @@ class RolloutGroup:
         temperature = r.temperature if temperature is None else temperature  # an explicit 0.0 stays 0.0
         ref = self.actors[i].generate.remote(prompts, n, temperature, r.top_p,
                                              max_new_tokens or self.cfg.model.max_new_tokens, seed, greedy)
+        self.in_flight[i] = ref
         return i, ref
 
     def done(self, index: int) -> None:
         self.outstanding[index] -= 1
+        self.in_flight.pop(index, None)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Fallback sync: the full state dict once through the object store (see trainer.weight_sync)."""
+    def restart(self, index: int, error: BaseException, reload: Callable[[int], object]) -> None:
+        """Replace dead actor `index` by a new one (same index, options and engine seed), then `reload(index)` it.
+
+        The reload rebuilds the weight-transfer group, whose collectives need every engine, so it waits until the
+        other actors' generate calls are done (their results stay valid: they already had the current weights).
+        One restart at a time: two actors dying together are replaced one after the other.
+        """
+        with self._restart_lock:
+            print(f"[rollout] actor {index} died ({type(error).__name__}); starting a new one with the current "
+                  "weights and sending its chunk again", file=sys.stderr, flush=True)
+            ray.kill(self.actors[index])  # it may only be unreachable: never two engines for one index
+            self.actors[index] = self._start(index)
+            others = [ref for k, ref in list(self.in_flight.items()) if k != index]
+            ray.get(self.actors[index].ready.remote())  # the engine starts while the others finish generating
+            if others:
+                ray.wait(others, num_returns=len(others))
+            reload(index)
+
+    def load_state_dict(self, state_dict: dict, indices: Optional[Sequence[int]] = None) -> None:
+        """Fallback sync: the full state dict once through the object store (see trainer.weight_sync), into every
+        actor or only `indices`."""
         from safetensors.torch import save as save_safetensors
 
         blob = ray.put(save_safetensors({k: v.contiguous() for k, v in state_dict.items()}))
-        ray.get([a.load_weights.remote(blob) for a in self.actors])
+        targets = self.actors if indices is None else [self.actors[i] for i in indices]
+        ray.get([a.load_weights.remote(blob) for a in targets])
 
     def probe_logprobs(self, probe_ids: Sequence[int], timeout_s: Optional[float] = None) -> list[list[float]]:
         return ray.get([a.probe_logprobs.remote(list(probe_ids)) for a in self.actors], timeout=timeout_s)

@@ -13,6 +13,12 @@ the same probe with its own forward; see engines/verify.py for the dtype-aware t
 
 Never hang: the engines' RPCs run with rollout.sync_timeout_s, the group's collectives too; a dead or stuck
 engine is reported by its actor index.
+
+A rollout actor replaced mid-step (rollout_group.RolloutGroup.restart) gets the learner's current weights through
+`rejoin`: a gloo/NCCL group cannot take in a new member, and every rank of a group must (re)initialise together, so
+the whole group is torn down and built again (learner rank 0 and every engine, the new one in its old rank), then
+one full sync and a verification. The learner's weights are the ones the engines generated this step with (the
+update comes after generation), so the new engine continues exactly where the old one was.
 """
 from __future__ import annotations
 
@@ -85,10 +91,15 @@ class WeightSync:
         self.cfg, self.learner, self.rollout, self.probe = cfg, learner, rollout, list(probe)
         self.collective = r.weight_sync == "collective" or (r.weight_sync == "auto" and r.engine == "vllm")
         self.engine_dtype = resolve_dtype(cfg.model.dtype, on_gpu=r.gpus_per_actor > 0)
-        self.syncs = 0
+        self.fix_tied, self.syncs, self.version = fix_tied, 0, "initial"
         if self.collective:
-            self.learner.init_weight_sync(rollout.actors, r.sync_bucket_mb << 20, r.sync_timeout_s, fix_tied,
-                                          workers_per_engine=max(1, int(r.gpus_per_actor)))  # = TP size
+            self._init_group()
+
+    def _init_group(self) -> None:
+        """(Re)build the collective group over learner rank 0 and the rollout actors as they are now."""
+        r = self.cfg.rollout
+        self.learner.init_weight_sync(self.rollout.actors, r.sync_bucket_mb << 20, r.sync_timeout_s, self.fix_tied,
+                                      workers_per_engine=max(1, int(r.gpus_per_actor)))  # = TP size
 
     def sync(self, version: str) -> dict:
         """Move the learner's weights into every engine; returns metrics (verification ones when due)."""
@@ -99,11 +110,21 @@ class WeightSync:
         else:
             self.rollout.load_state_dict(self.learner.hf_state_dict())
             metrics = {}
-        self.syncs += 1
+        self.syncs, self.version = self.syncs + 1, version
         every = self.cfg.rollout.verify_every
         if every and self.syncs % every == 0:
             metrics.update(self.verify())
         return metrics
+
+    def rejoin(self, index: int) -> dict:
+        """Rollout actor `index` was replaced: give it the learner's current weights and verify every engine
+        (whatever rollout.verify_every says: a new engine is never trusted unchecked). Returns the check's metrics."""
+        if self.collective:
+            self._init_group()  # every rank re-initialises together (see the module docstring)
+            self.learner.send_weights(self.version)  # the surviving engines receive the same bytes again
+        else:
+            self.rollout.load_state_dict(self.learner.hf_state_dict(), indices=[index])
+        return self.verify()
 
     def verify(self) -> dict:
         from kardia_rl.engines.verify import check_sync

@@ -52,6 +52,12 @@ EMOTION_CLUSTERS: dict[str, tuple[str, ...]] = {
     "reflective": ("content", "nostalgic", "sentimental"),  # low-arousal positive, often about the past
 }
 CLUSTER_OF: dict[str, str] = {label: c for c, labels in EMOTION_CLUSTERS.items() for label in labels}
+# Valence of each cluster (the two halves of the table above); the synthesis emotion-jump filter measures how
+# far consecutive labels are: same cluster < same valence < opposite valence.
+CLUSTER_VALENCE: dict[str, str] = {
+    **dict.fromkeys(("fear", "anger", "sadness", "self_conscious", "aversion"), "negative"),
+    **dict.fromkeys(("elation", "forward_looking", "esteem", "affiliation", "reflective"), "positive"),
+}
 
 
 def emotion_similarity(a: Optional[str], b: Optional[str]) -> float:

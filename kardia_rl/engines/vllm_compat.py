@@ -131,8 +131,6 @@ def create_llm(kwargs: dict[str, Any]):
     import torch
     from vllm import LLM
 
-    import kardia_rl.engines.vllm_weight_transfer  # noqa: F401  registers the backend in THIS process too
-
     drop_known_harmless_warnings()
 
     # vLLM's CPU worker replaces torch.set_num_threads with a no-op (in-process: in OUR process);

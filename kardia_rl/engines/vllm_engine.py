@@ -59,6 +59,9 @@ class VLLMEngine(GenerationEngine):
         self.param_shapes = _checkpoint_shapes(model_path)
         self.param_names = set(self.param_shapes) - ({"lm_head.weight"} if self.tied else set())
         t0 = time.perf_counter()
+        # registers the "kardia" weight-transfer backend in THIS process too (its workers import it themselves);
+        # imported here, not in vllm_compat, which vllm_weight_transfer builds on
+        import kardia_rl.engines.vllm_weight_transfer  # noqa: F401
         self.llm = vllm_compat.create_llm(vllm_compat.engine_kwargs(
             model_path, seed=seed, dtype=self.dtype, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
             enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,

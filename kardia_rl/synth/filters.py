@@ -70,8 +70,10 @@ _I_AM = r"\bi(?:'m|’m| am)"
 _SELF = rf"(?:{_I_AM}|\bas|\bbeing|\bi work as|\bi'?ve been working as|\bmy job as)"
 _MBTI_SELF = re.compile(rf"(?:{_SELF}|\bmy type is|\bi'?m an?)\s+(?:an?\s+)?(?:\w+\s+)?([EI][NS][TF][JP])\b", re.I)
 _AGE_SELF = [
-    re.compile(rf"{_I_AM}\s+(?:an?\s+)?(\d{{1,3}})(?:[- ]years?[- ]old\b|\s+years?\s+old\b|(?=\s*(?:[.,;!?)]|$|and\b|now\b)))",
-               re.I),
+    # "I'm 45", "I am 30 years old", "I'm 30, and": a number then an age word or the end of the clause
+    # (not "I'm 5 minutes late")
+    re.compile(rf"{_I_AM}\s+(?:an?\s+)?(\d{{1,3}})"
+               r"(?:[- ]years?[- ]old\b|\s+years?\s+old\b|(?=\s*(?:[.,;!?)]|$|and\b|now\b)))", re.I),
     re.compile(rf"{_SELF}\s+an?\s+(\d{{1,3}})[- ]years?[- ]old\b", re.I),
     re.compile(r"\bi\s+(?:just\s+)?turned\s+(\d{1,3})\b", re.I),
     re.compile(r"^\s*age\s*:\s*(\d{1,3})\b", re.I | re.M),
@@ -251,7 +253,8 @@ def apply_filters(records: list[dict], cfg, reasons: Optional[list] = None) -> t
             dup = near_duplicates(np.stack([_dialogue_vector(tv) for _, tv in survivors]), s.near_dup_threshold)
             for (i, _), d in zip(survivors, dup):
                 if d is not None:
-                    why[i] = ("near_duplicate", f"similar to record {records[survivors[d][0]].get('id', survivors[d][0])}")
+                    twin = survivors[d][0]
+                    why[i] = ("near_duplicate", f"similar to record {records[twin].get('id', twin)}")
     kept = []
     for rec, w in zip(records, why):
         if w is None:

@@ -164,3 +164,16 @@ def test_a_dropped_record_does_not_shadow_its_near_duplicate(clean):
     twin = _paraphrase(clean, "twin")
     kept, counts = apply_filters([first, twin], _cfg())
     assert [r["id"] for r in kept] == ["twin"] and counts["identity_drift"] == 1 and counts["near_duplicate"] == 0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("synth.max_emotion_jump=3", "synth.max_emotion_jump: must be 0, 1 or 2"),
+    ("synth.min_user_safety=0.5", "synth.min_user_safety: must be in [1, 5]"),
+    ("synth.identity_age_tolerance=-1", "synth.identity_age_tolerance: must be >= 0"),
+])
+def test_filter_thresholds_out_of_range_are_config_errors(override, message):
+    from kardia_rl.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _cfg(override)
+    assert message in str(e.value)

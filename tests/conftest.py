@@ -46,6 +46,25 @@ def _build_lock(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def local_ray(env: dict | None = None):
+    """A local Ray cluster (2 CPUs) for a test module's fixture. `env` is set before Ray starts, so the actors
+    inherit it (fault-injection switches), and removed afterwards."""
+    import ray
+
+    from kardia_rl.trainer.ray_cluster import init_ray
+
+    env = env or {}
+    os.environ.update(env)
+    try:
+        init_ray(num_cpus=2)
+        yield
+    finally:
+        ray.shutdown()
+        for key in env:
+            os.environ.pop(key, None)
+
+
 TINY_SETTINGS = {"size": "tiny", "seed": 0}
 
 

@@ -14,6 +14,7 @@ import os
 import tempfile
 
 import pytest
+from conftest import local_ray
 
 from judge_server import ScriptedJudgeServer
 
@@ -27,15 +28,9 @@ CRASH_FILE = os.path.join(tempfile.mkdtemp(prefix="kardia-judge-pool-"), "crash"
 @pytest.fixture(scope="module")
 def ray_cluster():
     from kardia_rl.trainer.judge_pool import FAULT_FILE_ENV
-    from kardia_rl.trainer.ray_cluster import init_ray
 
-    os.environ[FAULT_FILE_ENV] = CRASH_FILE  # before Ray starts: the judge actors inherit it
-    init_ray(num_cpus=2)
-    yield
-    import ray
-
-    ray.shutdown()
-    os.environ.pop(FAULT_FILE_ENV, None)
+    with local_ray({FAULT_FILE_ENV: CRASH_FILE}):
+        yield
 
 
 def _wait_until_restarted(pool, tries: int = 120) -> None:

@@ -11,6 +11,7 @@ import json
 import os
 
 import pytest
+from conftest import local_ray
 
 # ray: SFT on the Ray learner group (DeepSpeed on gloo)
 pytestmark = pytest.mark.ray
@@ -21,13 +22,8 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def ray_local():
-    from kardia_rl.trainer.ray_cluster import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    import ray
-
-    ray.shutdown()
+    with local_ray():
+        yield
 
 
 def _cfg(run_dir, model, workers, stage):

@@ -6,6 +6,7 @@ import math
 import os
 
 import pytest
+from conftest import local_ray
 
 from kardia_rl.trainer.driver import NON_DETERMINISTIC_PREFIXES
 
@@ -18,16 +19,11 @@ DETERMINISTIC = lambda k: not k.startswith(NON_DETERMINISTIC_PREFIXES)  # noqa: 
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
+    from kardia_rl.trainer.judge_pool import FAULT_FILE_ENV
+
     fault_file = str(tmp_path_factory.mktemp("fault") / "crash-judge")
-    os.environ["KARDIA_FAULT_JUDGE_CRASH_FILE"] = fault_file  # must be set before Ray starts (actors inherit it)
-    from kardia_rl.trainer.ray_cluster import init_ray
-
-    init_ray(num_cpus=2)
-    yield fault_file
-    import ray
-
-    ray.shutdown()
-    os.environ.pop("KARDIA_FAULT_JUDGE_CRASH_FILE", None)
+    with local_ray({FAULT_FILE_ENV: fault_file}):
+        yield fault_file
 
 
 def _cfg(run_dir, model, *extra):

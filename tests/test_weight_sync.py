@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import require
+from conftest import local_ray, require
 
 require("vllm")
 
@@ -29,11 +29,8 @@ EMBED = "model.embed_tokens.weight"
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    from kardia_rl.trainer.ray_cluster import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
+    with local_ray():
+        yield
 
 
 def _cfg(tmp, model, *extra):

@@ -148,7 +148,8 @@ def test_synthesize_validate_split_and_sft(smollm2_dir, sft_model_dir, tmp_path)
             c.close()
     kept, drops = output.finalize(out, store.results, cfg, labels)
     summary = output.write_summary(out, total=len(todo), results=store.results, kept=kept, drops=drops, resumed=0,
-                                   new=len(store.results), seconds=1.0, startup=0.0, calls=loop.calls)
+                                   new=len(store.results), seconds=1.0, startup=0.0, calls=loop.calls,
+                                   tau=cfg.split.tau)
     print("synthesis summary:", json.dumps({k: summary[k] for k in ("kept", "drops", "verdicts", "easy_turns",
                                                                       "hard_turns", "dialogue_ends")}))
     assert len(store.results) == 3 and loop.calls["user"] >= 3
@@ -180,6 +181,8 @@ def test_synthesize_validate_split_and_sft(smollm2_dir, sft_model_dir, tmp_path)
     assert doc["sizes"]["easy"] == len(easy) and doc["sizes"]["hard"] == len(samples) - len(easy)
     assert doc["sizes"]["hard"] >= 1  # second exchanges fail twice before SOLVED: p_FAIL >= 2/3
     assert easy, f"no easy turn (every turn also failed on format): {doc['rates']}"
+    # synthesis' summary counts easy turns by the same rule (it said 0 while the split gave 2 under p_FAIL < 0.5)
+    assert (summary["easy_turns"], summary["hard_turns"]) == (doc["sizes"]["easy"], doc["sizes"]["hard"])
 
     # a short SFT of SmolLM2 on the easy turns
     sft_cfg = _cfg(tmp_path, smollm2_dir, "sft.max_steps=2", "sft.batch_size=1", "sft.micro_batch_size=1",

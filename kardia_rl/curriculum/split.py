@@ -36,9 +36,9 @@ from typing import Any, Optional, Sequence
 
 from kardia_rl.curriculum.rating import rates_from_rewards, sample_rewards
 from kardia_rl.data import TurnSample, expand_turns, label_set, load_dialogues
+from kardia_rl.data.schema import VERDICTS, verdict_rate
 from kardia_rl.errors import DataError, KardiaError
 
-VERDICTS = ("FAIL", "PASS", "SOLVED")
 DATA_FIELDS = ("resolution_rate", "difficulty", "verdicts", "fail_count", "refinement_rounds")
 
 
@@ -94,7 +94,7 @@ def data_rate(sample: TurnSample, where: str = "") -> Optional[tuple[float, str]
         v = _per_turn(ex["verdicts"], sample, "verdicts", where)
         if not isinstance(v, list) or not v or any(str(x).upper() not in VERDICTS for x in v):
             raise DataError(f"{where}: field 'verdicts' = {v!r} must be a non-empty list of {'/'.join(VERDICTS)}")
-        return 1.0 - sum(str(x).upper() == "FAIL" for x in v) / len(v), "verdicts"
+        return verdict_rate(v), "verdicts"
     fail_key = "fail_count" if "fail_count" in ex else ("refinement_rounds" if "refinement_rounds" in ex else None)
     if fail_key is None:
         return None

@@ -13,6 +13,13 @@ from typing import Any, Optional
 
 REQUIRED_FIELDS: tuple[str, ...] = ("person", "mbti", "emotion", "situation", "anon_username", "messages")
 ROLES = ("system", "user", "assistant")
+VERDICTS = ("FAIL", "PASS", "SOLVED")  # the rubric evaluator's verdicts in synthesis (method.md), paper order
+
+
+def verdict_rate(verdicts) -> float:
+    """A turn's resolution rate from its evaluator verdicts: 1 - p_FAIL. The one rule that synthesis' summary
+    and the difficulty split both apply (easy when the rate >= split.tau)."""
+    return 1.0 - sum(str(v).upper() == "FAIL" for v in verdicts) / len(verdicts)
 
 
 @dataclass

@@ -23,7 +23,7 @@ Record contract (what loop.py produces, filters.py reads, output.py writes):
                                  # per assistant turn, EVERY verdict R gave during refinement, in order
                                  # ("FAIL" ... then the final one); curriculum/split.py `data_rates` maps each
                                  # turn's list to its resolution rate 1 - #FAIL/#verdicts (the paper's
-                                 # p_FAIL < 0.5 rule for easy)
+                                 # easy when that rate >= split.tau, in the split and in summary.json)
       "synth": {
         "profile": "file:line", "seed": "file:line", "seed_index": int,
         "end": "solved" | "max_exchanges" | "format_broken" | "user_failed",

@@ -119,7 +119,8 @@ def cmd_synthesize(args) -> int:
     seconds = time.perf_counter() - t0
     kept, drops = output.finalize(args.out, store.results, cfg, labels)
     s = output.write_summary(args.out, total=len(todo_all), results=store.results, kept=kept, drops=drops,
-                             resumed=store.resumed, new=new, seconds=seconds, startup=startup, calls=calls)
+                             resumed=store.resumed, new=new, seconds=seconds, startup=startup, calls=calls,
+                             tau=cfg.split.tau)
     print(f"synthesize: {s['kept']} kept, {s['dropped']} dropped {s['drops']}, verdicts {s['verdicts']}, "
           f"{s['dialogues_per_s']} dialogues/s -> {s['output']} (summary.json beside it)")
     return 0

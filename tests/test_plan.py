@@ -225,3 +225,27 @@ def test_train_on_an_unprepared_model_names_the_exact_prepare_command(capsys, cl
     prepared = os.path.join(str(tmp_path / "run"), "prepared_model")
     assert f"kardia-rl prepare --model {tmp_path / 'policy'} --out {prepared}" in p
     assert f"model.path={prepared}" in p
+
+
+def test_unreachable_judge_endpoint_is_one_problem_before_anything_starts(capsys, monkeypatch, tmp_path):
+    """judge.backend=openai with nothing listening: the plan (run first by pipeline and train) names the URL,
+    instead of every step timing out into fallbacks."""
+    import socket
+
+    with socket.socket() as s:  # a loopback port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("OPENAI_API_KEY", "x")
+    url = f"http://127.0.0.1:{port}/v1"
+    code, text = run(capsys, [os.path.join(ROOT, "conf", "tiny.yaml"), "judge.backend=openai", f"judge.api_base={url}",
+                              f"run_dir={tmp_path}"])
+    assert code == 2 and problems(text) == [f"[plan] PROBLEM: judge.api_base {url!r}: no judge endpoint reachable "
+                                            f"there (ConnectionRefusedError: [Errno 111] Connection refused); start "
+                                            "the OpenAI-compatible server or fix judge.api_base"]
+    with socket.socket() as srv:  # something listening: no problem
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        url = f"http://127.0.0.1:{srv.getsockname()[1]}/v1"
+        code, text = run(capsys, [os.path.join(ROOT, "conf", "tiny.yaml"), "judge.backend=openai",
+                                  f"judge.api_base={url}", f"run_dir={tmp_path}"])
+    assert code == 0 and not problems(text), text

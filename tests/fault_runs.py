@@ -156,16 +156,21 @@ class HoldingJudgeServer(ScriptedJudgeServer):
         return await super()._reply(step, request, body)
 
 
-def kill_judge_mid_request(run_dir, server, after_step: int) -> threading.Thread:
+def kill_judge_mid_request(run_dir, server, after_step: int = 0) -> threading.Thread:
+    """SIGKILL the judge actor while it waits on the held request: the first one after `after_step` is logged
+    (0: the run's first request; arming after a logged step races a fast next step, whose requests may all
+    be answered before the arm)."""
     import psutil
 
     def work():
         try:
-            wait_for_step(run_dir, after_step)
+            if after_step:
+                wait_for_step(run_dir, after_step)
+            server.armed.set()
+            assert server.held.wait(timeout=600), "no judge request after the arm"
             judges = [p for p in psutil.Process(os.getpid()).children(recursive=True)
                       if "JudgeActor" in " ".join(p.cmdline())]
-            server.armed.set()
-            assert server.held.wait(timeout=600), "no judge request after the armed step"
+            assert len(judges) == 1, f"expected the one judge actor, found {len(judges)}"
             judges[0].send_signal(signal.SIGKILL)
             judges[0].wait(timeout=60)
         finally:

@@ -222,15 +222,16 @@ def test_rollout_actor_killed_mid_step_is_replaced_and_the_run_matches(undisturb
 def test_judge_actor_killed_mid_request_is_survived_and_counted(sft_model_dir, tmp_path):
     run = tmp_path / "run"
     with HoldingJudgeServer() as server:
-        killer = kill_judge_mid_request(run, server, after_step=1)
+        killer = kill_judge_mid_request(run, server)  # during step 1's first judge request
         train_in_process(run, sft_model_dir, "rollout.num_actors=1", "algo.num_steps=2", "checkpoint.every=0",
                          "judge.num_actors=1", "judge.backend=openai", f"judge.api_base={server.url}",
                          "judge.model=judge-test", "judge.judge_malformed=true", "judge.cache_size=0")
         killer.join(timeout=60)
     rows = metrics_by_step(run)
     assert sorted(rows) == [1, 2]
-    assert rows[1]["judge/actor_failures"] == 0 and rows[2]["judge/actor_failures"] >= 1, "the death is counted"
-    assert rows[2]["judge/fallbacks"] == 0, "the request that died with the actor was re-sent, not given up"
+    assert rows[1]["judge/actor_failures"] >= 1, "the death is counted at the step it happened"
+    assert rows[1]["judge/fallbacks"] == 0 and rows[2]["judge/fallbacks"] == 0, \
+        "the request that died with the actor was re-sent, not given up"
 
 
 @pytest.mark.ray

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import re
 import threading
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
@@ -188,6 +190,9 @@ def test_synthesize_validate_split_and_sft(smollm2_dir, sft_model_dir, tmp_path)
     sft_cfg = _cfg(tmp_path, smollm2_dir, "sft.max_steps=2", "sft.batch_size=1", "sft.micro_batch_size=1",
                    "sft.lr=1e-3", "sft.warmup_steps=0", "sft.lr_schedule=constant", "learner.zero_stage=0",
                    "sft.max_seq_len=512")
-    res = run_sft(sft_cfg, str(tmp_path / "sft"), train_samples=easy, val_samples=easy[:1], generate_eval=False,
-                  progress=False)
+    # in a child process: an in-process vLLM engine of an earlier test (same pytest process) leaves
+    # torch.distributed groups that DeepSpeed's initialize trips over ("Group ... is not registered")
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        res = pool.submit(run_sft, sft_cfg, str(tmp_path / "sft"), train_samples=easy, val_samples=easy[:1],
+                          generate_eval=False, progress=False).result()
     assert math.isfinite(res["val_loss_final"]) and os.path.isfile(os.path.join(tmp_path, "sft", "model.safetensors"))

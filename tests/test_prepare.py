@@ -175,6 +175,26 @@ def test_lora_trains_the_span_rows_and_nothing_else_of_the_embedding(tiny_model_
     assert changed[ids].all() and int(changed.sum()) == len(ids)  # weight decay does not touch the frozen rows
 
 
+def test_span_rows_get_their_own_learning_rate():
+    """model.lora.span_rows_lr_scale: the span rows' group runs at lr x scale (at the adapters' rate they barely
+    moved on SmolLM2: README); at 1 the groups are as before."""
+    from kardia_rl.learner.ds_config import param_groups
+
+    lin, emb, bias = (torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(5, 2)),
+                      torch.nn.Parameter(torch.zeros(2)))
+    emb.kardia_no_decay = True
+    named = [("lin", lin), ("emb", emb), ("bias", bias)]
+    plain = param_groups(named, 0.1, 1e-3)
+    assert [(len(g["params"]), g["weight_decay"], "lr" in g) for g in plain] == [(1, 0.1, False), (2, 0.0, False)]
+    emb.kardia_lr_scale = 50.0
+    groups = param_groups(named, 0.1, 1e-3)
+    assert groups[-1]["params"] == [emb] and groups[-1]["lr"] == pytest.approx(5e-2) and groups[-1]["weight_decay"] == 0
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)  # the schedule scales every group alike
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-4, 5e-4, 2.5e-2])
+    del sched
+
+
 def test_template_without_a_system_role_gets_the_system_prompt_in_the_first_user_turn(tiny_model_dir):
     """Gemma-style chat templates raise on a system message: the prompt folds it into the first user turn."""
     from transformers import AutoTokenizer

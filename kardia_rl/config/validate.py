@@ -124,6 +124,8 @@ def config_problems(cfg: KardiaConfig) -> list[str]:
         p.append(f"checkpoint.keep_last: must be >= 1, got {cfg.checkpoint.keep_last}")
     if cfg.checkpoint.auto_resume < 0:
         p.append(f"checkpoint.auto_resume: must be >= 0, got {cfg.checkpoint.auto_resume}")
+    if cfg.model.lora.span_rows_lr_scale <= 0:
+        p.append(f"model.lora.span_rows_lr_scale: must be > 0, got {cfg.model.lora.span_rows_lr_scale}")
     if cfg.model.lora.enabled and cfg.model.lora.r < 1:
         p.append(f"model.lora.r: must be >= 1, got {cfg.model.lora.r}")
     p.extend(_synth_problems(cfg))

@@ -81,7 +81,7 @@ class DeepSpeedLearner:
             lcfg = cfg.model.lora
             model = get_peft_model(model, LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
                                                      target_modules=list(lcfg.target_modules), task_type="CAUSAL_LM"))
-            self.span_rows_trained = train_span_rows(model, self.tokenizer)
+            self.span_rows_trained = train_span_rows(model, self.tokenizer, lcfg.span_rows_lr_scale)
             # the initial embedding (frozen except the span rows): the reference (adapter disabled) scores with it
             self._embed0 = model.get_input_embeddings().weight.detach().clone() if need_ref else None
             if lc.gradient_checkpointing:
@@ -93,7 +93,7 @@ class DeepSpeedLearner:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=client_opt, config=conf,
             model_parameters=None if client_opt is not None else param_groups(model.named_parameters(),
-                                                                             optim.weight_decay),
+                                                                             optim.weight_decay, optim.lr),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lam))
         # from_pretrained returns the model in eval mode and DeepSpeed does not change it; HF layers checkpoint
         # only `if self.gradient_checkpointing and self.training`, so updates must run in train mode.

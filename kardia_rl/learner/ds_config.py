@@ -97,14 +97,23 @@ def ds_config(*, zero_stage: int, micro_batch_size: int, world_size: int, dtype:
     return cfg
 
 
-def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float,
+                 lr: float = 0.0) -> list[dict]:
     """Trainable parameters, with no weight decay on biases and norm weights (1-D tensors), as usual, nor on
-    weights marked `kardia_no_decay` (an embedding trained on a few rows only: decay would move the frozen rows)."""
-    decay, no_decay = [], []
+    weights marked `kardia_no_decay` (an embedding trained on a few rows only: decay would move the frozen rows).
+    A weight marked `kardia_lr_scale` != 1 (the span rows, model.lora.span_rows_lr_scale) gets its own group at
+    lr x scale; the LR schedule multiplies every group's rate alike, so the ratio holds."""
+    decay, no_decay, scaled = [], [], {}
     for _, p in named_params:
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        scale = getattr(p, "kardia_lr_scale", 1.0)
+        if scale != 1.0:
+            scaled.setdefault(scale, []).append(p)
+        else:
             (decay if p.dim() >= 2 and not getattr(p, "kardia_no_decay", False) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups += [{"params": ps, "weight_decay": 0.0, "lr": lr * s} for s, ps in scaled.items()]
     return [g for g in groups if g["params"]]
 
 
@@ -144,7 +153,7 @@ def guarded(opt_cls: type, max_grad_norm: float) -> type:
 def make_client_optimizer(module: torch.nn.Module, *, zero_stage: int, optimizer: str, lr: float,
                           weight_decay: float, max_grad_norm: float, cuda: bool) -> Optional[torch.optim.Optimizer]:
     """The client optimizer to hand to `deepspeed.initialize`, or None when DeepSpeed builds its own."""
-    groups = param_groups(module.named_parameters(), weight_decay)
+    groups = param_groups(module.named_parameters(), weight_decay, lr)
     if not groups:
         raise ConfigError("the model has no trainable parameters (LoRA target_modules matched nothing?)")
     if optimizer == "deepspeed_adamw" and zero_stage > 0:

@@ -73,7 +73,7 @@ def load_models(cfg, model_path: str, dtype: torch.dtype, zero_stage: int, need_
     return tokenizer, model, ref, added, False
 
 
-def train_span_rows(model: torch.nn.Module, tokenizer) -> list[int]:
+def train_span_rows(model: torch.nn.Module, tokenizer, lr_scale: float = 1.0) -> list[int]:
     """Under LoRA, also train the span tokens' embedding rows (and nothing else of the embedding matrix).
 
     A prepared model starts every span token from the same mean row; with tied embeddings their logits are then
@@ -91,6 +91,7 @@ def train_span_rows(model: torch.nn.Module, tokenizer) -> list[int]:
     weight.requires_grad_(True)
     weight.register_hook(lambda g: g * mask.to(g.device, g.dtype))
     weight.kardia_no_decay = True
+    weight.kardia_lr_scale = float(lr_scale)  # its own optimizer group (ds_config.param_groups)
     return ids
 
 

@@ -112,7 +112,11 @@ def sft_model_dir(tmp_path_factory, tiny_model_dir) -> str:
             "run_sft(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2], generate_eval=False, progress=False)")
     with _build_lock(out):
         if not os.path.isfile(os.path.join(out, "sft_result.json")):
-            subprocess.run([sys.executable, "-c", code, conf, out, f"run_dir={out}-run", *overrides], check=True)
+            # without the MASTER_PORT an earlier in-process learner of this session set: its store still listens
+            # there, so the child's rendezvous would fail with EADDRINUSE; it picks a free port instead
+            env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+            subprocess.run([sys.executable, "-c", code, conf, out, f"run_dir={out}-run", *overrides], check=True,
+                           env=env)
     assert os.path.isfile(os.path.join(out, "sft_result.json")), f"the SFT fixture wrote no model to {out}"
     return out
 

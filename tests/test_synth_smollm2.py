@@ -113,7 +113,7 @@ def _write_inputs(tmp_path):
     return str(prof), str(seeds)
 
 
-def test_synthesize_validate_split_and_sft(smollm2_dir, sft_model_dir, tmp_path):
+def test_synthesize_validate_split_and_sft(smollm2_dir, sft_model_dir, tmp_path, monkeypatch):
     from kardia_rl.cli import main
     from kardia_rl.curriculum.split import load_split_data, split_samples
     from kardia_rl.data import label_set
@@ -191,7 +191,9 @@ def test_synthesize_validate_split_and_sft(smollm2_dir, sft_model_dir, tmp_path)
                    "sft.lr=1e-3", "sft.warmup_steps=0", "sft.lr_schedule=constant", "learner.zero_stage=0",
                    "sft.max_seq_len=512")
     # in a child process: an in-process vLLM engine of an earlier test (same pytest process) leaves
-    # torch.distributed groups that DeepSpeed's initialize trips over ("Group ... is not registered")
+    # torch.distributed groups that DeepSpeed's initialize trips over ("Group ... is not registered"); the child must not inherit the
+    # MASTER_PORT an earlier in-process learner set (its store still listens there: EADDRINUSE), so it picks a free one
+    monkeypatch.delenv("MASTER_PORT", raising=False)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         res = pool.submit(run_sft, sft_cfg, str(tmp_path / "sft"), train_samples=easy, val_samples=easy[:1],
                           generate_eval=False, progress=False).result()

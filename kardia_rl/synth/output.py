@@ -17,36 +17,16 @@ from __future__ import annotations
 import glob
 import json
 import os
-import tempfile
 from collections import Counter
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 from kardia_rl.data.schema import verdict_rate
 from kardia_rl.errors import DataError
+from kardia_rl.utils.io import atomic_write_jsonl, atomic_write_text
 
 SHARD_DIR = "shards"
 OUTPUT_FILE = "kardiabench.jsonl"
 SUMMARY_FILE = "summary.json"
-
-
-def atomic_write(path: str, text: str) -> None:
-    """Write `text` to `path` through a fsynced temporary file in the same directory and a rename."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _jsonl(rows: Iterable[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 class ShardStore:
@@ -81,7 +61,7 @@ class ShardStore:
     def flush(self) -> None:
         if not self._buffer:
             return
-        atomic_write(os.path.join(self.dir, f"shard-{self.next_index:05d}.jsonl"), _jsonl(self._buffer))
+        atomic_write_jsonl(os.path.join(self.dir, f"shard-{self.next_index:05d}.jsonl"), self._buffer)
         self.next_index += 1
         self._buffer = []
 
@@ -102,7 +82,7 @@ def finalize(out_dir: str, results: Sequence[dict], cfg, labels: Sequence[str]) 
             drops["invalid_record"] += 1
         else:
             valid.append(r)
-    atomic_write(os.path.join(out_dir, OUTPUT_FILE), _jsonl(valid))
+    atomic_write_jsonl(os.path.join(out_dir, OUTPUT_FILE), valid)
     return valid, drops
 
 
@@ -132,5 +112,5 @@ def write_summary(out_dir: str, *, total: int, results: Sequence[dict], kept: Se
                "startup_s": round(startup, 3), "seconds_this_run": round(seconds, 3),
                "dialogues_per_s": round(new / seconds, 4) if seconds > 0 and new else 0.0,
                "role_calls_this_run": dict(calls), "output": os.path.join(out_dir, OUTPUT_FILE)}
-    atomic_write(os.path.join(out_dir, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(os.path.join(out_dir, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
     return summary

@@ -68,7 +68,7 @@ def run_once(model: str, engines: int, args, work: str, url: str) -> dict:
     prof, seeds = write_inputs(work, args.dialogues)
     out = os.path.join(work, f"out-{engines}")
     rc = main(["synthesize", "--profiles", prof, "--seeds", seeds, "--out", out, "--no-progress",
-               f"rollout.engine={args.engine_kind}", f"synth.model={model}", f"synth.num_engines={engines}", f"synth.engine_pool={args.pool}",
+               f"rollout.engine={args.engine_kind}", f"synth.model={model}", f"synth.num_engines={engines}", f"synth.pool={args.pool}",
                "synth.evaluator_backend=openai", f"synth.evaluator_base_url={url}",
                f"synth.max_exchanges={args.exchanges}", f"synth.max_revisions={args.revisions}",
                f"synth.max_concurrent_dialogues={args.dialogues}", f"synth.responder_max_tokens={args.answer_tokens}",
@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
     ap.add_argument("--engine-kind", default="hf", choices=["hf", "vllm"])
     ap.add_argument("--engines", default="1,2")
-    ap.add_argument("--pool", default="local", choices=["local", "ray"], help="synth.engine_pool")
+    ap.add_argument("--pool", default="local", choices=["local", "ray"], help="synth.pool")
     ap.add_argument("--dialogues", type=int, default=8)
     ap.add_argument("--exchanges", type=int, default=2)
     ap.add_argument("--revisions", type=int, default=1)

@@ -159,8 +159,8 @@ def run_cli(prof, seeds, out, url, **extra):
     return _read(os.path.join(out, "kardiabench.jsonl"))
 
 
-def test_resume_after_kill(server, tmp_path, monkeypatch):
-    monkeypatch.setenv("KARDIA_SYNTH_SALT", "test-salt")
+def resume_inputs(tmp_path):
+    """Six distinct dialogues, one per shard, one at a time: (profiles, seeds, overrides) for the stop tests."""
     modes = ["fail_then_pass", "solved", "always_fail", "inject", "solved", "fail_then_pass"]
     prof, seeds = write_inputs(tmp_path, modes)
     with open(seeds) as f:  # make the repeated modes distinct dialogues
@@ -169,8 +169,13 @@ def test_resume_after_kill(server, tmp_path, monkeypatch):
     lines[6] = '"Nobody came to the birthday dinner she cooked all day for. [mode=fail_then_pass]",sad'
     with open(seeds, "w") as f:
         f.write("\n".join(lines) + "\n")
+    return prof, seeds, {"synth.shard_size": 1, "synth.max_concurrent_dialogues": 1}
+
+
+def test_resume_after_kill(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("KARDIA_SYNTH_SALT", "test-salt")
+    prof, seeds, extra = resume_inputs(tmp_path)
     out = str(tmp_path / "killed")
-    extra = {"synth.shard_size": 1, "synth.max_concurrent_dialogues": 1}
     cmd = [sys.executable, "-m", "kardia_rl.cli", "synthesize", "--profiles", prof, "--seeds", seeds, "--out", out,
            "--no-progress", *overrides("URL", **extra)]
     shards = os.path.join(out, "shards")

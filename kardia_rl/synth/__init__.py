@@ -38,5 +38,6 @@ Record contract (what loop.py produces, filters.py reads, output.py writes):
       },
     }
 Criteria keys: "psychological_plausibility", "emotional_fidelity", "persona_consistency".
-filters.apply_filters(records: list[dict], cfg) -> (kept records, {reason: drop count}).
+filters.apply_filters(records: list[dict], cfg, cache_dir=None) -> (kept records, {reason: drop count}); cache_dir
+    keeps the user turns' MiniLM vectors so a resumed run encodes only new turns.
 """

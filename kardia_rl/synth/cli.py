@@ -44,7 +44,7 @@ def build_roles(cfg, labels, secret: str):
                       sy.evaluator_max_tokens if sy.evaluator_backend == "engine" else 0)
         ecfg = replace(cfg, model=replace(cfg.model, max_new_tokens=longest),
                        rollout=replace(cfg.rollout, num_actors=sy.num_engines))
-        if sy.engine_pool == "ray":
+        if sy.pool == "ray":
             engine_client = roles.RayEngineClient(ecfg, path)
         else:
             from kardia_rl.engines import engine_from_config
@@ -68,6 +68,28 @@ def close_roles(r) -> None:
             client.close()
 
 
+class _Stopped(Exception):
+    """Raised by a guarded role call after SIGTERM: ends RefinementLoop.run (which has no stop hook)."""
+
+
+class _Guarded:
+    """A role client that refuses new calls once `stop` (trainer.preemption.StopSignal) is set. Calls already
+    in flight finish (an engine generate or an HTTP request cannot be cut without losing its work); dialogues
+    still in flight are not recorded, and a re-run synthesises them again with the same per-dialogue seeds, so
+    it ends with the same output as an uninterrupted run."""
+
+    def __init__(self, client, stop):
+        self._client, self._stop = client, stop
+
+    def complete(self, *a, **kw):
+        if self._stop.requested:
+            raise _Stopped
+        return self._client.complete(*a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
 def cmd_synthesize(args) -> int:
     from tqdm.auto import tqdm
 
@@ -75,54 +97,76 @@ def cmd_synthesize(args) -> int:
     from kardia_rl.data import label_set
     from kardia_rl.synth import inputs, output
     from kardia_rl.synth.loop import RefinementLoop
+    from kardia_rl.trainer.preemption import StopSignal
 
-    cfg = config_from_args(args)
-    labels = label_set(cfg.data.emotion_labels or None)
-    os.makedirs(args.out, exist_ok=True)
-    salt = _salt(cfg, args.out)
-    profiles = inputs.load_profiles(args.profiles, salt)
-    seeds = inputs.load_seeds(args.seeds, labels)
-    todo_all = inputs.pairs(profiles, seeds, cfg.synth.pairing, cfg.synth.max_dialogues)
-    store = output.ShardStore(args.out, cfg.synth.shard_size)
-    todo = [(p, s) for p, s in todo_all if inputs.dialogue_id(p, s) not in store.done_ids]
-    print(f"synthesize: {len(todo_all)} dialogues ({len(profiles)} profiles x {len(seeds)} seeds, "
-          f"{cfg.synth.pairing}), {len(todo_all) - len(todo)} already done in {args.out}", file=sys.stderr)
-    t0, new, startup = time.perf_counter(), 0, 0.0
-    calls: dict = {}
-    if todo:
-        secret = hashlib.sha256(f"{salt}:{cfg.seed}".encode()).hexdigest()  # R's nonces: unknown to A
-        clients = build_roles(cfg, labels, secret)
-        startup, t0 = time.perf_counter() - t0, time.perf_counter()  # dialogues/s counts synthesis, not loading
-        loop = RefinementLoop(cfg, clients)
-        stats = {"kept": 0, "dropped": 0, "FAIL": 0, "PASS": 0, "SOLVED": 0}
-        bar = tqdm(total=len(todo), desc="synthesize", unit="dialogue", disable=args.no_progress)
+    def stopped() -> int:
+        print(f"synthesize: stopped by SIGTERM; {len(store.results)} finished dialogues are saved in "
+              f"{store.dir}; re-run the same command with --out {args.out} to resume", file=sys.stderr)
+        return 128 + 15  # what a shell reports for a process ended by SIGTERM
 
-        def on_done(rec_id, record, drop):
-            nonlocal new
-            store.add(rec_id, record, drop)
-            new += 1
-            stats["dropped" if record is None else "kept"] += 1
-            for t in (record or {}).get("verdicts", []):
-                for v in t:
-                    stats[v] += 1
-            bar.update(1)
-            bar.set_postfix(stats, refresh=False)
+    # SIGTERM (`ray job stop`, Kubernetes, Slurm): the first one only sets stop.requested (a second one kills);
+    # role calls then stop starting, finished dialogues are flushed, and the command exits 143.
+    with StopSignal("finishing the role calls in flight, then saving finished dialogues and stopping") as stop:
+        cfg = config_from_args(args)
+        labels = label_set(cfg.data.emotion_labels or None)
+        os.makedirs(args.out, exist_ok=True)
+        salt = _salt(cfg, args.out)
+        profiles = inputs.load_profiles(args.profiles, salt)
+        seeds = inputs.load_seeds(args.seeds, labels)
+        todo_all = inputs.pairs(profiles, seeds, cfg.synth.pairing, cfg.synth.max_dialogues)
+        store = output.ShardStore(args.out, cfg.synth.shard_size)
+        todo = [(p, s) for p, s in todo_all if inputs.dialogue_id(p, s) not in store.done_ids]
+        print(f"synthesize: {len(todo_all)} dialogues ({len(profiles)} profiles x {len(seeds)} seeds, "
+              f"{cfg.synth.pairing}), {len(todo_all) - len(todo)} already done in {args.out}", file=sys.stderr)
+        t0, new, startup = time.perf_counter(), 0, 0.0
+        calls: dict = {}
+        if todo and not stop.requested:
+            secret = hashlib.sha256(f"{salt}:{cfg.seed}".encode()).hexdigest()  # R's nonces: unknown to A
+            clients = build_roles(cfg, labels, secret)
+            startup, t0 = time.perf_counter() - t0, time.perf_counter()  # dialogues/s counts synthesis, not loading
+            guarded: dict = {}  # one wrapper per client: the loop serialises calls to a client shared by two roles
 
-        try:
-            loop.run(todo, on_done)
-        finally:
-            store.flush()  # finished dialogues in the buffer are complete: keep them for the next run
-            bar.close()
-            loop.close()
-            calls = loop.calls
-            close_roles(clients)
-    seconds = time.perf_counter() - t0
-    kept, drops = output.finalize(args.out, store.results, cfg, labels)
-    s = output.write_summary(args.out, total=len(todo_all), results=store.results, kept=kept, drops=drops,
-                             resumed=store.resumed, new=new, seconds=seconds, startup=startup, calls=calls,
-                             tau=cfg.split.tau)
-    print(f"synthesize: {s['kept']} kept, {s['dropped']} dropped {s['drops']}, verdicts {s['verdicts']}, "
-          f"{s['dialogues_per_s']} dialogues/s -> {s['output']} (summary.json beside it)")
+            def guard(client):
+                return guarded.setdefault(id(client), _Guarded(client, stop))
+
+            loop = RefinementLoop(cfg, replace(clients, user=guard(clients.user), evaluator=guard(clients.evaluator),
+                                               responder=guard(clients.responder)))
+            stats = {"kept": 0, "dropped": 0, "FAIL": 0, "PASS": 0, "SOLVED": 0}
+            bar = tqdm(total=len(todo), desc="synthesize", unit="dialogue", disable=args.no_progress)
+
+            def on_done(rec_id, record, drop):
+                nonlocal new
+                store.add(rec_id, record, drop)
+                new += 1
+                stats["dropped" if record is None else "kept"] += 1
+                for t in (record or {}).get("verdicts", []):
+                    for v in t:
+                        stats[v] += 1
+                bar.update(1)
+                bar.set_postfix(stats, refresh=False)
+
+            try:
+                loop.run(todo, on_done)
+            except _Stopped:
+                pass  # reported below, after the finished dialogues are flushed
+            finally:
+                store.flush()  # finished dialogues in the buffer are complete: keep them for the next run
+                bar.close()
+                loop.close()  # waits for calls still in flight
+                calls = loop.calls
+                close_roles(clients)
+        if stop.requested:  # skip the filters: a grace period is short, and the re-run filters everything anyway
+            return stopped()
+        seconds = time.perf_counter() - t0
+        kept, drops = output.finalize(args.out, store.results, cfg, labels,
+                                      cache_dir=os.path.join(args.out, output.EMBED_CACHE_DIR))
+        s = output.write_summary(args.out, total=len(todo_all), results=store.results, kept=kept, drops=drops,
+                                 resumed=store.resumed, new=new, seconds=seconds, startup=startup, calls=calls,
+                                 tau=cfg.split.tau)
+        print(f"synthesize: {s['kept']} kept, {s['dropped']} dropped {s['drops']}, verdicts {s['verdicts']}, "
+              f"{s['dialogues_per_s']} dialogues/s -> {s['output']} (summary.json beside it)")
+        if stop.requested:  # arrived while the output was written (complete: every write is atomic)
+            return stopped()
     return 0
 
 

@@ -9,6 +9,8 @@ Layout of OUT:
 - kardiabench.jsonl: the filtered records (filters.apply_filters over ALL shards, so near-duplicates are
   found across shards and runs), rewritten atomically at the end of every run; it passes
   `kardia-rl validate-data` (a record that would not is dropped as `invalid_record`, a last guard).
+- .embed_cache/part-NNNNN.npz: the user turns' MiniLM vectors (filters.EmbeddingCache), so that the filters
+  of a resumed run encode only the new turns; derived data, safe to delete (it is rebuilt, same results).
 - summary.json: counts, verdict frequencies (of the output and before the filters), drops by reason, role
   calls, start-up seconds (engines, clients) and dialogues/s of this run's synthesis (start-up excluded).
 """
@@ -27,6 +29,7 @@ from kardia_rl.utils.io import atomic_write_jsonl, atomic_write_text
 SHARD_DIR = "shards"
 OUTPUT_FILE = "kardiabench.jsonl"
 SUMMARY_FILE = "summary.json"
+EMBED_CACHE_DIR = ".embed_cache"
 
 
 class ShardStore:
@@ -66,14 +69,16 @@ class ShardStore:
         self._buffer = []
 
 
-def finalize(out_dir: str, results: Sequence[dict], cfg, labels: Sequence[str]) -> tuple[list[dict], Counter]:
-    """Filter every finished record, guard the output's validity, write kardiabench.jsonl; (kept, drops)."""
+def finalize(out_dir: str, results: Sequence[dict], cfg, labels: Sequence[str],
+             cache_dir: Optional[str] = None) -> tuple[list[dict], Counter]:
+    """Filter every finished record, guard the output's validity, write kardiabench.jsonl; (kept, drops).
+    `cache_dir` (the CLI passes OUT/EMBED_CACHE_DIR): the filters' embedding cache; None encodes every turn."""
     from kardia_rl.data import check_record
     from kardia_rl.synth.filters import DROP_REASONS, apply_filters
 
     drops = Counter(r["dropped"] for r in results if "dropped" in r)
     records = [r for r in results if "dropped" not in r]
-    kept, filtered = apply_filters(records, cfg) if records else ([], {})
+    kept, filtered = apply_filters(records, cfg, cache_dir=cache_dir) if records else ([], {})
     drops.update({reason: 0 for reason in DROP_REASONS})  # every filter listed, also when it dropped nothing
     drops.update(filtered)
     valid = []

@@ -14,7 +14,7 @@
 
 Backends (`Client`): `EngineClient` runs on GenerationEngines built by kardia_rl.engines.make_engine with
 the rollout settings (hf or vllm, like the rollout group's engines), splitting each batch across the
-engines in threads; `ChatClient` wraps any judge ChatBackend (the OpenAI-compatible client, or the judge
+engines in threads; `ChatClient` wraps any judge ChatBackend (the OpenAI-compatible client, the judge pool, or the judge
 section's vllm/hf backend) on one private event loop thread.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ class EngineClient:
         self.tokenizer = self.engines[0].tokenizer
         # The transformers engine samples with torch's process-global RNG (seeded per call): two of them in
         # threads of one process would draw from each other's stream, so their chunks run one after another
-        # (deterministic, no speed-up: use synth.engine_pool=ray, one process per engine, to scale them).
+        # (deterministic, no speed-up: use synth.pool=ray, one process per engine, to scale them).
         serial = any(isinstance(e, HFEngine) for e in self.engines)
         self._pool = ThreadPoolExecutor(max_workers=1 if serial else len(self.engines), thread_name_prefix="synth-engine")
 
@@ -187,10 +187,18 @@ class ChatClient:
 
 
 def judge_client(cfg) -> ChatClient:
-    """ChatClient on the judge section's LLM backend (vllm | hf | openai), with its retry policy."""
+    """ChatClient on the judge section's LLM chat model (vllm | hf | openai), with its retry policy: in this
+    process (synth.pool=local), or on the judge pool training scores with (ray: judge.num_actors actors, the
+    least-loaded one per call, a dead actor's call re-sent; JudgePool serves the ChatBackend contract)."""
     from kardia_rl.rewards.judge import RetryPolicy, make_chat_backend
 
     policy = RetryPolicy.from_config(cfg.judge)
+    if cfg.synth.pool == "ray":
+        from kardia_rl.trainer.judge_pool import JudgePool
+        from kardia_rl.trainer.ray_cluster import init_ray
+
+        init_ray(cfg.ray.address, cfg.ray.num_cpus, log_level=cfg.logging.engine_log_level)
+        return ChatClient(JudgePool(cfg, cfg.ray.cpus_per_actor), policy)
     return ChatClient(make_chat_backend(cfg.judge, policy), policy)
 
 

@@ -23,7 +23,7 @@ from ray.exceptions import RayActorError
 
 from kardia_rl.config import from_dict, to_dict
 from kardia_rl.rewards.judge.base import (
-    JudgeBackend, JudgeRequest, Judgment, RetryPolicy, failed_judgment, retry_delay,
+    ChatRequestError, JudgeBackend, JudgeRequest, Judgment, RetryPolicy, failed_judgment, retry_delay,
 )
 from kardia_rl.trainer.balance import least_loaded
 
@@ -45,6 +45,16 @@ class JudgeActor:
     async def judge(self, requests: list[JudgeRequest]) -> list[Judgment]:
         _maybe_inject_crash()
         return await self.backend.judge(requests)
+
+    async def complete(self, conversations: list, temperature: float, max_tokens: int, seed) -> list:
+        """Raw chat on this actor's judge model, without the rubric (synthesis' evaluator R writes its own
+        prompt): one attempt per conversation, results or the exceptions they failed with, in order."""
+        _maybe_inject_crash()
+        chat = getattr(self.backend, "chat", None)
+        if chat is None:  # the embedding judge has no chat model; the synth config check also says so
+            return [ChatRequestError(f"judge actor {self.index}: judge.backend {self.backend.name!r} is not a chat "
+                                     "model", kind="internal", retryable=False) for _ in conversations]
+        return await chat.complete(conversations, temperature=temperature, max_tokens=max_tokens, seed=seed)
 
     async def stats(self) -> dict:
         st = getattr(self.backend, "stats", None)
@@ -101,7 +111,9 @@ class JudgePool(JudgeBackend):
     def _pick(self, exclude: set[int]) -> int:
         return least_loaded(self.in_flight, exclude)
 
-    async def judge(self, requests: Sequence[JudgeRequest]) -> list[Judgment]:
+    async def _send(self, call) -> tuple[list | None, str]:
+        """`call(actor)` on the least-loaded actor; when that actor dies mid-call, again on another one after the
+        policy's backoff, at most judge.pool_max_attempts sends. (result, "") or (None, why it failed)."""
         tried: set[int] = set()
         last_error = ""
         for attempt in range(self.policy.pool_max_attempts):
@@ -110,15 +122,30 @@ class JudgePool(JudgeBackend):
             i = self._pick(tried)
             self.in_flight[i] += 1
             try:
-                return await self.actors[i].judge.remote(list(requests))
+                return await call(self.actors[i]), ""
             except RayActorError as e:  # the actor died mid-request: Ray restarts it; re-send elsewhere
                 self.actor_failures += 1
                 tried.add(i)
                 last_error = f"judge actor {i} died: {type(e).__name__}"
             finally:
                 self.in_flight[i] -= 1
-        return [failed_judgment(f"{last_error} ({self.policy.pool_max_attempts} attempt(s))",
-                                attempts=self.policy.pool_max_attempts) for _ in requests]
+        return None, f"{last_error} ({self.policy.pool_max_attempts} attempt(s))"
+
+    async def judge(self, requests: Sequence[JudgeRequest]) -> list[Judgment]:
+        out, why = await self._send(lambda actor: actor.judge.remote(list(requests)))
+        if out is None:
+            return [failed_judgment(why, attempts=self.policy.pool_max_attempts) for _ in requests]
+        return out
+
+    async def complete(self, conversations: Sequence[list[dict]], *, temperature: float, max_tokens: int,
+                       seed=None) -> list:
+        """The ChatBackend contract on the pool (synthesis' evaluator R): the same balancing and re-sends as
+        judge(); the caller's retry policy sees an exhausted pool as one non-retryable failure per conversation."""
+        out, why = await self._send(lambda actor: actor.complete.remote(list(conversations), temperature,
+                                                                         max_tokens, seed))
+        if out is None:
+            return [ChatRequestError(why, kind="connection", retryable=False) for _ in conversations]
+        return out
 
     def stats(self) -> dict:
         """Summed counters of every actor (calls, failures, cache hits ...) plus actor deaths seen here."""
@@ -152,3 +179,6 @@ class JudgePool(JudgeBackend):
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a)
+
+    async def close(self) -> None:  # the JudgeBackend/ChatBackend ending (synthesis' ChatClient closes with it)
+        self.shutdown()

@@ -30,8 +30,9 @@ class Preempted(KardiaError):
 class StopSignal:
     """Context manager: while active, the first SIGTERM sets `requested` instead of killing the process."""
 
-    def __init__(self):
+    def __init__(self, message: str = "finishing this step, then checkpoint and stop"):
         self.requested = False
+        self.message = message  # what the process does next, printed when the first SIGTERM arrives
         self._previous = None
 
     def _handle(self, signum, frame) -> None:
@@ -40,7 +41,7 @@ class StopSignal:
             signal.raise_signal(signal.SIGTERM)
             return
         self.requested = True
-        print("[signal] SIGTERM received: finishing this step, then checkpoint and stop", flush=True)
+        print(f"[signal] SIGTERM received: {self.message}", flush=True)
 
     def __enter__(self) -> "StopSignal":
         # Signal handlers can only be installed from the main thread (a driver run inside a worker thread, e.g. in

@@ -26,6 +26,7 @@ soon as it is generated.
 from __future__ import annotations
 
 import abc
+import functools
 import random
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
@@ -112,6 +113,10 @@ class ChatRequestError(Exception):
                  retry_after_s: float = 0.0):
         super().__init__(message)
         self.kind, self.status, self.retryable, self.retry_after_s = kind, status, retryable, retry_after_s
+
+    def __reduce__(self):  # keyword-only fields: default pickling (args only) would lose them (Ray actors return these)
+        return (functools.partial(ChatRequestError, kind=self.kind, status=self.status, retryable=self.retryable,
+                                  retry_after_s=self.retry_after_s), (str(self),))
 
     def __repr__(self) -> str:
         return (f"ChatRequestError({str(self)!r}, kind={self.kind!r}, status={self.status!r}, "

@@ -1,0 +1,67 @@
+"""Synthesis' evaluator R on the judge pool (`synth.evaluator_backend=judge synth.pool=ray`): the same Ray
+actors that score rubrics in training (trainer/judge_pool.py) serve R's raw chat calls, the least-loaded actor
+per call. The judge's chat model here is the openai backend against the loopback server that plays U, A and R
+(tests/synth_server.py), so the test checks the plumbing and the output, not a model."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import local_ray
+from synth_server import SynthServer
+from test_synth import synthesize
+
+pytestmark = pytest.mark.ray
+MODES = ["fail_then_pass", "solved", "always_fail", "inject"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with SynthServer() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    with local_ray():
+        yield
+
+
+def _judge_on(url: str, pool: str) -> dict:
+    return {"synth.evaluator_backend": "judge", "synth.pool": pool, "judge.backend": "openai",
+            "judge.api_base": url, "judge.num_actors": 2, "ray.cpus_per_actor": 0}
+
+
+def test_judge_pool_serves_evaluator_calls_on_every_actor(server, ray_cluster):
+    from kardia_rl.config import load_config
+    from kardia_rl.synth import roles
+    from kardia_rl.trainer.judge_pool import JudgePool
+
+    cfg = load_config(None, [f"{k}={v}" for k, v in _judge_on(server.url, "ray").items()])
+    client = roles.judge_client(cfg)
+    try:
+        assert isinstance(client.backend, JudgePool) and len(client.backend.actors) == 2
+        nonce = "jabc123"
+        msgs = [{"role": "system", "content": "You are an expert evaluator"},
+                {"role": "user", "content": f"[mode=solved] <<<ANSWER id={nonce}>>> fine <<<END id={nonce}>>>"}]
+        reqs = [roles.Request(msgs, seed=i) for i in range(6)]
+        out = client.complete(reqs, temperature=0.0, max_tokens=64)
+        assert [roles.parse_verdict(t, nonce).verdict for t in out] == ["SOLVED"] * 6
+        per_actor = [st.get("chat/requests", 0) for st in
+                     __import__("ray").get([a.stats.remote() for a in client.backend.actors])]
+        # six concurrent calls on two actors: the least-loaded pick spreads them (3 + 3)
+        assert sum(per_actor) == 6 and min(per_actor) >= 1, per_actor
+    finally:
+        client.close()
+
+
+def test_synthesize_with_evaluator_on_the_pool_equals_local(server, ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("KARDIA_SYNTH_SALT", "one-salt")  # both runs hash usernames alike (else each OUT/.salt differs)
+    local, s_local, _ = synthesize(tmp_path, server.url, MODES, out="local", **_judge_on(server.url, "local"))
+    pooled, s_pool, out = synthesize(tmp_path, server.url, MODES, out="pool", **_judge_on(server.url, "ray"))
+    assert pooled == local and pooled["fail_then_pass"]["verdicts"] == [["FAIL", "PASS"], ["FAIL", "PASS"]]
+    assert s_pool["verdicts"] == s_local["verdicts"] and s_pool["role_calls_this_run"] == s_local["role_calls_this_run"]
+    with open(os.path.join(out, "kardiabench.jsonl")) as f:
+        assert len([json.loads(line) for line in f]) == len(MODES)

@@ -80,17 +80,15 @@ def storm_step(storm: dict, key: str, attempt: int) -> str:
     return f"delay={storm['delay']}" if storm.get("delay") else "ok"
 
 
-class ScriptedJudgeServer:
-    def __init__(self, prompt_scores: bool = False, storm: dict | None = None):
-        """`storm` (e.g. {"500": 0.3, "garbage": 0.2, "delay": 0.02}): requests without a marker answer HTTP 500 or
-        garbage with those probabilities per attempt, else a judgment after `delay` seconds (see storm_step)."""
-        self.prompt_scores = prompt_scores
-        self.storm = storm
-        self.arrivals: list[dict] = []
-        self._attempts: dict[str, int] = {}
-        self._lock = threading.Lock()
+class LoopbackServer:
+    """An aiohttp app on 127.0.0.1 (a free port) with its own event loop in a background thread, so client-side
+    work cannot delay its replies or timestamps. Subclasses implement `_handle` for POST /v1/chat/completions."""
+
+    thread_name = "loopback-server"
+
+    def __init__(self):
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="judge-server", daemon=True)
+        self._thread = threading.Thread(target=self._loop.run_forever, name=self.thread_name, daemon=True)
         self._runner = None
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.bind(("127.0.0.1", 0))
@@ -100,7 +98,7 @@ class ScriptedJudgeServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def __enter__(self) -> "ScriptedJudgeServer":
+    def __enter__(self):
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
         return self
@@ -111,17 +109,34 @@ class ScriptedJudgeServer:
         self._thread.join(timeout=30)
         self._loop.close()
 
-    def attempts(self, key_fragment: str) -> list[dict]:
-        """Arrivals whose marker contains `key_fragment`, in arrival order."""
-        with self._lock:
-            return [a for a in self.arrivals if key_fragment in a["key"]]
-
     async def _start(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._handle)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         await web.SockSite(self._runner, self._sock).start()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+
+class ScriptedJudgeServer(LoopbackServer):
+    thread_name = "judge-server"
+
+    def __init__(self, prompt_scores: bool = False, storm: dict | None = None):
+        """`storm` (e.g. {"500": 0.3, "garbage": 0.2, "delay": 0.02}): requests without a marker answer HTTP 500 or
+        garbage with those probabilities per attempt, else a judgment after `delay` seconds (see storm_step)."""
+        self.prompt_scores = prompt_scores
+        self.storm = storm
+        self.arrivals: list[dict] = []
+        self._attempts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        super().__init__()
+
+    def attempts(self, key_fragment: str) -> list[dict]:
+        """Arrivals whose marker contains `key_fragment`, in arrival order."""
+        with self._lock:
+            return [a for a in self.arrivals if key_fragment in a["key"]]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         arrived = time.monotonic()

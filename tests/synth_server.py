@@ -19,12 +19,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
-import threading
 
 from aiohttp import web
 
-from judge_server import completion_body
+from judge_server import LoopbackServer, completion_body
 
 MODE = re.compile(r"\[mode=(\w+)\]")
 NONCE = re.compile(r"\bid=([A-Za-z0-9_-]+)>>>")
@@ -67,34 +65,14 @@ def reply_for(body: dict) -> str:
     return answer(draft, turn, mode)
 
 
-class SynthServer:
+class SynthServer(LoopbackServer):
     """`delay` seconds before every reply (for the kill test); `bodies` records every request body."""
+
+    thread_name = "synth-server"
 
     def __init__(self, delay: float = 0.0):
         self.delay, self.bodies = delay, []
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="synth-server", daemon=True)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}/v1"
-
-    def __enter__(self) -> "SynthServer":
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=30)
-        self._loop.close()
-
-    async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.SockSite(self._runner, self._sock).start()
+        super().__init__()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()

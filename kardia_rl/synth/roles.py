@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from kardia_rl.format.spans import parse_spans, strip_span_tags
+from kardia_rl.format.spans import parse_spans, strip_span_tags, visible_response
 from kardia_rl.rewards.rubric_parse import MAX_PARSE_CHARS, _nonce_objects, strip_thinking
 from kardia_rl.rewards.rubric_prompt import make_nonce, sanitize_untrusted
 
@@ -247,21 +247,28 @@ def clean_user_turn(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ A
-REVISION_REQUEST = ("A reviewer rejected your last answer. Their notes:\n{notes}\nWrite a better answer to my "
-                    "previous message, in the same four parts.")
+REVISION_REQUEST = ("(A reviewer rejected your last answer to the message below{previous}. Their notes:\n{notes}\n"
+                    "Write a better answer, in the same four parts.)\n\n{message}")
+MAX_PREVIOUS_CHARS = 600  # the rejected reply quoted in a revision request
 
 
 def responder_sample(rec_id: str, turn: int, person: str, mbti: str, emotion: str, situation: str, anon: str,
                      system: str, history: Sequence[dict], revision: Optional[tuple[str, dict]] = None):
-    """The TurnSample A answers (the training encoder's input). `revision` = (previous answer, critiques):
-    the previous answer and R's notes become one more exchange at the end of the history."""
+    """The TurnSample A answers (the training encoder's input). `revision` = (previous answer, critiques): the
+    user turn being answered is asked again with the rejected reply (what the user would have read) and R's
+    notes attached. One message, not one more exchange: the prompt keeps the training shape (system, history,
+    the user turn), and data.max_history_turns cannot crop the user's message away (with 1, an extra exchange
+    left A only the request, without the message or its own reply: measured with SmolLM2, whose revisions
+    then lost the format)."""
     from kardia_rl.data import TurnSample
 
     hist = [dict(m) for m in history]
     if revision is not None:
         prev, critiques = revision
         notes = "\n".join(f"- {k.replace('_', ' ')}: {v}" for k, v in critiques.items() if v) or "- (no details)"
-        hist += [{"role": "assistant", "content": prev}, {"role": "user", "content": REVISION_REQUEST.format(notes=notes)}]
+        shown = sanitize_untrusted(visible_response(parse_spans(prev), prev).strip(), MAX_PREVIOUS_CHARS)
+        hist[-1] = {"role": "user", "content": REVISION_REQUEST.format(
+            message=hist[-1]["content"], previous=f': "{shown}"' if shown else "", notes=notes)}
     return TurnSample(id=f"{rec_id}/t{turn}", dialogue_id=rec_id, turn=turn, person=person, mbti=mbti, emotion=emotion,
                       situation=situation, anon_username=anon, system=system, history=hist, target="")
 

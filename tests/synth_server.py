@@ -4,7 +4,7 @@ The role is read from the system prompt (kardia_rl/synth/roles.py and the traini
 behaviour from a `[mode=NAME]` tag in the seed situation, which every role's prompt contains:
 
     U (user simulator): "Turn K: <the situation words> ..." (K = the user's own earlier turns)
-    A (responder):      a four-span answer whose reply says "draft D, turn T" (D = 1 when the last message is a revision request)
+    A (responder):      a four-span answer whose reply says "draft D, turn T" (D = revision requests seen)
     R (evaluator), by mode:
       fail_then_pass   FAIL for draft 0, PASS after          solved      SOLVED at once
       always_fail      FAIL always (the revision cap ends it)  garbage     prose without a verdict block
@@ -60,8 +60,8 @@ def reply_for(body: dict) -> str:
                                                      "emotional_fidelity": "ok", "persona_consistency": "ok"},
                            "verdict": verdict})
         return real + ("\nFor the record, the reply said: " + quoted if mode == "inject" else "")
-    draft = int("A reviewer rejected" in str(msgs[-1]["content"]))  # a revision asks the last message again
-    turn = sum(m["role"] == "user" for m in msgs)
+    draft = sum("A reviewer rejected" in str(m["content"]) for m in msgs)
+    turn = sum(m["role"] == "user" for m in msgs) - draft
     return answer(draft, turn, mode)
 
 

@@ -239,9 +239,9 @@ def test_engine_roles_repeat_exactly(server, tiny_model_dir, tmp_path, monkeypat
     assert outs[0] == outs[1] and sum(len(s) for s in outs[0]) == 4
 
 
-def test_revision_request_keeps_the_user_message_under_a_one_turn_history():
-    """A revision asks the user's message again with the rejected reply and R's notes in ONE message: with
-    data.max_history_turns=1 (conf/smollm2.yaml) an extra exchange would crop the message and the reply away."""
+def test_revision_keeps_the_user_message_under_a_one_turn_history():
+    """A revision adds one exchange (the rejected answer, R's notes) and the history limit grows by one for it:
+    with data.max_history_turns=1 (conf/smollm2.yaml) the user's message would otherwise be cropped away."""
     from kardia_rl.config import load_config
 
     cfg = load_config(None, ["data.max_history_turns=1"])
@@ -249,12 +249,12 @@ def test_revision_request_keeps_the_user_message_under_a_one_turn_history():
             "<|emotion_begin|>sad<|emotion_end|><|response_begin|>Cheer up, it is nothing.<|response_end|>")
     history = [{"role": "user", "content": "My cat ran away."}, {"role": "assistant", "content": prev},
                {"role": "user", "content": "She has been gone two days now."}]
-    sample = roles.responder_sample("d1", 1, "MBTI: INFJ", "INFJ", "sad", "A lost cat.", "u_x", "", history,
-                                    revision=(prev, {"emotional_fidelity": "dismisses the worry"}))
-    msgs = roles.responder_messages(sample, cfg)
-    assert [m["role"] for m in msgs] == ["system", "user"]  # one history turn: the revised message alone
-    last = msgs[-1]["content"]
-    assert last.endswith("She has been gone two days now.") and "A reviewer rejected" in last
-    assert '"Cheer up, it is nothing."' in last and "dismisses the worry" in last and "<|" not in last
     first = roles.responder_sample("d1", 1, "MBTI: INFJ", "INFJ", "sad", "A lost cat.", "u_x", "", history)
-    assert roles.responder_messages(first, cfg)[-1]["content"] == "She has been gone two days now."
+    msgs = roles.responder_messages(first, roles.responder_cfg(cfg, False))
+    assert [m["content"] for m in msgs[1:]] == ["She has been gone two days now."]
+    again = roles.responder_sample("d1", 1, "MBTI: INFJ", "INFJ", "sad", "A lost cat.", "u_x", "", history,
+                                   revision=("<|response_begin|>Oh no.<|response_end|>", {"emotional_fidelity": "flat"}))
+    msgs = roles.responder_messages(again, roles.responder_cfg(cfg, True))
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    assert msgs[1]["content"] == "She has been gone two days now." and "flat" in msgs[3]["content"]
+    assert roles.responder_cfg(load_config(None, ["data.max_history_turns=0"]), True).data.max_history_turns == 0

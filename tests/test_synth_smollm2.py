@@ -7,11 +7,15 @@ is revised at least once; then PASS in the first exchange and, in the second, FA
 A is the tiny policy after its short SFT (fixture `sft_model_dir`, hf engine, sampled), NOT SmolLM2: the
 base SmolLM2 cannot write the four spans (0 well-formed answers of 16 sampled at temperature 0.7 on bundled
 prompts, measured 2026-11-30), so every one of its turns would end as a format failure and the structural
-filter would drop every dialogue; it learns the format only through SFT (conf/smollm2.yaml), far too slow
-for a test. The SFT at the end trains SmolLM2 (LoRA, 2 steps) on the synthesised easy turns.
+filter would drop every dialogue; it learns the format only through SFT (conf/smollm2.yaml), too slow for a
+test: after conf/smollm2.yaml's SFT (30 LoRA steps, ~16 min here) SmolLM2 as A passes this test's synthesis, file
+and split checks (2 of 3 dialogues kept, 1 easy and 3 hard turns; measured 2026-11-30); after 8 or 16 steps
+(2-4 min) it wrote emotion words outside the label set or broke spans on revisions, and every dialogue was
+dropped. Set KARDIA_TEST_SYNTH_RESPONDER=DIR (e.g. runs/smollm2/sft_model) to run A on such a model.
+The SFT at the end trains SmolLM2 (LoRA, 2 steps) on the synthesised easy turns.
 
 Slow (marked `slow`): 83 s on 2 cores at load average ~4, 432 s at load average 15-25 (other jobs); fixtures
-cached. The run is repeatable: 3 dialogues kept, verdicts FAIL 11 / PASS 3 / SOLVED 3, 2 easy and 4 hard turns.
+cached. The run is repeatable: 3 dialogues kept, verdicts FAIL 12 / PASS 3 / SOLVED 3, 3 easy and 3 hard turns.
 The split uses the default tau = 0.5 (rate >= tau is easy), so a turn passed after one FAIL (p_FAIL = 0.5)
 is easy; under the paper's strict p_FAIL < 0.5 (tau 0.501) a turn is easy only when it never failed.
 """
@@ -131,10 +135,11 @@ def test_synthesize_validate_split_and_sft(smollm2_dir, sft_model_dir, tmp_path,
     todo = inputs.pairs(inputs.load_profiles(prof_path, "test-salt"), inputs.load_seeds(seed_path, labels), "zip")
     assert len(todo) == 3
 
-    # U: SmolLM2; A: the tiny SFT policy (its own tokenizer; the prompt budget and history rules are cfg's)
+    # U: SmolLM2; A: the tiny SFT policy or $KARDIA_TEST_SYNTH_RESPONDER (its own tokenizer; cfg's prompt rules)
     user = EngineClient([make_engine("hf", smollm2_dir, seed=1, dtype="float32", max_model_len=1024,
                                      verify_reference=False)], cfg)
-    responder = EngineClient([make_engine("hf", sft_model_dir, seed=2, dtype="float32", max_model_len=1024,
+    responder_dir = os.environ.get("KARDIA_TEST_SYNTH_RESPONDER") or sft_model_dir
+    responder = EngineClient([make_engine("hf", responder_dir, seed=2, dtype="float32", max_model_len=1024,
                                           verify_reference=False)], cfg)
     lock = threading.Lock()
     user, responder = Serialized(user, lock), Serialized(responder, lock)

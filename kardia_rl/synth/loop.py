@@ -150,8 +150,10 @@ class RefinementLoop:
             sample = roles.responder_sample(d.rec_id, len(d.turns), d.profile.person, d.profile.mbti, d.seed.emotion,
                                             d.seed.situation, d.profile.anon_username, d.system,
                                             d.history + [{"role": "user", "content": c.user}], revision)
-            reqs.append(roles.Request(roles.responder_messages(sample, self.cfg),
-                                      _seed(self.cfg.seed, d.rec_id, len(d.turns), len(c.attempts), "responder"), sample))
+            cfg = roles.responder_cfg(self.cfg, revision is not None)
+            reqs.append(roles.Request(roles.responder_messages(sample, cfg),
+                                      _seed(self.cfg.seed, d.rec_id, len(d.turns), len(c.attempts), "responder"),
+                                      sample, cfg))
         return reqs, self.sy.responder_temperature, self.responder_tokens
 
     def _answer_done(self, d: _Dialogue, out) -> None:

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from kardia_rl.format.spans import parse_spans, strip_span_tags, visible_response
+from kardia_rl.format.spans import parse_spans, strip_span_tags
 from kardia_rl.rewards.rubric_parse import MAX_PARSE_CHARS, _nonce_objects, strip_thinking
 from kardia_rl.rewards.rubric_prompt import make_nonce, sanitize_untrusted
 
@@ -43,6 +43,7 @@ class Request:
     messages: list[dict]
     seed: int
     sample: Any = None
+    cfg: Any = None  # the config the sample is encoded under (responder_cfg), when it is not the client's
 
 
 # ------------------------------------------------------------------------------------------ backends
@@ -66,7 +67,7 @@ class EngineClient:
 
         budget = self.cfg.model.max_prompt_tokens
         if req.sample is not None:
-            return encode_prompt(req.sample, self.tokenizer, self.cfg)
+            return encode_prompt(req.sample, self.tokenizer, req.cfg or self.cfg)
         msgs = list(req.messages)
         while True:  # oldest history first (keep the system prompt and the last message), then cut the last turn
             ids = self.tokenizer(build_prompt(self.tokenizer, msgs), add_special_tokens=False)["input_ids"]
@@ -247,30 +248,35 @@ def clean_user_turn(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ A
-REVISION_REQUEST = ("(A reviewer rejected your last answer to the message below{previous}. Their notes:\n{notes}\n"
-                    "Write a better answer, in the same four parts.)\n\n{message}")
-MAX_PREVIOUS_CHARS = 600  # the rejected reply quoted in a revision request
+REVISION_REQUEST = ("A reviewer rejected your last answer. Their notes:\n{notes}\nWrite a better answer to my "
+                    "previous message, in the same four parts.")
 
 
 def responder_sample(rec_id: str, turn: int, person: str, mbti: str, emotion: str, situation: str, anon: str,
                      system: str, history: Sequence[dict], revision: Optional[tuple[str, dict]] = None):
-    """The TurnSample A answers (the training encoder's input). `revision` = (previous answer, critiques): the
-    user turn being answered is asked again with the rejected reply (what the user would have read) and R's
-    notes attached. One message, not one more exchange: the prompt keeps the training shape (system, history,
-    the user turn), and data.max_history_turns cannot crop the user's message away (with 1, an extra exchange
-    left A only the request, without the message or its own reply: measured with SmolLM2, whose revisions
-    then lost the format)."""
+    """The TurnSample A answers (the training encoder's input). `revision` = (previous answer, critiques):
+    the previous answer and R's notes become one more exchange at the end of the history."""
     from kardia_rl.data import TurnSample
 
     hist = [dict(m) for m in history]
     if revision is not None:
         prev, critiques = revision
         notes = "\n".join(f"- {k.replace('_', ' ')}: {v}" for k, v in critiques.items() if v) or "- (no details)"
-        shown = sanitize_untrusted(visible_response(parse_spans(prev), prev).strip(), MAX_PREVIOUS_CHARS)
-        hist[-1] = {"role": "user", "content": REVISION_REQUEST.format(
-            message=hist[-1]["content"], previous=f': "{shown}"' if shown else "", notes=notes)}
+        hist += [{"role": "assistant", "content": prev}, {"role": "user", "content": REVISION_REQUEST.format(notes=notes)}]
     return TurnSample(id=f"{rec_id}/t{turn}", dialogue_id=rec_id, turn=turn, person=person, mbti=mbti, emotion=emotion,
                       situation=situation, anon_username=anon, system=system, history=hist, target="")
+
+
+def responder_cfg(cfg, revising: bool):
+    """The config A's prompt is built under. A revision adds one exchange (the rejected answer and R's notes),
+    so the history limit grows by one: else data.max_history_turns (1 in conf/smollm2.yaml) would crop away the
+    very user message being revised, and A would revise blind."""
+    from dataclasses import replace
+
+    n = cfg.data.max_history_turns
+    if not revising or n <= 0:
+        return cfg
+    return replace(cfg, data=replace(cfg.data, max_history_turns=n + 1))
 
 
 def responder_messages(sample, cfg) -> list[dict]:

@@ -8,8 +8,8 @@ A is the tiny policy after its short SFT (fixture `sft_model_dir`, hf engine, sa
 base SmolLM2 cannot write the four spans (0 well-formed answers of 16 sampled at temperature 0.7 on bundled
 prompts, measured 2026-11-30), so every one of its turns would end as a format failure and the structural
 filter would drop every dialogue; it learns the format only through SFT (conf/smollm2.yaml), too slow for a
-test: after conf/smollm2.yaml's SFT (30 LoRA steps, ~16 min here) SmolLM2 as A passes this test's synthesis, file
-and split checks (2 of 3 dialogues kept, 1 easy and 3 hard turns; measured 2026-11-30); after 8 or 16 steps
+test: after conf/smollm2.yaml's SFT (30 LoRA steps, ~16 min here) SmolLM2 as A passes this whole test (2 of 3
+dialogues kept, verdicts FAIL 11 / PASS 2 / SOLVED 2, 1 easy and 3 hard turns; 151 s; 2026-11-30); after 8 or 16 steps
 (2-4 min) it wrote emotion words outside the label set or broke spans on revisions, and every dialogue was
 dropped. Set KARDIA_TEST_SYNTH_RESPONDER=DIR (e.g. runs/smollm2/sft_model) to run A on such a model.
 The SFT at the end trains SmolLM2 (LoRA, 2 steps) on the synthesised easy turns.

@@ -10,4 +10,5 @@ cd "$root"
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=offline DS_ACCELERATOR=cpu
 # One OpenMP thread per process: on a busy 2-core machine a 2-thread pool can be 10x slower than one thread.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec "$root/.venv/bin/python" -m pytest -q -p no:cacheprovider tests "$@"
+# --durations: the slowest tests in every CI log, to see where the time goes
+exec "$root/.venv/bin/python" -m pytest -q -p no:cacheprovider --durations=15 tests "$@"

@@ -35,6 +35,8 @@ def _judge_on(url: str, pool: str) -> dict:
 
 
 def test_judge_pool_serves_evaluator_calls_on_every_actor(server, ray_cluster):
+    import ray
+
     from kardia_rl.config import load_config
     from kardia_rl.synth import roles
     from kardia_rl.trainer.judge_pool import JudgePool
@@ -49,8 +51,7 @@ def test_judge_pool_serves_evaluator_calls_on_every_actor(server, ray_cluster):
         reqs = [roles.Request(msgs, seed=i) for i in range(6)]
         out = client.complete(reqs, temperature=0.0, max_tokens=64)
         assert [roles.parse_verdict(t, nonce).verdict for t in out] == ["SOLVED"] * 6
-        per_actor = [st.get("chat/requests", 0) for st in
-                     __import__("ray").get([a.stats.remote() for a in client.backend.actors])]
+        per_actor = [st.get("chat/requests", 0) for st in ray.get([a.stats.remote() for a in client.backend.actors])]
         # six concurrent calls on two actors: the least-loaded pick spreads them (3 + 3)
         assert sum(per_actor) == 6 and min(per_actor) >= 1, per_actor
     finally:

@@ -47,6 +47,17 @@ class Request:
 
 
 # ------------------------------------------------------------------------------------------ backends
+def chunks(reqs: Sequence[Request], k: int):
+    """(engine index, lo, hi, call seed) of each non-empty share of `reqs` split across k engines. The call
+    seed is a function of the chunk's request seeds, so a dialogue's text depends on the seed and the
+    (deterministic) round composition, not on thread timing or which process served the chunk."""
+    bounds = [len(reqs) * i // k for i in range(k + 1)]
+    for i in range(k):
+        lo, hi = bounds[i], bounds[i + 1]
+        if lo < hi:
+            yield i, lo, hi, int(hashlib.sha256(repr([r.seed for r in reqs[lo:hi]]).encode()).hexdigest()[:12], 16)
+
+
 class EngineClient:
     """Generation on local engines; one batched generate call per engine per role batch."""
 
@@ -81,18 +92,9 @@ class EngineClient:
         if not reqs:
             return []
         prompts = [self._encode(r, max_tokens) for r in reqs]
-        k = len(self.engines)
-        bounds = [len(reqs) * i // k for i in range(k + 1)]
-        # The call seed of a chunk is a function of its requests' seeds, so a dialogue's text depends on the
-        # seed and the (deterministic) round composition, not on thread timing.
-        futs = []
-        for i in range(k):
-            lo, hi = bounds[i], bounds[i + 1]
-            if lo == hi:
-                continue
-            seed = int(hashlib.sha256(repr([r.seed for r in reqs[lo:hi]]).encode()).hexdigest()[:12], 16)
-            futs.append(self._pool.submit(self.engines[i].generate, prompts[lo:hi], 1, temperature=temperature or 1.0,
-                                          top_p=1.0, max_new_tokens=max_tokens, seed=seed, greedy=temperature == 0))
+        futs = [self._pool.submit(self.engines[i].generate, prompts[lo:hi], 1, temperature=temperature or 1.0,
+                                  top_p=1.0, max_new_tokens=max_tokens, seed=seed, greedy=temperature == 0)
+                for i, lo, hi, seed in chunks(reqs, len(self.engines))]
         out: list = []
         for f in futs:
             out.extend(g[0].text for g in f.result())
@@ -125,15 +127,9 @@ class RayEngineClient(EngineClient):
         if not reqs:
             return []
         prompts = [self._encode(r, max_tokens) for r in reqs]
-        k = len(self.group.actors)
-        bounds = [len(reqs) * i // k for i in range(k + 1)]
-        sent = []
-        for i in range(k):
-            lo, hi = bounds[i], bounds[i + 1]
-            if lo < hi:
-                seed = int(hashlib.sha256(repr([r.seed for r in reqs[lo:hi]]).encode()).hexdigest()[:12], 16)
-                sent.append(self.group.submit(prompts[lo:hi], 1, seed=seed, greedy=temperature == 0,
-                                              temperature=temperature or 1.0, max_new_tokens=max_tokens))
+        sent = [self.group.submit(prompts[lo:hi], 1, seed=seed, greedy=temperature == 0,
+                                  temperature=temperature or 1.0, max_new_tokens=max_tokens)
+                for _, lo, hi, seed in chunks(reqs, len(self.group.actors))]
         out: list = []
         for index, ref in sent:
             try:

@@ -90,6 +90,8 @@ def test_wrong_type_and_override_errors_all_reported(tmp_path):
     (["algo.overlong_buffer=0"], "algo.overlong_buffer: must be in (0, 1]"),
     (["algo.adv_eps=0"], "algo.adv_eps: must be > 0"),
     (["rollout.top_p=0.9"], "rollout.top_p: must be 1 for GRPO, got 0.9"),
+    (["model.lora.span_rows_lr_scale=0"], "model.lora.span_rows_lr_scale: must be > 0, got 0"),
+    (["synth.pool=cluster"], "synth.pool: 'cluster' is not one of"),
 ])
 def test_cross_field_rules(overrides, expected):
     with pytest.raises(ConfigError) as e:

@@ -23,11 +23,11 @@ def test_epitome_joins_the_three_mechanisms_into_empathy():
     assert len(items) == 3023  # 3,084 rows; 61 repeat annotations of an (sp_id, rp_id) pair are averaged in
     assert all(it.source == "epitome" and set(it.levels) == {"empathy"} for it in items)
     assert all(0 <= it.levels["empathy"] <= 6 for it in items)
-    # the first rows of the three files: sp_id 65m92s, levels 0 (reactions) + 0 (interpretations) + 0 (explorations)
+    # the first rows of the three files: sp_id 65m92s, levels 0 (reactions) + 0 (interpretations) + 2 (explorations)
     first = items[0]
     assert first.context_id == "65m92s" and first.context.startswith("Help. Help me.")
     assert first.response.startswith("That's pretty vague")
-    assert first.levels["empathy"] == 0 + 0 + 1  # it asks a question: an exploration of level 1
+    assert first.levels["empathy"] == 0 + 0 + 2  # it asks questions: a strong exploration
     assert any(it.levels["empathy"] % 1 == 0.5 for it in items)  # double annotations that disagree are averaged
     assert level_range(items, "empathy") == (0.0, 6.0)
     assert len(load_human_items(EPITOME, "epitome", limit=7)) == 7

@@ -47,6 +47,9 @@ COMMANDS: dict[str, Command] = {
                     "generate and score test answers; JSON, JSONL, Markdown table like the paper's, PNG plots"),
     "judge-agreement": Command("kardia_rl.evaluation.cli", "cmd_judge_agreement",
                                "per-dimension agreement (Spearman, weighted kappa) between judges or seeds"),
+    "judge-validate": Command("kardia_rl.evaluation.judge_validate", "cmd_judge_validate",
+                              "a judge against human ratings (EPITOME, ESConv, your own JSONL): pairwise accuracy, "
+                              "Spearman, weighted kappa, ties; --probes for bias probes"),
     "split": Command("kardia_rl.curriculum.cli", "cmd_split",
                      "difficulty-aware split by resolution rate: easy (SFT) and hard (GRPO) samples"),
     "sft": Command("kardia_rl.learner.sft_cli", "cmd_sft",

@@ -38,7 +38,7 @@ def stage_data(cfg: KardiaConfig, state: dict) -> dict:
 
 
 def stage_model(cfg: KardiaConfig, state: dict) -> dict:
-    """Prepare model.path (hub id, folder or .gguf; the tiny model is built when missing): every later stage
+    """Prepare model.path (hub id, folder or .gguf; builtin:tiny is built under run_dir): every later stage
     loads the prepared folder (run_pipeline puts it into model.path)."""
     from kardia_rl.model.prepare import ensure_prepared, prepared_record
 

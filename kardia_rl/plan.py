@@ -19,7 +19,7 @@ from typing import Optional
 from kardia_rl.errors import KardiaError
 from kardia_rl.plan_estimate import (CUDA_CONTEXT_BYTES, FRAGMENTATION, JUDGE_PROMPT_TOKENS, Arch, GiB, Model,
                                      activation_bytes, ceil_div, dtype_bytes, gib, human, kv_bytes_per_token,
-                                     learner_state_bytes, logits_bytes, resolve_model)
+                                     learner_state_bytes, logits_bytes, loss_temporary_bytes, resolve_model)
 
 CPU_KV_DEFAULT = 1 << 30  # what a CPU vLLM engine gets for kv 0 (engines/vllm_compat.py CPU_KV_CACHE_BYTES)
 VLLM_DEFAULT_UTIL = 0.9  # vLLM's gpu_memory_utilization when the judge leaves it at 0
@@ -185,17 +185,19 @@ def learner_rows(cfg, model: Model, plan: Plan, cap: Optional[float], gpu: bool,
         st = learner_state_bytes(a, world=world, stage=lc.zero_stage, b=b, trainable=trainable, reference=ref)
         act = {on: activation_bytes(a, rows * seq_len, b, on) for on in (False, True)}
         lg = logits_bytes(a, rows, positions, b)
-        total = (sum(st.values()) + act[lc.gradient_checkpointing] + lg) * FRAGMENTATION + \
+        tmp = loss_temporary_bytes(a, rows, positions, role)
+        total = (sum(st.values()) + act[lc.gradient_checkpointing] + lg + tmp) * FRAGMENTATION + \
             (CUDA_CONTEXT_BYTES if gpu else 0)
         worst = max(worst, total)
         plan.estimates[f"learner_{role.lower()}"] = {k: gib(v) for k, v in st.items()} | {
             "ranks": world, "activations": gib(act[lc.gradient_checkpointing]), "activations_no_ckpt": gib(act[False]),
-            "activations_ckpt": gib(act[True]), "logits": gib(lg), "total": gib(total)}
+            "activations_ckpt": gib(act[True]), "logits": gib(lg), "loss_temporaries": gib(tmp), "total": gib(total)}
         plan.say(f"learner {role} per rank ({'GPU' if gpu else 'host'}, ZeRO-{lc.zero_stage} x{world}, "
                  f"{'bf16' if b == 2 else 'fp32'}): weights {human(st['weights'])} + grads {human(st['grads'])} + "
                  f"optimizer {human(st['optimizer'])} + reference {human(st['reference'])} + activations "
                  f"{human(act[lc.gradient_checkpointing])} ({rows} x {seq_len} tokens; checkpointing off "
-                 f"{human(act[False])} / on {human(act[True])}) + logits {human(lg)} = {human(total)}")
+                 f"{human(act[False])} / on {human(act[True])}) + logits {human(lg)} + loss temporaries {human(tmp)} "
+                 f"= {human(total)}")
         _fits(plan, f"learner {role} rank ({world} rank(s), {rows} x {seq_len} tokens, learner.gradient_checkpointing="
               f"{str(lc.gradient_checkpointing).lower()}, learner.zero_stage={lc.zero_stage})", total, cap,
               ("set learner.gradient_checkpointing: true, " if not lc.gradient_checkpointing else "") + fix)
@@ -254,7 +256,7 @@ def build_plan(cfg, cluster: Cluster, mode: str = "pipeline") -> Plan:
         plan.problems.append(" + ".join(f"{k} = {n:g}" for k, n in asks) + f": {wanted:g} GPUs requested, the "
                              f"cluster ({c.source}) has {c.gpus:g}")
     problems = plan.problems
-    model = resolve_model("model.path", cfg.model.path, cfg.model.init_size, problems)
+    model = resolve_model("model.path", cfg.model.path, problems)
     if model.arch:
         plan.say(f"policy {model.name}: {model.arch.params() / 1e9:.3f}B parameters ({model.source})")
     elif model.source not in ("missing", "unresolved", "unreadable"):
@@ -311,7 +313,7 @@ def build_plan(cfg, cluster: Cluster, mode: str = "pipeline") -> Plan:
         elif model.span_tokens is False:
             plan.say("span tokens: missing in model.path; the model stage adds them (run_dir/prepared_model)")
     if judge_llm:
-        jm = resolve_model("judge.model", jc.model, "", problems)
+        jm = resolve_model("judge.model", jc.model, problems)
         j_gpu = jc.gpus_per_actor > 0
         if jm.arch and jc.backend == "vllm":
             ctx = jc.max_model_len or jm.arch.max_positions

@@ -120,6 +120,22 @@ def logits_bytes(a: Arch, rows: int, positions: int, b: int) -> int:
     return rows * positions * a.vocab * (4 + 2 * b)
 
 
+# Rows per chunk of the loss's fp32 work over the vocabulary: the `chunk_rows` default of learner/logprobs.py's
+# gather_logprobs, chunked_entropy and sft_loss_sum (tests/test_plan.py checks they agree).
+LOSS_CHUNK_ROWS = 4
+# fp32 [chunk rows, positions, vocab] temporaries alive at once on top of `logits_bytes` (which holds the logits,
+# the fp32 copy kept for backward and the logits' gradient), measured by bench/bench_loss_memory.py (peak RSS in fp32
+# chunks, bf16 and fp32): GRPO's chunked_entropy holds the fp32 copy, log_softmax, its exp and their product at once
+# (4.0 chunks; the log-prob gather needs less: 2.0 forward, 3.0 backward with the gradient). SFT's cross-entropy:
+# 2.0 forward in bf16 (the fp32 copy and the kept log_softmax), 2.0 backward with the gradient: 2 bounds both.
+LOSS_TEMP_COPIES = {"GRPO": 4, "SFT": 2}
+
+
+def loss_temporary_bytes(a: Arch, rows: int, positions: int, role: str) -> int:
+    """The loss's fp32 temporaries over the vocabulary (one chunk of rows at a time), beyond `logits_bytes`."""
+    return LOSS_TEMP_COPIES[role] * min(rows, LOSS_CHUNK_ROWS) * positions * a.vocab * 4
+
+
 def learner_state_bytes(a: Arch, *, world: int, stage: int, b: int, trainable: int, reference: bool) -> dict:
     """Per-rank weights / gradients / optimizer state of AdamW under DeepSpeed ZeRO `stage` on `world` ranks.
 
@@ -201,8 +217,9 @@ def _gguf_model(key: str, name: str, problems: list) -> Model:
     return Model(name, None, f"GGUF {os.path.join(src.local, src.gguf_file)}, prepared by the model stage", True)
 
 
-def resolve_model(key: str, name: str, init_size: str, problems: list) -> Model:
-    """A model's architecture from a local folder, a model this run builds, the HF cache, or KNOWN_MODELS."""
+def resolve_model(key: str, name: str, problems: list) -> Model:
+    """A model's architecture from a local folder, a model this run builds (builtin:SIZE), the HF cache, or
+    KNOWN_MODELS."""
     if os.path.isfile(os.path.join(name, "config.json")):
         with open(os.path.join(name, "config.json")) as f:
             d = json.load(f)
@@ -211,15 +228,19 @@ def resolve_model(key: str, name: str, init_size: str, problems: list) -> Model:
         except ValueError as e:
             problems.append(f"{key}: {name}/config.json: {e}; the plan estimates dense decoders only")
             return Model(name, None, "unreadable")
-    if init_size:
+    if name.startswith("builtin:"):
         from kardia_rl.model.tiny import SIZES
 
-        s = SIZES[init_size]
+        size = name[len("builtin:"):]
+        if size not in SIZES:
+            problems.append(f"{key}: {name!r}: unknown builtin model; choose " + " | ".join("builtin:" + z for z in SIZES))
+            return Model(name, None, "missing")
+        s = SIZES[size]
         arch = arch_from_config(dict(model_type="qwen2", vocab_size=s.vocab_size, hidden_size=s.hidden_size,
                                      num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
                                      num_key_value_heads=s.num_key_value_heads, intermediate_size=s.intermediate_size,
                                      tie_word_embeddings=True, max_position_embeddings=2048))
-        return Model(name, arch, f"built by the model stage (model.init_size={init_size})", True)
+        return Model(name, arch, "a random model built under run_dir by the model stage", True)
     if name.endswith(".gguf") or name.startswith("pkg:"):  # prepared by the model stage (kardia_rl.model.prepare)
         return _gguf_model(key, name, problems)
     if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1:

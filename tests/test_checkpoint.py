@@ -95,3 +95,80 @@ def test_checkpoints_command_lists_status_and_exit_codes(tmp_path, capsys):
     assert main(["checkpoints", str(tmp_path)]) == 2
     assert main(["checkpoints", str(tmp_path / "nope")]) == 2
     assert "no such run directory" in capsys.readouterr().err
+
+
+def _sharded(shards: dict):
+    """A learner save as the learner group does it: write rank files, return what each rank hashed."""
+    from kardia_rl.trainer.checkpoint import hash_files, rank_share
+
+    def save(d: str) -> dict:
+        for rel, payload in shards.items():
+            os.makedirs(os.path.dirname(os.path.join(d, rel)), exist_ok=True)
+            with open(os.path.join(d, rel), "wb") as f:
+                f.write(payload)
+        out: dict = {}
+        for r in range(2):
+            out.update(hash_files(d, rank_share(d, r, 2)))
+        return out
+    return save
+
+
+SHARDS = {"latest": b"step1", "step1/mp_rank_00_model_states.pt": b"m" * 3000,
+          "step1/zero_pp_rank_0_mp_rank_00_optim_states.pt": b"a" * 5000,
+          "step1/zero_pp_rank_1_mp_rank_00_optim_states.pt": b"b" * 5000}
+
+
+def test_rank_shares_cover_every_file_once_and_each_rank_hashes_its_own_shard(tmp_path):
+    from kardia_rl.trainer.checkpoint import rank_share
+
+    _sharded(SHARDS)(str(tmp_path))
+    shares = [rank_share(str(tmp_path), r, 2) for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == sorted(SHARDS)
+    assert "step1/zero_pp_rank_0_mp_rank_00_optim_states.pt" in shares[0]
+    assert "step1/zero_pp_rank_1_mp_rank_00_optim_states.pt" in shares[1]
+
+
+def test_each_save_hashes_one_checkpoint_and_prunes_by_name(tmp_path, monkeypatch):
+    import kardia_rl.trainer.checkpoint as ck
+
+    hashed = []
+    real = ck._digest
+    monkeypatch.setattr(ck, "_digest", lambda p: hashed.append(os.path.getsize(p)) or real(p))
+    m = CheckpointManager(str(tmp_path), keep_last=2)
+    for step in range(1, 5):
+        hashed.clear()
+        path = m.save(step, {"pos": step}, _sharded(SHARDS))
+        size = sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(path) for n in ns
+                   if n != "manifest.json")
+        assert sum(hashed) == size, f"save {step}: hashed {sum(hashed)} bytes for a {size}-byte checkpoint"
+        verdict = json.load(open(os.path.join(path, "manifest.json")))["verified"]
+        assert verdict["intact"] and verdict["hashed_bytes"]["learner ranks"] == sum(len(b) for b in SHARDS.values())
+    assert [os.path.basename(p) for p in m.steps()] == ["step_000003", "step_000004"]
+    assert verify_checkpoint(m.path(4)) == []
+
+
+def test_a_file_changed_after_its_rank_hashed_it_fails_the_save_and_leaves_nothing(tmp_path):
+    def save(d: str) -> dict:
+        files = _sharded(SHARDS)(d)
+        with open(os.path.join(d, "step1", "mp_rank_00_model_states.pt"), "r+b") as f:
+            f.truncate(10)  # e.g. a short write that the rank's read-back did not see
+        return files
+
+    m = CheckpointManager(str(tmp_path))
+    with pytest.raises(KardiaError, match=r"mp_rank_00_model_states.pt is 10 bytes on disk, hashed at 3000"):
+        m.save(1, {}, save)
+    assert os.listdir(m.root) == []
+
+
+def test_leftovers_of_an_interrupted_save_are_removed_at_start_up(tmp_path):
+    m = _saved(tmp_path, steps=(1,))
+    os.makedirs(os.path.join(m.root, ".tmp-step_000002-abc", "learner"))
+    open(os.path.join(m.root, ".tmp-step_000002-abc", "learner", "x.pt"), "wb").write(b"x" * 2048)
+    os.makedirs(os.path.join(m.root, ".old-step_000001-def", "x"))
+    open(os.path.join(m.root, ".latest.q1w2.tmp"), "w").write("step_000002")
+    logged = []
+    gone = CheckpointManager(str(tmp_path)).remove_leftovers(log=logged.append)
+    assert gone == [".latest.q1w2.tmp", ".old-step_000001-def", ".tmp-step_000002-abc"]
+    assert sorted(os.listdir(m.root)) == ["latest", "step_000001"]
+    assert any(".tmp-step_000002-abc" in line and "interrupted save" in line for line in logged)
+    assert m.latest() == m.path(1)

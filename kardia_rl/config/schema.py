@@ -16,7 +16,6 @@ from kardia_rl.config.presets import PRESETS
 SPLIT_UNITS = ("dialogue", "profile")
 SPAN_NOTATIONS = ("kardia", "xml", "auto")
 HISTORY_MODES = ("response", "full")
-INIT_SIZES = ("tiny", "small", "")
 MODEL_DTYPES = ("auto", "float32", "bfloat16")
 ENGINES = ("vllm", "hf")
 WEIGHT_SYNC_MODES = ("auto", "collective", "object_store")
@@ -53,6 +52,13 @@ def doc(default, text: str, choices: Optional[tuple] = None, **kw):
     return field(default=default, metadata=meta, **kw)
 
 
+# Keys that no longer exist, with what replaces them (the loader says so instead of "unknown key").
+REMOVED_KEYS = {
+    "model.init_size": "removed: a random model is built only when model.path says so (model.path: builtin:tiny "
+                       "or builtin:small); any other missing model.path is an error",
+}
+
+
 @dataclass
 class DataConfig:
     path: str = doc("builtin:sample/train", "training dialogues: .jsonl/.json/.parquet, save_to_disk dir, HF name, or builtin:sample[/train|/test]")
@@ -82,9 +88,9 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = doc("runs/tiny/base_model", "policy checkpoint: HF name or save_pretrained dir")
-    init_size: str = doc("tiny", "if path does not exist, build a local model of this size there: tiny | small | '' (never)", INIT_SIZES)
-    init_seed: int = doc(0, "seed for building the local model")
+    path: str = doc("builtin:tiny", "policy model: hub id (org/name), save_pretrained folder, .gguf file, pkg:PACKAGE/FILE, or builtin:tiny | builtin:small (a random local model built under run_dir); any other missing path is an error")
+    init_seed: int = doc(0, "seed of the random weights of a builtin: model")
+    chat_template: str = doc("", "chat template for a model that ships none (or to replace its own): chatml, or a .jinja file; empty = the model's own (a model without one is refused)")
     dtype: str = doc("auto", "parameter dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16", MODEL_DTYPES)
     max_prompt_tokens: int = doc(512, "prompts longer than this are truncated from the left (oldest history first)")
     max_new_tokens: int = doc(160, "maximum generated tokens per answer")

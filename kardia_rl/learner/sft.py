@@ -33,7 +33,7 @@ from kardia_rl.utils.io import atomic_write_jsonl, atomic_write_text
 
 
 def ensure_model(cfg) -> str:
-    """The folder to train: cfg.model.path prepared (tiny model built when missing, hub id / .gguf / a folder
+    """The folder to train: cfg.model.path prepared (builtin:SIZE built under run_dir, hub id / .gguf / a folder
     without span tokens prepared into run_dir/prepared_model; see kardia_rl.model.prepare)."""
     from kardia_rl.model.prepare import ensure_prepared
 

@@ -1,8 +1,8 @@
 """`kardia-rl sft CONFIG [key=value ...] [--out DIR]`: the SFT stage from the command line.
 
 Runs as one process (world size 1) by default; under torchrun (`torchrun --nproc_per_node N -m
-kardia_rl.cli sft ...`) every rank runs it and RANK/WORLD_SIZE come from the launcher. Builds the local
-tiny model at cfg.model.path first when it is missing (cfg.model.init_size).
+kardia_rl.cli sft ...`) every rank runs it and RANK/WORLD_SIZE come from the launcher. Prepares model.path first
+(a builtin:tiny model is built under run_dir; see kardia_rl.model.prepare).
 """
 from __future__ import annotations
 

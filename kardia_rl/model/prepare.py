@@ -18,6 +18,15 @@ chat template is kept as is; `kardia_prepared.json` records the source, its hash
 A local folder whose tokenizer already has every span token (the tiny model, an SFT checkpoint) is used in
 place: it is already prepared. Hub ids and GGUF files are always copied into run_dir, because the HF cache is
 not necessarily on the storage that all cluster nodes share.
+
+`model.path: builtin:tiny` (or builtin:small) is the only way a model is built from scratch: a random local
+Qwen2 model under run_dir (kardia_rl.model.tiny). Any other path that does not exist is an error naming the key,
+so a mistyped path never trains a random model and nothing is created outside run_dir.
+
+`model.chat_template` (a known name such as chatml, or a .jinja file) gives a chat template to a model that ships
+none (base models, many fine-tunes), or replaces the model's own; the prepared copy carries it, so every later
+stage (SFT, GRPO engines, eval, chat) renders prompts with it. A model without a template and no
+model.chat_template is refused with a line naming the key.
 """
 from __future__ import annotations
 
@@ -30,8 +39,10 @@ from typing import Any, Optional
 
 from kardia_rl.errors import KardiaError
 from kardia_rl.format.spans import SPAN_TOKENS
+from kardia_rl.model.chat_template import no_template_error, resolve_chat_template, saved_chat_template
 
 MARKER = "kardia_prepared.json"
+BUILTIN = "builtin:"  # model.path builtin:SIZE builds a random local model (kardia_rl.model.tiny.SIZES) in run_dir
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
@@ -117,6 +128,9 @@ def resolve_source(path: str, key: str = "model.path") -> ModelSource:
     """Classify and check `path`; raises KardiaError (one line naming `key` and the value) when unusable."""
     if not path:
         raise KardiaError(f"{key} is empty: give a hub id, a save_pretrained folder or a .gguf file")
+    if path.startswith(BUILTIN):
+        raise KardiaError(f"{key} {path!r}: a builtin model is built by the model stage from model.path only "
+                          f"(kardia-rl prepare / sft / train / pipeline CONFIG model.path={path})")
     expanded = _package_file(path, key) if path.startswith("pkg:") else os.path.expanduser(path)
     if expanded.endswith(".gguf"):
         if not os.path.isfile(expanded):
@@ -250,24 +264,29 @@ def _check_saved(out_dir: str, expect_ids: dict, template: str) -> None:
         raise RuntimeError(f"{out_dir}: the chat template changed on save")
 
 
-def prepare_model(source: str, out_dir: str, *, dtype: str = "auto", key: str = "model.path") -> dict:
-    """Prepare `source` into `out_dir` (atomically) and return the record written to out_dir/kardia_prepared.json."""
+def prepare_model(source: str, out_dir: str, *, dtype: str = "auto", key: str = "model.path",
+                  chat_template: str = "") -> dict:
+    """Prepare `source` into `out_dir` (atomically) and return the record written to out_dir/kardia_prepared.json.
+    `chat_template` (model.chat_template: a known name or a .jinja file) replaces the tokenizer's own template."""
     from kardia_rl.utils.io import atomic_dir
 
     src = resolve_source(source, key)
+    given_template = resolve_chat_template(chat_template) if chat_template else None
     t0 = time.time()
     tokenizer, model = _load(src, dtype)
+    if given_template:
+        tokenizer.chat_template = given_template
     template = getattr(tokenizer, "chat_template", None)
     if not template:
-        raise KardiaError(f"{key} {source!r}: the tokenizer has no chat template; use an instruct/chat model "
-                          f"(prompts are rendered with the model's own template)")
+        raise no_template_error(source, key)
     rows = add_span_rows(tokenizer, model)
     model.config.vocab_size = model.get_input_embeddings().weight.shape[0]
     record = {"source": source, "kind": src.kind, "resolved": os.path.abspath(src.local),
               "gguf_file": src.gguf_file, "revision": src.revision, "source_sha256": source_sha256(src),
               "fingerprint": _fingerprint(src), "architecture": (model.config.architectures or [type(model).__name__])[0],
               "model_type": model.config.model_type, "dtype": str(model.dtype).replace("torch.", ""),
-              "parameters": sum(p.numel() for p in model.parameters()), "chat_template_kept": True, **rows}
+              "parameters": sum(p.numel() for p in model.parameters()),
+              "chat_template": chat_template or "the model's own", **rows}
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -287,18 +306,29 @@ def prepared_record(folder: str) -> Optional[dict]:
 
 
 def ensure_prepared(cfg, out_dir: Optional[str] = None, log=print) -> str:
-    """The folder the stages load for cfg.model.path: the tiny model is built when missing (model.init_size),
-    a prepared local folder is used in place, anything else is prepared into run_dir/prepared_model (reused
-    while the source is unchanged)."""
+    """The folder the stages load for cfg.model.path: `builtin:SIZE` is built under run_dir first; a prepared local
+    folder (span tokens, a chat template, no model.chat_template to apply) is used in place; anything else is
+    prepared into run_dir/prepared_model (reused while the source and model.chat_template are unchanged)."""
     path = cfg.model.path
-    if cfg.model.init_size and not os.path.exists(os.path.expanduser(path)) and not path.endswith(".gguf") \
-            and not _is_repo_id(path) and not path.startswith("pkg:"):
-        from kardia_rl.model.tiny import build_tiny_model
-
-        build_tiny_model(path, cfg.model.init_size, cfg.model.init_seed)
-        log(f"[model] built {cfg.model.init_size} model in {path}")
-        return path
+    if path.startswith(BUILTIN):
+        path = build_builtin(cfg, log)
     return _prepared(cfg, path, "model.path", out_dir or os.path.join(cfg.run_dir, "prepared_model"), log)
+
+
+def build_builtin(cfg, log=print) -> str:
+    """`model.path: builtin:SIZE`: a random local model of SIZE from model.init_seed, built once under run_dir
+    (its folder is named by size and seed, so a rebuild with other settings never reuses a stale one)."""
+    from kardia_rl.model.tiny import SIZES, build_tiny_model
+
+    size = cfg.model.path[len(BUILTIN):]
+    if size not in SIZES:
+        raise KardiaError(f"model.path {cfg.model.path!r}: unknown builtin model; choose "
+                          + " | ".join(BUILTIN + s for s in SIZES))
+    out = os.path.join(cfg.run_dir, f"builtin_{size}_seed{cfg.model.init_seed}")
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        build_tiny_model(out, size, cfg.model.init_seed, overwrite=True)
+        log(f"[model] built a random {size} model (model.path={cfg.model.path}, seed {cfg.model.init_seed}) in {out}")
+    return out
 
 
 def with_prepared_model(cfg, log=print):
@@ -322,13 +352,18 @@ def prepared_path(cfg, path: str, key: str, log=print) -> str:
 def _prepared(cfg, path: str, key: str, out_dir: str, log) -> str:
     """A prepared local folder as is; else `path` prepared into out_dir (reused while the source is unchanged)."""
     src = resolve_source(path, key)
-    if src.kind == "dir" and _tokenizer_has_spans(src.local):
+    template = cfg.model.chat_template
+    if src.kind == "dir" and _tokenizer_has_spans(src.local) and not template:
+        if not saved_chat_template(src.local):
+            raise no_template_error(path, key)
         return src.local
     rec = prepared_record(out_dir)
-    if rec and rec.get("source") == path and rec.get("fingerprint") == _fingerprint(src):
+    if rec and rec.get("source") == path and rec.get("fingerprint") == _fingerprint(src) \
+            and rec.get("chat_template") == (template or "the model's own"):
         return out_dir
-    log(f"[model] preparing {path} ({src.kind}) into {out_dir}")
-    rec = prepare_model(path, out_dir, dtype=cfg.model.dtype if cfg.model.dtype != "auto" else "auto", key=key)
+    log(f"[model] preparing {path} ({src.kind}) into {out_dir}" + (f" with chat template {template}" if template else ""))
+    rec = prepare_model(path, out_dir, dtype=cfg.model.dtype if cfg.model.dtype != "auto" else "auto", key=key,
+                        chat_template=template)
     log(f"[model] {rec['architecture']}, {rec['parameters'] / 1e6:.1f}M parameters; span tokens "
         f"{min(rec['span_token_ids'].values())}..{max(rec['span_token_ids'].values())}: {rec['rows']}")
     return out_dir
@@ -340,7 +375,9 @@ def cmd_prepare(args) -> int:
     cfg = config_from_args(args)
     source = args.model or cfg.model.path
     out = args.out or os.path.join(cfg.run_dir, "prepared_model")
-    rec = prepare_model(source, out, dtype=cfg.model.dtype)
+    if source.startswith(BUILTIN):
+        source = build_builtin(cfg)
+    rec = prepare_model(source, out, dtype=cfg.model.dtype, chat_template=cfg.model.chat_template)
     print(f"prepared {source} ({rec['kind']}, {rec['architecture']}, {rec['parameters'] / 1e6:.1f}M parameters) "
           f"into {out}: span tokens {min(rec['span_token_ids'].values())}..{max(rec['span_token_ids'].values())}, "
           f"{rec['rows']}; source sha256 {rec['source_sha256'][:16]}")

@@ -36,6 +36,10 @@ def build_roles(cfg, labels, secret: str):
     engine_client = None
     if "engine" in kinds.values():
         path = sy.model or cfg.model.path
+        if path.startswith("builtin:") and not sy.model:
+            from kardia_rl.model.prepare import build_builtin
+
+            path = build_builtin(cfg)
         if not os.path.isdir(path):
             raise KardiaError(f"synth.model / model.path {path!r}: not a model directory (build one with "
                               "`kardia-rl init-model` or `kardia-rl prepare`)")

@@ -64,6 +64,7 @@ class GRPOTrainer:
         self.prompts = PromptSource(self.samples, cfg.algo.prompts_per_step, cfg.seed)
         self.monitor = HackingMonitor(cfg.monitor)
         self.ckpt = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep_last)
+        self.ckpt.remove_leftovers()  # .tmp-* of a save that a kill interrupted (nothing of this run is saving yet)
         latest = self.ckpt.latest() if cfg.checkpoint.resume else None
         self.logger = MetricsLogger(cfg.run_dir, cfg, resume=latest is not None)
         if latest:

@@ -93,8 +93,13 @@ class LearnerActor:
     def probe_logprobs(self, probe_ids: list[int]) -> list[float]:
         return self.learner.probe_logprobs(probe_ids)  # collective under ZeRO-3
 
-    def save_checkpoint(self, path: str) -> str:
-        return self.learner.save_checkpoint(path)
+    def save_checkpoint(self, path: str) -> dict:
+        """Save (collective), then hash this rank's share of the written files, read back from disk: the ranks
+        hash in parallel, each about 1/W of the checkpoint, and the driver hashes none of it."""
+        from kardia_rl.trainer.checkpoint import hash_files, rank_share
+
+        self.learner.save_checkpoint(path)  # ends with a barrier: every rank's files are on disk
+        return hash_files(path, rank_share(path, self.rank, self.world_size))
 
     def load_checkpoint(self, path: str) -> dict:
         return self.learner.load_checkpoint(path)
@@ -162,8 +167,12 @@ class LearnerGroup:
     def probe_logprobs(self, probe_ids: list[int]) -> list[float]:
         return ray.get([a.probe_logprobs.remote(list(probe_ids)) for a in self.actors])[0]
 
-    def save_checkpoint(self, path: str) -> None:
-        ray.get([a.save_checkpoint.remote(path) for a in self.actors])
+    def save_checkpoint(self, path: str) -> dict:
+        """{path relative to `path`: {size, blake2b}} of every file the ranks wrote, each hashed by one rank."""
+        files: dict = {}
+        for share in ray.get([a.save_checkpoint.remote(path) for a in self.actors]):
+            files.update(share)
+        return files
 
     def load_checkpoint(self, path: str) -> None:
         ray.get([a.load_checkpoint.remote(path) for a in self.actors])

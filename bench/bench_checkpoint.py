@@ -1,0 +1,115 @@
+"""Checkpoint cost: bytes hashed per save, by whom, against the size of one checkpoint.
+
+Method: Ray local on 127.0.0.1; a real LearnerGroup (DeepSpeed on gloo, `--ranks` ZeRO-`--zero-stage` ranks, fp32,
+no reference model) on a local random model (`--size`, kardia_rl.model.tiny); `--saves` checkpoints in a row through
+CheckpointManager.save with checkpoint.keep_last=`--keep-last`, exactly as the driver saves (the learner group's
+save_checkpoint is the learner callback). Bytes hashed are counted, not timed: in the driver by wrapping
+kardia_rl.trainer.checkpoint._digest (every checksum the manager computes goes through it: the manifest, pruning's
+verification), and in the learner ranks from what each checkpoint's manifest records they hashed
+(`verified.hashed_bytes`; a version without that record hashed nothing in the ranks). One checkpoint = the bytes
+of its files (manifest excluded). After the saves, one resume lookup (`latest()`, which verifies every checksum
+of what it returns) is counted the same way. Wall seconds per save are printed for information only.
+Run it against another checkout (e.g. the previous commit, `git worktree add`) with PYTHONPATH=THAT_CHECKOUT to
+get its numbers with the same method.
+
+    .venv/bin/python bench/bench_checkpoint.py                       # tiny, 2 ranks ZeRO-3, 5 saves, keep_last 2
+    .venv/bin/python bench/bench_checkpoint.py --size small --saves 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, load_line, set_bench_env  # noqa: E402
+
+
+def _size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(path) for n in ns if n != "manifest.json")
+
+
+def run(args, work: str) -> dict:
+    import ray
+
+    import kardia_rl.trainer.checkpoint as ck
+    from kardia_rl.config import load_config
+    from kardia_rl.model.tiny import build_tiny_model
+    from kardia_rl.trainer.learner_group import LearnerGroup
+    from kardia_rl.trainer.ray_cluster import init_ray
+
+    model = build_tiny_model(os.path.join(work, args.size), args.size, seed=0)
+    cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), [
+        f"run_dir={work}/run", f"model.path={model}", "model.dtype=float32", "algo.kl_beta=0",
+        f"learner.num_workers={args.ranks}", f"learner.zero_stage={args.zero_stage}",
+        f"checkpoint.keep_last={args.keep_last}"])
+    driver_bytes = [0]
+    real_digest = ck._digest
+
+    def counting(path: str) -> str:
+        driver_bytes[0] += os.path.getsize(path)
+        return real_digest(path)
+
+    ck._digest = counting
+    init_ray(num_cpus=2)
+    learner = LearnerGroup(cfg, model)
+    rows = []
+    try:
+        mgr = ck.CheckpointManager(cfg.run_dir, cfg.checkpoint.keep_last)
+        for step in range(1, args.saves + 1):
+            driver_bytes[0] = 0
+            t0 = time.perf_counter()
+            path = mgr.save(step, {"bench": step}, learner.save_checkpoint)
+            secs = time.perf_counter() - t0
+            with open(os.path.join(path, "manifest.json")) as f:
+                verdict = json.load(f).get("verified", {})
+            ranks = sum(v for k, v in verdict.get("hashed_bytes", {}).items() if k != "driver")
+            size = _size(path)
+            rows.append({"save": step, "checkpoint_bytes": size, "on_disk_checkpoints": len(mgr.steps()),
+                         "hashed_by_driver": driver_bytes[0], "hashed_by_ranks": ranks,
+                         "hashed_total": driver_bytes[0] + ranks,
+                         "hashed_over_checkpoint": round((driver_bytes[0] + ranks) / size, 3),
+                         "seconds": round(secs, 3)})
+            print(json.dumps(rows[-1]), flush=True)
+        driver_bytes[0] = 0
+        chosen = mgr.latest()
+        resume = {"resume_lookup": os.path.basename(chosen), "hashed_by_driver": driver_bytes[0],
+                  "hashed_over_checkpoint": round(driver_bytes[0] / _size(chosen), 3)}
+        print(json.dumps(resume), flush=True)
+    finally:
+        learner.shutdown()
+        ray.shutdown()
+        ck._digest = real_digest
+    steady = rows[args.keep_last:] or rows
+    return {"size": args.size, "ranks": args.ranks, "zero_stage": args.zero_stage, "keep_last": args.keep_last,
+            "saves": args.saves, "checkpoint_bytes": rows[-1]["checkpoint_bytes"],
+            "steady_hashed_over_checkpoint": max(r["hashed_over_checkpoint"] for r in steady),
+            "steady_hashed_by_driver": max(r["hashed_by_driver"] for r in steady), "resume": resume}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="tiny", help="kardia_rl.model.tiny size: tiny | small")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--zero-stage", type=int, default=3)
+    p.add_argument("--saves", type=int, default=5)
+    p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args(argv)
+    set_bench_env()
+    print("method: see the module doc: bytes hashed per save (driver: counted in _digest; ranks: the manifest's "
+          "record), against one checkpoint's bytes; real LearnerGroup, CheckpointManager.save as the driver calls it",
+          flush=True)
+    print(f"start: {load_line()}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = run(args, args.workdir or tmp)
+    print(json.dumps(summary), flush=True)
+    print(f"end: {load_line()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

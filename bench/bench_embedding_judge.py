@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_embedding_judge.py              # 1 warm-up + 4 measured steps (~1 min)
     .venv/bin/python bench/bench_embedding_judge.py --steps 8
+    .venv/bin/python bench/bench_embedding_judge.py --smoke      # does it still run? (1 tiny step, no timing)
 
 Method (also printed by the run):
 - Candidates: the same local `tiny` model as bench_grpo_step.py (random init, fp32), the same P=4 prompts of
@@ -63,8 +64,12 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--smoke", action="store_true", help="does the bench still run (tests/test_bench_smoke.py): "
+                   "1 prompt x 2 candidates x 8 tokens, 1 call, no warm-up, 1 step; its numbers mean nothing")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
+    if args.smoke:
+        args.prompts, args.group_size, args.chunks, args.max_new_tokens, args.warmup, args.steps = 1, 2, 1, 8, 0, 1
     set_bench_env(1)
     import torch
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_generation.py                       # CPU, tiny + small models, fp32
     .venv/bin/python bench/bench_generation.py --device cuda         # GPU, bf16, adds peak memory
+    .venv/bin/python bench/bench_generation.py --smoke               # does it still run? (tiny, 8 tokens, no timing)
 
 Method: the batch is P prompts from the bundled test split (chat template applied once, identical token ids
 for both engines) x N samples x T new tokens, with min_new_tokens = T so every sample has exactly T tokens
@@ -125,11 +126,18 @@ def main(argv=None) -> int:
                    "core binding); 0 = all cores. On a shared machine 1 avoids OpenMP spin-wait collapse")
     p.add_argument("--split-calls", default="1", help="comma list of K: also generate the batch as K calls in a "
                    "row, as a synchronous actor with K queued calls does (e.g. 1,2)")
+    p.add_argument("--smoke", action="store_true", help="does the bench still run (tests/test_bench_smoke.py): "
+                   "tiny model, both engines, 2 prompts x 2 samples x 8 tokens, 1 and 2 calls, no warm-up, 1 repeat, "
+                   "1 thread; its numbers mean nothing")
     p.add_argument("--json-out", default=None, help="also write the rows to this JSON file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--engine", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.engines, args.prompts, args.n, args.max_new_tokens = "tiny", "vllm,hf", 2, 2, 8
+        args.warmup, args.repeats, args.split_calls, args.threads = 0, 1, "1,2", 1
+        args.kv_cache_bytes = args.kv_cache_bytes or 1 << 27
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.kv_cache_bytes is None:
         args.kv_cache_bytes = 0 if args.device == "cuda" else 1 << 30

@@ -3,6 +3,7 @@ same configuration, same process, same run.
 
     .venv/bin/python bench/bench_grpo_step.py                    # tiny + small, 1 warm-up + 3 measured steps
     .venv/bin/python bench/bench_grpo_step.py --quick            # tiny only, 1 + 2 steps, 32 new tokens
+    .venv/bin/python bench/bench_grpo_step.py --smoke            # does it still run? (1 tiny step, no timing)
 
 Method (also printed by the run):
 - Models: kardia-rl's local tiny / small Qwen2 models, random init (span tokens included), fp32, CPU.
@@ -87,7 +88,7 @@ def run_ours(args, cfg, samples) -> dict:
             m = tr.step(step)
             wall = time.perf_counter() - t
             row = {k: m[k] for k in [key for _, key in PHASES] + ["timing/step", "timing/other"]}
-            row.update(wall=wall, tokens=m["rollout/generated_tokens"], sync_diff=m["rollout/sync_logprob_diff"],
+            row.update(wall=wall, tokens=m["rollout/generated_tokens"], sync_diff=m.get("rollout/sync_logprob_diff", float("nan")),
                        reward_std=m.get("rollout/reward_std", float("nan")))
             row["other"] = wall - sum(m[key] for _, key in PHASES)
             steps.append(row)
@@ -109,7 +110,6 @@ def diagnose_ours(tr, args) -> dict:
     import pickle
 
     import ray
-    from safetensors.torch import save as save_safetensors
 
     def threads(self):
         import torch
@@ -127,17 +127,6 @@ def diagnose_ours(tr, args) -> dict:
         t = time.perf_counter()
         self.train_step(batch)
         return time.perf_counter() - t
-
-    def timed_reload(self, blob, probe):
-        from safetensors.torch import load
-
-        t0 = time.perf_counter()
-        sd = load(blob)
-        t1 = time.perf_counter()
-        self.engine.load_state_dict(sd)
-        t2 = time.perf_counter()
-        self.engine.verify(probe)
-        return t1 - t0, t2 - t1, time.perf_counter() - t2
 
     d: dict = {}
     roll_actor, learn_actor, judge_actor = tr.rollout.actors[0], tr.learner.actors[0], tr.judge.actors[0]
@@ -167,18 +156,26 @@ def diagnose_ours(tr, args) -> dict:
         inside = ray.get(learn_actor.__ray_call__.remote(timed_train, batch))
         res.append({"driver_s": time.perf_counter() - t, "in_actor_s": inside})
     d["train_step"] = res[-1]
+    # The weight sync as the driver runs it (trainer/weight_sync.py), split into the transfer and the check:
+    # the engines score the probe, learner rank 0 scores it with its own forward.
+    ws = tr.weight_sync
     t = time.perf_counter()
-    sd = tr.learner.hf_state_dict()
-    fetch = time.perf_counter() - t
+    if ws.collective:
+        sent = tr.learner.send_weights("diagnosis")
+        sync = {"path": "collective", "mb": sent["bytes"] / 2 ** 20, "rank0_s": sent["seconds"]}
+    else:
+        sd = tr.learner.hf_state_dict()
+        tr.rollout.load_state_dict(sd)
+        sync = {"path": "object store", "mb": sum(v.numel() * v.element_size() for v in sd.values()) / 2 ** 20}
+    sync["transfer_driver_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    blob = ray.put(save_safetensors({k: v.contiguous() for k, v in sd.items()}))
-    serialize = time.perf_counter() - t
+    engines = tr.rollout.probe_logprobs(tr.probe)
+    sync["engine_probe_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    deser, reload, verify = ray.get(roll_actor.__ray_call__.remote(timed_reload, blob, list(tr.probe)))
-    d["weight_sync"] = {"state_dict_to_driver_s": fetch, "serialize_put_s": serialize,
-                        "actor_call_driver_s": time.perf_counter() - t, "actor_deserialize_s": deser,
-                        "actor_engine_reload_s": reload, "actor_verify_s": verify,
-                        "state_dict_mb": sum(v.numel() * v.element_size() for v in sd.values()) / 2 ** 20}
+    learner = tr.learner.probe_logprobs(tr.probe)
+    sync["learner_probe_s"] = time.perf_counter() - t
+    sync["probe_max_diff"] = max(abs(a - b) for e in engines for a, b in zip(e, learner))
+    d["weight_sync"] = sync
     t = time.perf_counter()
     ray.get(learn_actor.__ray_call__.remote(lambda self: None))
     d["empty_actor_call_s"] = time.perf_counter() - t
@@ -326,10 +323,10 @@ def print_diagnosis(d: dict, s: list, t: list) -> None:
     print(f"  learner train_step: in actor {tr['in_actor_s']:.3f} s, driver {tr['driver_s']:.3f} s (batch "
           f"{d['batch_pickle_mb']:.2f} MB pickled); TRL train+rest {med(t, 'rest'):.3f} s")
     w = d["weight_sync"]
-    print(f"  weight sync ({w['state_dict_mb']:.1f} MB): state dict to driver {w['state_dict_to_driver_s']:.3f} s, "
-          f"safetensors + ray.put {w['serialize_put_s']:.3f} s, rollout actor call {w['actor_call_driver_s']:.3f} s "
-          f"(deserialize {w['actor_deserialize_s']:.3f}, engine reload {w['actor_engine_reload_s']:.3f}, verify "
-          f"{w['actor_verify_s']:.3f})")
+    print(f"  weight sync ({w['path']}, {w['mb']:.1f} MB): transfer {w['transfer_driver_s']:.3f} s"
+          + (f" (learner rank 0: {w['rank0_s']:.3f} s)" if "rank0_s" in w else "")
+          + f", engine probe {w['engine_probe_s']:.3f} s, learner probe {w['learner_probe_s']:.3f} s "
+          f"(max diff {w['probe_max_diff']:.1e})")
     print(f"  build_batch (collate + advantages) {d['build_batch_s']:.3f} s; "
           f"empty actor call {d['empty_actor_call_s'] * 1e3:.1f} ms")
 
@@ -354,10 +351,16 @@ def main(argv=None) -> int:
                    "cores, which collapses under other load: OpenMP spin-waits on cores others hold)")
     p.add_argument("--no-diagnose", action="store_true", help="skip the per-phase driver-vs-actor diagnosis")
     p.add_argument("--quick", action="store_true", help="tiny model only, 1 warm-up + 2 steps, 32 new tokens")
+    p.add_argument("--smoke", action="store_true", help="a check that the bench still runs (tests/"
+                   "test_bench_smoke.py): tiny model, 2 prompts x 4 samples x 8 new tokens, no warm-up, 1 step, "
+                   "diagnosis included; its times mean nothing")
     p.add_argument("--json-out", default=None, help="also write every measurement to this JSON file")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.steps, args.max_new_tokens = "tiny", 2, 32
+    if args.smoke:
+        args.models, args.prompts, args.group_size, args.micro_batch = "tiny", 2, 4, 8
+        args.max_new_tokens, args.warmup, args.steps = 8, 0, 1
     set_bench_env(args.omp_threads)
     import torch
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_judge_pool.py                 # 200 ms judge, 2 in flight per actor, 64 x J requests
     .venv/bin/python bench/bench_judge_pool.py --quick         # 16 x J requests
+    .venv/bin/python bench/bench_judge_pool.py --smoke         # does it still run? (J = 1, 2; 2 x J requests)
 
 Method (also printed by the run):
 - The judge server is an aiohttp app in a child process on 127.0.0.1 (its own event loop, so the bench's
@@ -180,10 +181,14 @@ def main(argv=None) -> int:
     p.add_argument("--requests-per-actor", type=int, default=64, help="timed requests = this x J")
     p.add_argument("--requests", type=int, default=0, help="a fixed number of timed requests for every J instead")
     p.add_argument("--quick", action="store_true", help="16 requests per actor")
+    p.add_argument("--smoke", action="store_true", help="does the bench still run (tests/test_bench_smoke.py): "
+                   "J = 1, 2, 2 requests per actor, 10 ms judge; its numbers mean nothing")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     if args.quick:
         args.requests_per_actor = 16
+    if args.smoke:
+        args.actors, args.requests_per_actor, args.latency_ms = "1,2", 2, 10.0
     actors = [int(x) for x in args.actors.split(",")]
     if 1 not in actors:
         raise SystemExit("--actors must include 1 (the efficiency baseline)")

@@ -12,6 +12,7 @@ bf16, same ZeRO stage, plus peak GPU memory (torch.cuda.max_memory_allocated).
     .venv/bin/python bench/bench_learner.py --device cuda    # on a GPU machine
     .venv/bin/python bench/bench_learner.py --activation-memory   # small: checkpointing off vs on, vs the plan
     .venv/bin/python bench/bench_learner.py --startup-memory      # small: 2 ZeRO-3 ranks, full vs partitioned load
+    .venv/bin/python bench/bench_learner.py --smoke [--activation-memory | --startup-memory]   # does it still run?
 
 Activation memory (`--activation-memory`): each setting runs in a fresh process started with
 MALLOC_MMAP_THRESHOLD_=65536, so every tensor above 64 KiB is its own mmap and goes back to the OS when freed
@@ -274,9 +275,15 @@ def main(argv=None) -> int:
                    help="step memory with and without gradient checkpointing (last of --sizes) vs the plan's estimate")
     p.add_argument("--startup-memory", action="store_true",
                    help="peak RSS per rank while 2 ZeRO-3 ranks build the learner (last of --sizes): full vs partitioned load")
+    p.add_argument("--smoke", action="store_true", help="does the bench still run (tests/test_bench_smoke.py; "
+                   "also with --activation-memory / --startup-memory): tiny model, 1 x 2 sequences of 8 + 8 tokens, "
+                   "no warm-up, 1 step; its numbers mean nothing")
     p.add_argument("--_measure", default=None, help=argparse.SUPPRESS)  # internal: one measurement process
     p.add_argument("--_ckpt", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.groups, args.group_size, args.prompt_len, args.response_len = "tiny", 1, 2, 8, 8
+        args.micro_batch, args.warmup, args.steps = 2, 0, 1
     gpu = args.device == "cuda"
     args.groups = args.groups or (8 if gpu else 2)
     args.prompt_len = args.prompt_len or (512 if gpu else 128)

@@ -11,6 +11,7 @@ calls and calls/s, the verdicts before the filters, and the machine load (the CP
 work: compare runs taken back to back).
 
     python bench/bench_synth.py [--model smollm2|tiny] [--engines 1,2] [--dialogues 8] [--engine-kind hf] [--pool local|ray]
+    python bench/bench_synth.py --smoke [--pool ray]    # does it still run? (tiny, 1 dialogue, no timing)
 """
 from __future__ import annotations
 
@@ -96,7 +97,12 @@ def main() -> None:
     ap.add_argument("--answer-tokens", type=int, default=48)
     ap.add_argument("--user-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per process (engines share them)")
+    ap.add_argument("--smoke", action="store_true", help="does the bench still run (tests/test_bench_smoke.py): "
+                    "tiny model, 1 engine, 1 dialogue, 1 exchange, 1 revision, 8-token turns; its numbers mean nothing")
     args = ap.parse_args()
+    if args.smoke:
+        args.model, args.engines, args.dialogues, args.exchanges, args.revisions = "tiny", "1", 1, 1, 1
+        args.answer_tokens, args.user_tokens = 8, 8
     set_bench_env(args.threads)
     from synth_server import SynthServer
 

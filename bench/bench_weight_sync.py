@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_weight_sync.py                      # tiny + SmolLM2-135M, 1 and 2 engines
     .venv/bin/python bench/bench_weight_sync.py --models tiny --runs 2
+    .venv/bin/python bench/bench_weight_sync.py --smoke              # does it still run? (tiny, 1 engine, 1 run)
 
 Method (also printed by the run):
 - Models: kardia-rl's tiny Qwen2 model (built locally) and SmolLM2-135M-Instruct prepared from the GGUF of the
@@ -147,7 +148,11 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--bucket-mb", type=int, default=64)
     ap.add_argument("--smollm2-dir", default="", help="reuse a SmolLM2 folder prepared by kardia_rl.model.prepare")
+    ap.add_argument("--smoke", action="store_true", help="does the bench still run (tests/test_bench_smoke.py): "
+                    "tiny model, 1 engine, 1 run; its numbers mean nothing")
     args = ap.parse_args()
+    if args.smoke:
+        args.models, args.engines, args.runs = "tiny", "1", 1
     set_bench_env(omp_threads=1)
     print(__doc__.split("Method (also printed by the run):")[1].split('"""')[0])
     work = tempfile.mkdtemp(prefix="kardia-bench-sync-")

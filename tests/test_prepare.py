@@ -177,7 +177,7 @@ def test_lora_trains_the_span_rows_and_nothing_else_of_the_embedding(tiny_model_
 
 def test_span_rows_get_their_own_learning_rate():
     """model.lora.span_rows_lr_scale: the span rows' group runs at lr x scale (at the adapters' rate they barely
-    moved on SmolLM2: README); at 1 the groups are as before."""
+    moved on SmolLM2: docs/models.md); at 1 the groups are as before."""
     from kardia_rl.learner.ds_config import param_groups
 
     lin, emb, bias = (torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(5, 2)),

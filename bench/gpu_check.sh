@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (issue 11 item 8) for a machine with torch (CUDA), transformers, peft and accelerate only: no ray,
+# GPU check for a machine with torch (CUDA), transformers, peft and accelerate only: no ray,
 # deepspeed or vllm, no network. Everything it needs travels with the working tree (it builds a random Qwen2
 # model on the spot). Under 10 minutes on one GPU. Results: $OUT/gpu_check.json (or /tmp/gpu_check.json).
 #   bash bench/gpu_check.sh          # on the GPU machine

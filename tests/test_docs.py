@@ -17,7 +17,7 @@ DOCS = os.path.join(ROOT, "docs")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 # Build-history wording: the documents describe the project as it is, not how or when a number was produced.
 HISTORY = [r"\bissue \d+", r"\bissue's\b", r"\bmy other\b", r"\bprevious table\b", r"\bno longer\b",
-           r"\bsession \d+", r"\ban earlier session\b", r"\bpre-issue\b", r"\bthe old\b"]
+           r"\bsession \d+", r"\ban earlier session\b", r"\bpre-issue\b"]
 
 
 def read(path: str) -> str:

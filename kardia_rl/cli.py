@@ -47,6 +47,10 @@ COMMANDS: dict[str, Command] = {
                     "generate and score test answers; JSON, JSONL, Markdown table like the paper's, PNG plots"),
     "judge-agreement": Command("kardia_rl.evaluation.cli", "cmd_judge_agreement",
                                "per-dimension agreement (Spearman, weighted kappa) between judges or seeds"),
+    "judge-calibrate": Command("kardia_rl.evaluation.calibrate", "cmd_judge_calibrate",
+                               "fit a calibration head for the embedding judge on human-labelled sets (--data/--format, "
+                               "repeatable); held-out and cross-set agreement in the head; use with "
+                               "judge.calibration=HEAD"),
     "split": Command("kardia_rl.curriculum.cli", "cmd_split",
                      "difficulty-aware split by resolution rate: easy (SFT) and hard (GRPO) samples"),
     "sft": Command("kardia_rl.learner.sft_cli", "cmd_sft",

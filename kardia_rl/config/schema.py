@@ -130,6 +130,7 @@ class JudgeConfig:
     max_tokens: int = doc(512, "max tokens of one judgment")
     group_wise: bool = doc(False, "score all N candidates of a prompt in one judge call")
     cache_size: int = doc(4096, "judgments kept in the LRU cache (0 = off)")
+    calibration: str = doc("", "backend=embedding: a head file from `kardia-rl judge-calibrate` whose scores replace the proxy's for the dimensions it covers (docs/judge_calibration.md); empty = the uncalibrated proxy")
     fallback: str = doc("neutral", "score on judge failure: neutral (group mean, no advantage signal) | zero | midpoint", JUDGE_FALLBACKS)
     dimension_weights: dict = doc({d: 1.0 for d in RUBRIC_DIMENSIONS}, "weights of the five rubric dimensions in the rubric score")
     judge_malformed: bool = doc(False, "also judge answers that fail the format check (else rubric = 0)")

@@ -1,0 +1,65 @@
+"""Which judge scored a run: the one description every report uses (train's run_dir/judge.json and report, eval's
+metrics.json and report.md, the pipeline's report.json, judge-validate's report).
+
+`judge_identity(cfg.judge)` gives backend, model, prompt hash, rubric version and, with `judge.calibration`, the head
+file with its checksum, training sources, licence note and validation numbers (calibration.head_summary). It reads
+the head file and so refuses a missing, damaged or incompatible head with one line naming judge.calibration: the
+trainer and the evaluation call it before any actor starts, which is where a bad head is reported.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from kardia_rl.rewards.judge.calibration import ENCODERS, head_summary
+from kardia_rl.utils.io import write_json
+
+JUDGE_FILE = "judge.json"
+
+
+def judge_identity(cfg_judge) -> dict:
+    """{backend, model, prompt_hash, rubric_version, group_wise, calibration} of the configured judge."""
+    from kardia_rl.rewards.rubric_prompt import RUBRIC_VERSION, rubric_version_hash
+
+    backend = cfg_judge.backend
+    calibration: Optional[dict] = None
+    if backend == "embedding":
+        from kardia_rl.rewards.judge.embedding import EMBEDDING_JUDGE_VERSION
+
+        package, model, _ = ENCODERS["minilm"]
+        out = {"backend": backend, "model": f"{model} ({package}), offline proxy", "prompt_hash": None,
+               "rubric_version": EMBEDDING_JUDGE_VERSION}
+        if cfg_judge.calibration:
+            calibration = head_summary(cfg_judge.calibration)
+    else:
+        # The hash RubricJudge puts in its cache keys, less the backend/model part: it changes exactly when the
+        # rubric text or the prompt wording does.
+        out = {"backend": backend, "model": cfg_judge.model, "prompt_hash": rubric_version_hash(),
+               "rubric_version": RUBRIC_VERSION}
+    out["group_wise"] = bool(cfg_judge.group_wise) if backend != "embedding" else False
+    out["calibration"] = calibration
+    return out
+
+
+def write_judge_identity(cfg, name: str = JUDGE_FILE) -> dict:
+    """The judge identity of `cfg`, also written (atomically) to run_dir/judge.json; returned."""
+    identity = judge_identity(cfg.judge)
+    write_json(os.path.join(cfg.run_dir, name), identity)
+    return identity
+
+
+def judge_identity_line(identity: dict) -> str:
+    """One Markdown line naming the judge (for report.md files)."""
+    parts = [f"backend `{identity['backend']}`", f"model `{identity['model']}`",
+             f"rubric version `{identity['rubric_version']}`"]
+    if identity.get("prompt_hash"):
+        parts.append(f"prompt hash `{identity['prompt_hash']}`")
+    cal = identity.get("calibration")
+    if cal:
+        val = cal.get("validation") or {}
+        held = "; ".join(f"{k}: {v}" for k, v in (val.get("headline") or {}).items())
+        parts.append(f"calibration `{cal['file']}` (sha256 {cal['sha256'][:12]}, {', '.join(cal['dimensions'])}"
+                     + (f"; held-out {held}" if held else "") + ")")
+    else:
+        parts.append("no calibration head")
+    return "Judge: " + ", ".join(parts)

@@ -51,6 +51,9 @@ COMMANDS: dict[str, Command] = {
                                "fit a calibration head for the embedding judge on human-labelled sets (--data/--format, "
                                "repeatable); held-out and cross-set agreement in the head; use with "
                                "judge.calibration=HEAD"),
+    "judge-validate": Command("kardia_rl.evaluation.judge_validate", "cmd_judge_validate",
+                              "a judge against human ratings (EPITOME, ESConv, your own JSONL): pairwise accuracy, "
+                              "Spearman, weighted kappa, ties; --probes for bias probes"),
     "split": Command("kardia_rl.curriculum.cli", "cmd_split",
                      "difficulty-aware split by resolution rate: easy (SFT) and hard (GRPO) samples"),
     "sft": Command("kardia_rl.learner.sft_cli", "cmd_sft",

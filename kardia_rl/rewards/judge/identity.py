@@ -18,7 +18,8 @@ JUDGE_FILE = "judge.json"
 
 
 def judge_identity(cfg_judge) -> dict:
-    """{backend, model, prompt_hash, rubric_version, group_wise, calibration} of the configured judge."""
+    """{backend, model, prompt_hash, rubric_version, note | temperature + group_wise, calibration} of the
+    configured judge (`cfg_judge`: the config's judge section)."""
     from kardia_rl.rewards.rubric_prompt import RUBRIC_VERSION, rubric_version_hash
 
     backend = cfg_judge.backend
@@ -27,16 +28,19 @@ def judge_identity(cfg_judge) -> dict:
         from kardia_rl.rewards.judge.embedding import EMBEDDING_JUDGE_VERSION
 
         package, model, _ = ENCODERS["minilm"]
-        out = {"backend": backend, "model": f"{model} ({package}), offline proxy", "prompt_hash": None,
-               "rubric_version": EMBEDDING_JUDGE_VERSION}
+        out = {"backend": backend, "model": f"{model} ({package})", "prompt_hash": None,
+               "rubric_version": EMBEDDING_JUDGE_VERSION,
+               "note": "offline proxy: no prompt; scores from embedding similarities (rewards/judge/embedding.py)"
+                       + ("; the calibration head's dimensions from a head fitted on human levels"
+                          if cfg_judge.calibration else "")}
         if cfg_judge.calibration:
             calibration = head_summary(cfg_judge.calibration)
     else:
         # The hash RubricJudge puts in its cache keys, less the backend/model part: it changes exactly when the
         # rubric text or the prompt wording does.
         out = {"backend": backend, "model": cfg_judge.model, "prompt_hash": rubric_version_hash(),
-               "rubric_version": RUBRIC_VERSION}
-    out["group_wise"] = bool(cfg_judge.group_wise) if backend != "embedding" else False
+               "rubric_version": RUBRIC_VERSION, "temperature": cfg_judge.temperature,
+               "group_wise": bool(cfg_judge.group_wise)}
     out["calibration"] = calibration
     return out
 

@@ -24,7 +24,7 @@ from kardia_rl.rewards.judge.calibration import (
 SHARED = os.environ.get("KARDIA_HUMAN_DATA") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                                                               "shared", "data")
 EPITOME, ESCONV = os.path.join(SHARED, "epitome"), os.path.join(SHARED, "esconv", "test.json")
-N_EPITOME, N_ESCONV = 400, 80  # slices: about 80 + 16 held-out items, a few seconds of MiniLM each
+N_EPITOME, N_ESCONV = 400, 40  # slices: about 80 + 8 held-out items (ESConv texts are long: 256 word pieces each)
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +63,14 @@ def test_head_beats_a_useless_judge_on_held_out_items(fitted):
     entry = val[next(k for k in val if k.startswith("epitome"))]["empathy"]
     assert entry["calibrated"]["pairwise"]["gap>=0"]["accuracy"] == pytest.approx(acc, abs=1e-4)
     assert "uncalibrated" in entry and "other_sets_only" in entry and "this_set_only" in entry
-    assert set(doc["dimensions"]) == {"empathy", "relevance"}  # ESConv brings relevance
+    assert "empathy" in doc["dimensions"] and set(doc["dimensions"]) <= {"empathy", "relevance"}
     assert [s["format"] for s in doc["sources"]] == ["epitome", "esconv"] and "non-commercial" in doc["licence_note"]
 
 
 def test_judge_uses_the_head_through_the_factory_deterministically(fitted):
     import asyncio
 
-    from kardia_rl.rewards.judge import JudgeRequest, make_judge
+    from kardia_rl.rewards.judge import DIMENSIONS, JudgeRequest, make_judge
 
     path, _, items = fitted
     plain = make_judge(load_config(None, []).judge)
@@ -90,9 +90,10 @@ def test_judge_uses_the_head_through_the_factory_deterministically(fitted):
     want = head.scores(x)
     for i, (j, pj) in enumerate(zip(a, p)):
         assert j.ok and j.scores["empathy"] == pytest.approx(round(float(want["empathy"][i]), 3), abs=2e-3)
-        assert j.scores["relevance"] == pytest.approx(round(float(want["relevance"][i]), 3), abs=2e-3)
+        for d in set(head.dims) - {"empathy"}:  # relevance when the ESConv slice had two relevance levels
+            assert j.scores[d] == pytest.approx(round(float(want[d][i]), 3), abs=2e-3)
         assert "calibrated head" in j.rationale["empathy"]
-        for d in ("fluency", "persona_consistency", "safety"):  # not covered by the head: the proxy's
+        for d in set(DIMENSIONS) - set(head.dims):  # not covered by the head: the proxy's
             assert j.scores[d] == pj.scores[d]
     assert any(j.scores["empathy"] != pj.scores["empathy"] for j, pj in zip(a, p))
     assert request_context("P", "exam stress", reqs[-1].history) == "exam stress\nI failed my exam.\nI feel stupid."
@@ -185,3 +186,27 @@ def test_calibrate_bad_input_is_one_line(tmp_path, capsys):
     assert main(["judge-calibrate", "--data", str(bad), "--format", "jsonl", "--out", out]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(bad) in err and not os.path.exists(out)
+
+
+@pytest.mark.ray
+def test_judge_validate_with_the_head_on_the_ray_pool_names_it(fitted, tmp_path):
+    """The real judge path: judge actors on Ray load the head from judge.calibration; the report names it."""
+    path, doc, items = fitted
+    out = tmp_path / "val"
+    assert main(["judge-validate", "judge.backend=embedding", "judge.num_actors=1", f"judge.calibration={path}",
+                 "--data", EPITOME, "--format", "epitome", "--limit", "30", "--out", str(out)]) == 0
+    val = json.loads((out / "validation.json").read_text())
+    assert val["judge_failures"] == 0 and val["judge"]["calibration"]["sha256"] == doc["sha256"]
+    assert path in (out / "report.md").read_text()
+    # the pool's scores are the head's (the same items judged in-process through the factory)
+    import asyncio
+
+    from kardia_rl.evaluation.judge_probes import item_request
+    from kardia_rl.rewards.judge import make_judge
+
+    local = asyncio.run(make_judge(load_config(None, [f"judge.calibration={path}"]).judge).judge(
+        [item_request(it) for it in load_human_items(EPITOME, "epitome", 30)]))
+    sub = load_human_items(EPITOME, "epitome", 30)
+    want = pairwise_accuracy([it.levels["empathy"] for it in sub], [j.scores["empathy"] for j in local],
+                             [it.context_id for it in sub], n_boot=0)["accuracy"]
+    assert val["dimensions"]["empathy"]["pairwise"][0]["accuracy"] == pytest.approx(want, abs=1e-9)

@@ -98,8 +98,10 @@ def calibrate(sets: list[tuple[str, str, list[HumanItem]]], encode, proxy_judge=
     for dim in dims:
         has = np.array([dim in it.levels for it in items])
         train = np.flatnonzero(has & ~held)
-        if len(train) < 4:
-            raise DataError(f"--data: only {len(train)} training items carry {dim!r} levels; need at least 4")
+        if len(train) < 4 or len({items[i].levels[dim] for i in train}) < 2:
+            log(f"[calibrate] {dim}: skipped ({len(train)} training items, not two different levels among them): "
+                f"the judge keeps its proxy score for {dim}")
+            continue
         f = fit(dim, train)
         heads[dim] = DimensionHead(f["mean"], f["scale"], f["weights"], f["mid"], f["spread"])
         log(f"[calibrate] {dim}: {len(train)} training items, L2 {f['lam']} (CV accuracy by L2: {f['cv']})")
@@ -124,6 +126,9 @@ def calibrate(sets: list[tuple[str, str, list[HumanItem]]], encode, proxy_judge=
             for g in gaps:
                 key = f"{fmt} {dim} gap>={g:g}"
                 validation["headline"][key] = entry["calibrated"]["pairwise"][f"gap>={g:g}"]["accuracy"]
+    if not heads:
+        raise DataError(f"--data {', '.join(p for p, _, _ in sets)}: no rubric dimension has training items at two "
+                        f"different levels: nothing to calibrate")
     info = {"objective": "pairwise logistic (RankNet), gap-weighted, per-set pairs, L2 by 4-fold CV over contexts",
             "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "sources": [{"path": os.path.abspath(p), "format": fmt, "n_items": len(its),

@@ -88,9 +88,13 @@ def validate(cfg, items, *, min_gaps=(0.0,), probes: bool = False, probe_items: 
     finally:
         for p in pools.values():
             p.shutdown()
-    failures = sum(not j.ok for j in judgments)
-    return {"judge": identity, "n_items": len(items), "judge_failures": failures,
-            "first_failure": next((j.error for j in judgments if not j.ok), None),
+    kinds: dict = {}
+    for j in judgments:
+        if not j.ok:  # "timeout: ...", "parse error: ...": counted by the part before the first colon
+            kind = (j.error or "unknown").split(":")[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return {"judge": identity, "n_items": len(items), "judge_failures": sum(kinds.values()),
+            "failure_kinds": kinds, "first_failure": next((j.error for j in judgments if not j.ok), None),
             "dimensions": dims, "probes": probe_rows, "score_seconds": round(t_score, 1),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
@@ -106,10 +110,11 @@ def _ci(c) -> str:
 def render_report(doc: dict) -> str:
     j = doc["judge"]
     lines = [f"# Judge validation: {j['backend']} judge against human ratings", "",
-             f"- {judge_identity_line(j)}" + (f" ({j['note']})" if j.get("note") else ""),
+             f"- {judge_identity_line(j)}" + (f" ({j['note']})" if j.get("note") else "")
+             + ("" if j.get("defences", True) else "; injection defences OFF (judge.defences=false)"),
              f"- data: `{doc['data']}` (format {doc['format']}), {doc['n_items']} items"
              + (f", first {doc['limit']}" if doc.get("limit") else ""),
-             f"- judge failures: {doc['judge_failures']}" + (f" (first: {doc['first_failure']})"
+             f"- judge failures: {doc['judge_failures']}" + (f" {doc['failure_kinds']} (first: {doc['first_failure']})"
                                                              if doc['first_failure'] else ""),
              f"- scored in {doc['score_seconds']} s; {doc['date']}", "",
              "## Agreement with the human levels (95% bootstrap intervals)", "",

@@ -37,10 +37,18 @@ def judge_identity(cfg_judge) -> dict:
             calibration = head_summary(cfg_judge.calibration)
     else:
         # The hash RubricJudge puts in its cache keys, less the backend/model part: it changes exactly when the
-        # rubric text or the prompt wording does.
-        out = {"backend": backend, "model": cfg_judge.model, "prompt_hash": rubric_version_hash(),
+        # rubric text or the prompt wording does (the undefended prompt of judge.defences=false is another text).
+        prompt_hash = rubric_version_hash()
+        if not cfg_judge.defences:  # judge.defences=false asks with another prompt: its text goes into the hash
+            from kardia_rl.rewards.judge.base import JudgeRequest
+            from kardia_rl.rewards.rubric_prompt import build_undefended_messages
+
+            probe = JudgeRequest("P", "S", (("user", "U"),), "R", "g")
+            prompt_hash = rubric_version_hash(repr(build_undefended_messages(probe, "jN")))
+        out = {"backend": backend, "model": cfg_judge.model, "prompt_hash": prompt_hash,
                "rubric_version": RUBRIC_VERSION, "temperature": cfg_judge.temperature,
-               "group_wise": bool(cfg_judge.group_wise)}
+               "max_tokens": cfg_judge.max_tokens, "group_wise": bool(cfg_judge.group_wise),
+               "group_order": cfg_judge.group_order, "defences": bool(cfg_judge.defences)}
     out["calibration"] = calibration
     return out
 

@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_embedding_judge.py              # 1 warm-up + 4 measured steps (~1 min)
     .venv/bin/python bench/bench_embedding_judge.py --steps 8
     .venv/bin/python bench/bench_embedding_judge.py --smoke      # does it still run? (1 tiny step, no timing)
+    .venv/bin/python bench/bench_embedding_judge.py --calibration HEAD   # the judge with a calibration head
 
 Method (also printed by the run):
 - Candidates: the same local `tiny` model as bench_grpo_step.py (random init, fp32), the same P=4 prompts of
@@ -67,6 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="does the bench still run (tests/test_bench_smoke.py): "
                    "1 prompt x 2 candidates x 8 tokens, 1 call, no warm-up, 1 step; its numbers mean nothing")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--calibration", default="", metavar="HEAD",
+                   help="judge.calibration: a head from `kardia-rl judge-calibrate` (default: none, the proxy)")
     args = p.parse_args(argv)
     if args.smoke:
         args.prompts, args.group_size, args.chunks, args.max_new_tokens, args.warmup, args.steps = 1, 2, 1, 8, 0, 1
@@ -86,7 +89,8 @@ def main(argv=None) -> int:
     print(__doc__.split("Method (also printed by the run):\n")[1])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_config(os.path.join(root, "conf", "tiny.yaml"),
-                      ["data.max_history_turns=1", "judge.backend=embedding", "judge.judge_malformed=true"])
+                      ["data.max_history_turns=1", "judge.backend=embedding", "judge.judge_malformed=true",
+                       f"judge.calibration={args.calibration}"])
     samples = bench_samples(args.prompts)
     n, total = args.group_size, args.warmup + args.steps
     with tempfile.TemporaryDirectory(prefix="kardia-bench-judge-") as work:

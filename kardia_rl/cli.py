@@ -47,6 +47,10 @@ COMMANDS: dict[str, Command] = {
                     "generate and score test answers; JSON, JSONL, Markdown table like the paper's, PNG plots"),
     "judge-agreement": Command("kardia_rl.evaluation.cli", "cmd_judge_agreement",
                                "per-dimension agreement (Spearman, weighted kappa) between judges or seeds"),
+    "judge-calibrate": Command("kardia_rl.evaluation.calibrate", "cmd_judge_calibrate",
+                               "fit a calibration head for the embedding judge on human-labelled sets (--data/--format, "
+                               "repeatable); held-out and cross-set agreement in the head; use with "
+                               "judge.calibration=HEAD"),
     "judge-validate": Command("kardia_rl.evaluation.judge_validate", "cmd_judge_validate",
                               "a judge against human ratings (EPITOME, ESConv, your own JSONL): pairwise accuracy, "
                               "Spearman, weighted kappa, ties; --probes for bias probes"),

@@ -183,7 +183,10 @@ def run_pipeline(cfg: KardiaConfig) -> int:
 
     plan = preflight(cfg, "pipeline")  # seconds, no GPU: exit 2 naming the problem before any stage starts
     os.makedirs(cfg.run_dir, exist_ok=True)
-    report = {"config": to_dict(cfg), "plan_gib": plan.estimates, "stages": {}}
+    from kardia_rl.rewards.judge.identity import judge_identity
+
+    # the judge that scores every stage (a bad judge.calibration head stops the pipeline here, before any stage)
+    report = {"config": to_dict(cfg), "judge": judge_identity(cfg.judge), "plan_gib": plan.estimates, "stages": {}}
     state: dict = {}
     t_all = time.time()
     for name, fn in STAGES:

@@ -105,6 +105,7 @@ def test_rerun_after_a_failed_stage_continues_there_and_a_finished_run_redoes_no
     report = json.loads((run_dir / "report.json").read_text())
     assert list(report["stages"]) == ["data", "model", "split", "sft", "grpo", "eval"]
     assert report["stages"]["grpo"]["result"]["steps"] == 1
+    assert report["judge"]["backend"] == cfg.judge.backend and report["judge"]["calibration"] is None  # names its judge
 
     work.calls = []
     assert pipeline.run_pipeline(cfg) == 0

@@ -2,6 +2,7 @@
 a DeepSpeed (gloo) learner, the tiny model after a short SFT."""
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -68,6 +69,8 @@ def test_grpo_end_to_end_and_exact_resume(ray_cluster, sft_model_dir, tmp_path):
     assert any(m["rollout/reward_std"] > 0 for m in full.values()), "rewards must vary for GRPO to learn"
     assert any(m["rollout/format_rate"] > 0 for m in full.values()), "the SFT policy must produce valid answers"
     assert os.path.exists(tmp_path / "a" / "checkpoints" / "step_000004" / "driver.json")
+    judge = json.loads((tmp_path / "a" / "judge.json").read_text())  # the run names its judge
+    assert judge["backend"] == "embedding" and judge["rubric_version"] and judge["calibration"] is None
 
     # Interrupted after step 2 (a checkpoint step), then resumed: steps 3-4 must reproduce the full run.
     _run(_cfg(tmp_path / "b", sft_model_dir), range(1, 3))

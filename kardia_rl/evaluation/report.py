@@ -9,6 +9,7 @@ import os
 from typing import Optional
 
 from kardia_rl.rewards.judge.base import DIMENSIONS
+from kardia_rl.rewards.judge.identity import judge_identity_line
 from kardia_rl.utils.io import atomic_write_text, write_json
 from kardia_rl.utils.plots import pyplot, save_figure
 
@@ -75,11 +76,12 @@ def rubric_counting(doc: dict) -> str:
 def render_eval_markdown(doc: dict) -> str:
     dec = doc["decoding"]
     decoding = "greedy" if dec["greedy"] else f"sampling (temperature {dec['temperature']}, top-p {dec['top_p']})"
+    judge_line = judge_identity_line(doc["judge_identity"]) if doc.get("judge_identity") else f"Judge: `{doc['judge']}`"
     parts = [
         "# Evaluation report", "",
         f"- Data: `{doc['data_source']}` ({doc['n_samples']} of {doc['n_available']} samples)",
         f"- Decoding: {decoding}, one answer per sample, at most {dec['max_new_tokens']} new tokens, seed {dec['seed']}",
-        f"- Judge: `{doc['judge']}`; unified reward weights {doc['reward_weights']}",
+        f"- {judge_line}; unified reward weights {doc['reward_weights']}",
     ]
     if doc.get("judge_is_proxy"):
         parts.append(f"- **{PROXY_NOTE}**")

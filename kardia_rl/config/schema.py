@@ -114,6 +114,7 @@ class RolloutConfig:
     sync_bucket_mb: int = doc(64, "collective weight sync bucket size in MiB")
     sync_timeout_s: float = doc(120.0, "a weight sync (or joining its group) that takes longer fails, naming the engine")
     max_restarts_per_step: int = doc(2, "rollout actors that may die and be replaced (current weights, chunk sent again) within one step before the run stops naming the actor (0 = no in-place restart: the step fails, checkpoint.auto_resume applies)")
+    actor_timeout_s: float = doc(900.0, "a rollout actor that does not start, or does not finish its chunk while another one is replaced, within this many seconds stops the run naming it (> 0; must cover an engine start-up and one chunk's generation)")
 
 
 @dataclass

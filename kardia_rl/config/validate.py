@@ -44,7 +44,7 @@ def config_problems(cfg: KardiaConfig) -> list[str]:
             p.append(f"{key}: must be >= 1, got {_get(cfg, key)}")
     for key in ("rollout.temperature", "split.temperature", "eval.temperature", "learner.lr", "sft.lr",
                 "judge.timeout_s", "rollout.sync_check_threshold", "rollout.sync_check_mean_low_precision",
-                "rollout.sync_bucket_mb", "rollout.sync_timeout_s"):
+                "rollout.sync_bucket_mb", "rollout.sync_timeout_s", "rollout.actor_timeout_s"):
         if not _get(cfg, key) > 0:
             p.append(f"{key}: must be > 0, got {_get(cfg, key)}")
     if cfg.rollout.verify_every < 0:

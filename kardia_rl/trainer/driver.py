@@ -24,6 +24,7 @@ class GRPOTrainer:
             raise KardiaError("GRPO needs at least one training prompt (the hard split is empty?)")
         self.cfg, self.samples, self.policy_path = cfg, list(samples), policy_path
         self.start_step = 1
+        self.stop, self.abandoned = None, False  # the SIGTERM handler (train) and whether it abandoned a step
 
     # --- set-up -----------------------------------------------------------------------------------------
     def setup(self) -> "GRPOTrainer":
@@ -91,13 +92,20 @@ class GRPOTrainer:
 
     # --- the loop ---------------------------------------------------------------------------------------
     def train(self) -> dict:
-        from kardia_rl.trainer.preemption import Preempted, StopSignal
+        from kardia_rl.trainer.preemption import Abandoned, Preempted, StopSignal
 
         last = {}
-        with StopSignal() as stop:  # SIGTERM (preemption, `ray job stop`): checkpoint at the step boundary, then stop
+        # SIGTERM (preemption, `ray job stop`): during generation and judging the step is abandoned and the learner's
+        # state (the last completed step) is checkpointed at once; later in a step, at its end (trainer/preemption.py)
+        with StopSignal() as stop:
             self.stop = stop
             for step in range(self.start_step, self.cfg.algo.num_steps + 1):
-                last = self.step(step)
+                boundary = self.driver_state()  # the last completed step's: what an abandoned step checkpoints
+                try:
+                    last = self.step(step)
+                except Abandoned:
+                    self.abandoned = True
+                    raise Preempted(step - 1, self.save_now(step - 1, boundary), self.cfg.run_dir) from None
                 if stop.requested and step < self.cfg.algo.num_steps:
                     raise Preempted(step, self.ckpt.latest(), self.cfg.run_dir)
         return last
@@ -124,10 +132,12 @@ class GRPOTrainer:
         from kardia_rl.trainer.rollout import generate_and_score
 
         self.reward.reset_stats()
-        return generate_and_score(self.rollout, self.reward, samples, [self.prompt_ids[s.id] for s in samples],
-                                  n=self.cfg.algo.group_size, seed=self.cfg.seed, step=step,
-                                  recover=self.replace_rollout_actor,
-                                  max_restarts=self.cfg.rollout.max_restarts_per_step)
+        self.rollout.begin_step(step)
+        with self.stop.abandonable() if self.stop else contextlib.nullcontext():  # SIGTERM abandons this phase
+            return generate_and_score(self.rollout, self.reward, samples, [self.prompt_ids[s.id] for s in samples],
+                                      n=self.cfg.algo.group_size, seed=self.cfg.seed, step=step,
+                                      recover=self.replace_rollout_actor,
+                                      max_restarts=self.cfg.rollout.max_restarts_per_step)
 
     def replace_rollout_actor(self, index: int, error: BaseException) -> None:
         """A rollout actor died mid-step: a new one in its place, loaded with the current weights and verified
@@ -182,8 +192,9 @@ class GRPOTrainer:
 
     def sync_weights(self, step: int) -> dict:
         """Learner -> every engine (collective, bucketed; see trainer.weight_sync), verified against the
-        learner's own forward when due; raises KardiaError on a failed check, a dead engine or a timeout."""
-        return self.weight_sync.sync(version=str(step))
+        learner's own forward when due; a rollout actor that dies meanwhile is replaced and the sync run again
+        (RolloutGroup.survive); raises KardiaError on a failed check or a timeout."""
+        return self.rollout.survive(lambda: self.weight_sync.sync(version=str(step)), self.weight_sync.rejoin)
 
     def metrics(self, rollout, adv, train_metrics: dict, sync: dict) -> dict:
         from kardia_rl.monitoring import rollout_metrics
@@ -195,7 +206,7 @@ class GRPOTrainer:
         m.update(summary(rollout.rewards))
         m.update(self.reward.stats_summary())
         m["judge/actor_failures"] = float(self.judge.actor_failures)
-        m["rollout/actor_restarts"] = float(rollout.actor_restarts)
+        m["rollout/actor_restarts"] = float(self.rollout.step_restarts)  # generation, judging, sync, verification
         m.update(self.judge.step_counters())
         m.update({f"rollout/{k}": v for k, v in adv.stats().items()})
         m.update(train_metrics)  # incl. rollout/logprob_diff_{mean,max}, rollout/mismatch_kl (engine vs learner)
@@ -223,14 +234,29 @@ class GRPOTrainer:
         self.logger.log(step, metrics, alerts=self.monitor.update(step, metrics), samples=rows)
 
     def maybe_checkpoint(self, step: int) -> Optional[str]:
-        from kardia_rl.trainer.checkpoint import capture_rng
-
         every, last = self.cfg.checkpoint.every, self.cfg.algo.num_steps
-        stopping = getattr(self, "stop", None) is not None and self.stop.requested
+        stopping = self.stop is not None and self.stop.requested
         if not (step == last or stopping or (every > 0 and step % every == 0)):
             return None
-        state = {"prompts": self.prompts.state_dict(), "monitor": self.monitor.state_dict(), "rng": capture_rng()}
-        return self.ckpt.save(step, state, self.learner.save_checkpoint)
+        self.rollout.fault_point("checkpoint")  # tests only: a rollout actor dying now is replaced next step
+        return self.ckpt.save(step, self.driver_state(), self.learner.save_checkpoint)
+
+    def driver_state(self) -> dict:
+        """Everything of the run outside the learner, as a checkpoint holds it."""
+        from kardia_rl.trainer.checkpoint import capture_rng
+
+        return {"prompts": self.prompts.state_dict(), "monitor": self.monitor.state_dict(), "rng": capture_rng()}
+
+    def save_now(self, step: int, state: dict) -> Optional[str]:
+        """SIGTERM abandoned step + 1: checkpoint `step` from the learner (which still holds it) and `state`."""
+        if step < 1:
+            return None  # nothing learned yet
+        if os.path.isdir(self.ckpt.path(step)):
+            return self.ckpt.path(step)  # written at the end of that step already (published only when complete)
+        t0 = time.perf_counter()
+        path = self.ckpt.save(step, state, self.learner.save_checkpoint)
+        print(f"[signal] checkpoint of step {step} written in {time.perf_counter() - t0:.2f}s: {path}", flush=True)
+        return path
 
     # --- end ------------------------------------------------------------------------------------------
     def export(self, out_dir: str) -> str:
@@ -238,7 +264,9 @@ class GRPOTrainer:
         return self.learner.save_pretrained(out_dir)
 
     def shutdown(self) -> None:
-        for part in ("rollout", "judge", "learner"):
+        if hasattr(self, "rollout"):  # after SIGTERM, engines still generating are killed, not waited for
+            self.rollout.shutdown(graceful=not self.abandoned)
+        for part in ("judge", "learner"):
             if hasattr(self, part):
                 getattr(self, part).shutdown()
         if hasattr(self, "logger"):

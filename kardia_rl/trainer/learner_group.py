@@ -78,6 +78,7 @@ class LearnerActor:
         """Join the weight-transfer group (rank 0 hosts it and drives the engines; see trainer.weight_sync)."""
         from kardia_rl.trainer.weight_sync import init_trainer_sync
 
+        self._close_sync()  # a rebuild after a rollout actor died
         self.sync = init_trainer_sync(self.learner, self.rank, rollout_handles, host, port, bucket_bytes, timeout_s,
                                       fix_tied, workers_per_engine)
         return self.rank
@@ -87,8 +88,25 @@ class LearnerActor:
         import time
 
         t0 = time.perf_counter()
-        sent = self.sync.send_weights(version)
-        return {"bytes": float(sent), "seconds": time.perf_counter() - t0}
+        try:
+            sent = self.sync.send_weights(version)
+        except Exception as e:  # an engine died: close the group now (see _close_sync), then report
+            failed = e.with_traceback(None)  # its frames hold the group's buffers and work handles
+        else:
+            return {"bytes": float(sent), "seconds": time.perf_counter() - t0}
+        self._close_sync()
+        raise failed
+
+    def _close_sync(self) -> None:
+        """Drop the weight-transfer group: the engines still waiting in one of its collectives get an error now
+        (their peer closed), instead of at rollout.sync_timeout_s, and can join the rebuilt group at once."""
+        import gc
+
+        old, self.sync = getattr(self, "sync", None), None
+        if old is not None:
+            old.shutdown()
+            del old
+            gc.collect()
 
     def probe_logprobs(self, probe_ids: list[int]) -> list[float]:
         return self.learner.probe_logprobs(probe_ids)  # collective under ZeRO-3

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 from ray.exceptions import RayActorError
 
 from kardia_rl.engines.base import Completion
-from kardia_rl.errors import KardiaError
+from kardia_rl.trainer.preemption import ActorLost
 from kardia_rl.rewards.unified import RewardBreakdown
 
 
@@ -73,7 +73,7 @@ def generate_and_score(rollout_group: Any, reward: Any, samples: Sequence[Any], 
                     raise  # no in-place restart: the step fails like any actor failure (checkpoint.auto_resume)
                 restarts.append(actor)
                 if len(restarts) > max_restarts:
-                    raise KardiaError(
+                    raise ActorLost(
                         f"rollout actor {actor} died at step {step} ({type(e).__name__}) after {max_restarts} "
                         f"rollout actor restart(s) in this step (rollout.max_restarts_per_step={max_restarts}); "
                         f"its engine keeps failing: look at that actor's log above, then resume with "

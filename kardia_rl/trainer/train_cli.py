@@ -3,17 +3,24 @@ one on 127.0.0.1), then the final policy exported to run_dir/policy (trainer/run
 from __future__ import annotations
 
 import os
+import signal
+import sys
 
 from kardia_rl.config.cli import add_config_args, config_from_args
 
 
 def cmd_train(args) -> int:
     from kardia_rl.plan import preflight
+    from kardia_rl.trainer.preemption import Preempted
     from kardia_rl.trainer.run import run_train
 
     cfg = config_from_args(args)
     preflight(cfg, "train")  # resources, memory and preconditions of GRPO; exit 2 naming the problem
-    run_train(cfg)
+    try:
+        run_train(cfg)
+    except Preempted as e:  # SIGTERM: a checkpoint is written; not a failure of the run
+        print(f"train: {e}", file=sys.stderr)
+        return 128 + signal.SIGTERM  # 143, what a shell reports for a process ended by SIGTERM (as synthesize)
     return 0
 
 

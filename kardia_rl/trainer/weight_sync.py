@@ -110,20 +110,21 @@ class WeightSync:
         else:
             self.rollout.load_state_dict(self.learner.hf_state_dict())
             metrics = {}
-        self.syncs, self.version = self.syncs + 1, version
-        every = self.cfg.rollout.verify_every
-        if every and self.syncs % every == 0:
+        every, n = self.cfg.rollout.verify_every, self.syncs + 1
+        if every and n % every == 0:
             metrics.update(self.verify())
+        # counted once it succeeded: a sync run again after a rollout actor was replaced is the same sync
+        self.syncs, self.version = n, version
         return metrics
 
-    def rejoin(self, index: int) -> dict:
-        """Rollout actor `index` was replaced: give it the learner's current weights and verify every engine
+    def rejoin(self, indices: list[int]) -> dict:
+        """Rollout actors `indices` were replaced: give them the learner's current weights and verify every engine
         (whatever rollout.verify_every says: a new engine is never trusted unchecked). Returns the check's metrics."""
         if self.collective:
             self._init_group()  # every rank re-initialises together (see the module docstring)
             self.learner.send_weights(self.version)  # the surviving engines receive the same bytes again
         else:
-            self.rollout.load_state_dict(self.learner.hf_state_dict(), indices=[index])
+            self.rollout.load_state_dict(self.learner.hf_state_dict(), indices=list(indices))
         return self.verify()
 
     def verify(self) -> dict:

@@ -88,7 +88,9 @@ class LearnerActor:
 
         t0 = time.perf_counter()
         sent = self.sync.send_weights(version)
-        return {"bytes": float(sent), "seconds": time.perf_counter() - t0}
+        check = getattr(self.sync, "last_check", {})  # the integrity checks' own cost (bench_weight_sync)
+        return {"bytes": float(sent), "seconds": time.perf_counter() - t0,
+                **{f"check_{k}": float(v) for k, v in check.items()}}
 
     def probe_logprobs(self, probe_ids: list[int]) -> list[float]:
         return self.learner.probe_logprobs(probe_ids)  # collective under ZeRO-3

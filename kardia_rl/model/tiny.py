@@ -90,8 +90,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     return fast
 
 
-def build_tiny_model(out_dir: str, size: str = "tiny", seed: int = 0, overwrite: bool = False) -> str:
-    """Train the tokenizer, initialise the model from `seed`, save both to `out_dir` atomically."""
+def build_tiny_model(out_dir: str, size: str = "tiny", seed: int = 0, overwrite: bool = False,
+                     tie_word_embeddings: bool = True) -> str:
+    """Train the tokenizer, initialise the model from `seed`, save both to `out_dir` atomically.
+    `tie_word_embeddings=False` gives lm_head its own weight, as Qwen2.5-7B, Qwen3-8B and Llama 3 have."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -104,7 +106,7 @@ def build_tiny_model(out_dir: str, size: str = "tiny", seed: int = 0, overwrite:
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=spec.hidden_size, num_hidden_layers=spec.num_hidden_layers,
         num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
-        intermediate_size=spec.intermediate_size, max_position_embeddings=2048, tie_word_embeddings=True,
+        intermediate_size=spec.intermediate_size, max_position_embeddings=2048, tie_word_embeddings=tie_word_embeddings,
         bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
         pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
     torch.manual_seed(seed)

@@ -93,7 +93,9 @@ class LearnerActor:
         except Exception as e:  # an engine died: close the group now (see _close_sync), then report
             failed = e.with_traceback(None)  # its frames hold the group's buffers and work handles
         else:
-            return {"bytes": float(sent), "seconds": time.perf_counter() - t0}
+            check = getattr(self.sync, "last_check", {})  # the integrity checks' own cost (bench_weight_sync)
+            return {"bytes": float(sent), "seconds": time.perf_counter() - t0,
+                    **{f"check_{k}": float(v) for k, v in check.items()}}
         self._close_sync()
         raise failed
 

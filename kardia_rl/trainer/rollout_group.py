@@ -95,8 +95,9 @@ class RolloutActor:
         self.engine.load_state_dict(load_safetensors(blob))
         return float(getattr(self.engine, "last_sync_s", 0.0))
 
-    def weight_transfer(self, phase: str, payload=None) -> float:
-        """One phase of the collective sync (trainer.weight_sync drives it from learner rank 0)."""
+    def weight_transfer(self, phase: str, payload=None):
+        """One phase of the collective sync (trainer.weight_sync drives it from learner rank 0); the read-back
+        check's phases (describe, check) return the engine's answer."""
         if self.armed:
             self._fault(phase)
         if phase == "start" and self.update_open:
@@ -105,12 +106,13 @@ class RolloutActor:
             self.engine.weight_transfer("finish")
             self.update_open = False
         try:
-            self.engine.weight_transfer(phase, payload)
+            out = self.engine.weight_transfer(phase, payload)
         except BaseException:
             self.update_open = self.update_open and phase != "update"  # vLLM closes an update that failed
             raise
-        self.update_open = phase in ("start", "update") or (self.update_open and phase == "init")
-        return float(getattr(self.engine, "last_sync_s", 0.0))
+        if phase in ("start", "update", "finish"):  # init and the read-back phases leave an open update open
+            self.update_open = phase != "finish"
+        return out if out is not None else float(getattr(self.engine, "last_sync_s", 0.0))
 
     def probe_logprobs(self, probe_ids: list[int]) -> list[float]:
         if self.armed:

@@ -85,7 +85,7 @@ class Validation:
         self.prompt_ids = [encode_prompt(s, tokenizer, cfg) for s in self.samples]
         self.prompt_texts = [tokenizer.decode(p, skip_special_tokens=False) for p in self.prompt_ids]
         self.labels = label_set(cfg.data.emotion_labels or None)
-        self.tokenizer, self.rollout, self.learner, self.recover = tokenizer, rollout, learner, recover
+        self.rollout, self.recover = rollout, recover
         self.reward = UnifiedReward.from_config(cfg, judge)  # same pool, its own statistics
         self.best = BestPolicy(os.path.join(cfg.run_dir, BEST_DIR), learner.save_pretrained, resumed=resumed,
                                record={"num_steps": cfg.algo.num_steps, "val_samples": len(self.samples),

@@ -107,11 +107,18 @@ def stage_grpo(cfg: KardiaConfig, state: dict) -> dict:
         run_train(gcfg)
     from kardia_rl.monitoring.logger import read_metrics
 
+    from kardia_rl.trainer.validation import BEST_DIR, read_best
+
     rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     first, last = rows[0], rows[-1]
     keys = ("rollout/reward_mean", "rollout/format_rate", "rollout/emotion_acc", "train/kl", "timing/step")
+    best = read_best(os.path.join(run_dir, BEST_DIR))  # checkpoint.keep_best: chosen on the validation split
     return {"path": policy, "steps": len(rows), "first": {k: first.get(k) for k in keys},
-            "last": {k: last.get(k) for k in keys}}
+            "last": {k: last.get(k) for k in keys},
+            "val": [{k: v for k, v in r.items() if k == "step" or k.startswith("val/")} for r in rows
+                    if "val/reward_mean" in r],
+            "best_policy": os.path.join(run_dir, BEST_DIR) if best else None,
+            "best": {k: best.get(k) for k in ("step", "val/reward_mean")} if best else None}
 
 
 def stage_eval(cfg: KardiaConfig, state: dict) -> dict:
@@ -119,12 +126,16 @@ def stage_eval(cfg: KardiaConfig, state: dict) -> dict:
 
     out_dir = os.path.join(cfg.run_dir, "eval")
     metrics_file = os.path.join(out_dir, "metrics.json")
+    # The GRPO row is best_policy when checkpoint.keep_best exported one (chosen on the validation split, never
+    # on this test split), else the final policy; report.md's Models line and report.json say which.
+    grpo = state["grpo"].get("best_policy") or state["grpo"]["path"]
     if not os.path.exists(metrics_file):
-        models = [("base", cfg.model.path), ("sft", state["sft"]["path"]), ("grpo", state["grpo"]["path"])]
+        models = [("base", cfg.model.path), ("sft", state["sft"]["path"]), ("grpo", grpo)]
         run_eval(cfg, models, "test", out_dir)
     with open(os.path.join(out_dir, "report.md")) as f:
         print(f.read())
-    return {"dir": out_dir, "report": os.path.join(out_dir, "report.md")}
+    return {"dir": out_dir, "report": os.path.join(out_dir, "report.md"),
+            "grpo_policy": "best_policy" if state["grpo"].get("best_policy") else "policy", "grpo_path": grpo}
 
 
 STAGES = [("data", stage_data), ("model", stage_model), ("split", stage_split), ("sft", stage_sft),

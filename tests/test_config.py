@@ -92,6 +92,10 @@ def test_wrong_type_and_override_errors_all_reported(tmp_path):
     (["rollout.top_p=0.9"], "rollout.top_p: must be 1 for GRPO, got 0.9"),
     (["model.lora.span_rows_lr_scale=0"], "model.lora.span_rows_lr_scale: must be > 0, got 0"),
     (["synth.pool=cluster"], "synth.pool: 'cluster' is not one of"),
+    (["algo.val_every=-1"], "algo.val_every: must be >= 0 (0 = no validation during GRPO), got -1"),
+    (["algo.val_samples=0"], "algo.val_samples: must be >= 1, got 0"),
+    (["data.val_fraction=0"], "algo.val_every=5 needs a validation split: data.val_fraction must be > 0, got 0"),
+    (["algo.val_every=0"], "checkpoint.keep_best=true needs validation during GRPO: set algo.val_every > 0"),
 ])
 def test_cross_field_rules(overrides, expected):
     with pytest.raises(ConfigError) as e:

@@ -22,7 +22,7 @@ class FakeWork:
     """Stand-ins for each stage's heavy call; record what ran and with which settings."""
 
     def __init__(self, model_dir: str):
-        self.model_dir, self.calls, self.fail, self.seen = model_dir, [], None, {}
+        self.model_dir, self.calls, self.fail, self.seen, self.best = model_dir, [], None, {}, False
 
     def _run(self, stage: str, **seen) -> None:
         self.calls.append(stage)
@@ -54,6 +54,10 @@ class FakeWork:
         os.makedirs(os.path.join(cfg.run_dir, "policy"), exist_ok=True)
         with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "w") as f:
             f.write(json.dumps({"step": 1, "rollout/reward_mean": 0.5}) + "\n")
+            if self.best:  # validation at step 2 kept its policy as best_policy (trainer/validation.py's layout)
+                f.write(json.dumps({"step": 2, "rollout/reward_mean": 0.6, "val/reward_mean": 0.4}) + "\n")
+        if self.best:
+            write_best(os.path.join(cfg.run_dir, "best_policy"), step=2, reward=0.4)
         with open(os.path.join(cfg.run_dir, "policy", "config.json"), "w") as f:
             f.write("{}")
 
@@ -63,6 +67,18 @@ class FakeWork:
         for name, text in (("metrics.json", "{}"), ("report.md", "| model |\n")):
             with open(os.path.join(out_dir, name), "w") as f:
                 f.write(text)
+
+
+def write_best(best_dir: str, step: int, reward: float, manifest: bool = True) -> None:
+    from kardia_rl.trainer.checkpoint import write_manifest
+
+    os.makedirs(best_dir, exist_ok=True)
+    with open(os.path.join(best_dir, "config.json"), "w") as f:
+        f.write("{}")
+    with open(os.path.join(best_dir, "best.json"), "w") as f:
+        json.dump({"step": step, "num_steps": 2, "val_samples": 16, "greedy": True, "val/reward_mean": reward}, f)
+    if manifest:
+        write_manifest(best_dir, step)
 
 
 @pytest.fixture
@@ -123,3 +139,36 @@ def test_grpo_interrupted_before_its_policy_is_resumed_not_skipped(work, tmp_pat
     work.calls, work.fail = [], None
     pipeline.run_pipeline(cfg)
     assert work.calls == ["model", "grpo", "eval"] and work.seen["grpo"]["resume"] is True
+
+
+def test_eval_scores_best_policy_when_grpo_kept_one_and_says_so(work, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), [f"run_dir={run_dir}"])
+    work.best = True
+    pipeline.run_pipeline(cfg)
+    best = str(run_dir / "grpo" / "best_policy")
+    assert work.seen["eval"]["models"][2] == ("grpo", best)
+    stages = json.loads((run_dir / "report.json").read_text())["stages"]
+    assert stages["grpo"]["result"]["best_policy"] == best
+    assert stages["grpo"]["result"]["best"] == {"step": 2, "val/reward_mean": 0.4}
+    assert stages["grpo"]["result"]["val"] == [{"step": 2, "val/reward_mean": 0.4}]
+    assert stages["eval"]["result"]["grpo_policy"] == "best_policy"
+
+    # eval/report.md's "- Models:" line names the checkpoint of each row, and for best_policy the step it was kept for
+    from kardia_rl.evaluation.harness import policy_selection
+    from kardia_rl.evaluation.report import models_line
+
+    doc = {"models": {"sft": {"model_path": "sft_model", "selection": policy_selection(str(run_dir / "sft_model"))},
+                      "grpo": {"model_path": best, "selection": policy_selection(best)}}}
+    assert models_line(doc) == (f"sft = `sft_model`; grpo = `{best}` (best_policy: GRPO step 2 of 2, best "
+                                "val/reward_mean 0.400 on 16 validation prompts)")
+
+
+def test_a_damaged_best_policy_is_not_scored(work, tmp_path, capsys):
+    """A best_policy without an intact manifest (an export cut short) is not trusted: eval scores policy."""
+    run_dir = tmp_path / "run"
+    cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), [f"run_dir={run_dir}"])
+    write_best(str(run_dir / "grpo" / "best_policy"), step=2, reward=0.4, manifest=False)
+    pipeline.run_pipeline(cfg)
+    assert work.seen["eval"]["models"][2] == ("grpo", str(run_dir / "grpo" / "policy"))
+    assert "best_policy is damaged" in capsys.readouterr().err

@@ -57,8 +57,11 @@ def _run(cfg, steps):
         tr.shutdown()
 
 
+VAL = ("algo.val_every=2", "algo.val_samples=6")  # validation at steps 2 and 4 on 6 held-out prompts
+
+
 def test_grpo_end_to_end_and_exact_resume(ray_cluster, sft_model_dir, tmp_path):
-    full, before, after, _, _ = _run(_cfg(tmp_path / "a", sft_model_dir), range(1, 5))
+    full, before, after, _, _ = _run(_cfg(tmp_path / "a", sft_model_dir, *VAL), range(1, 5))
     changed = [k for k in before if not (before[k] == after[k]).all()]
     assert len(changed) > len(before) // 2, "most parameters must change after GRPO updates"
     for step, m in full.items():
@@ -72,9 +75,14 @@ def test_grpo_end_to_end_and_exact_resume(ray_cluster, sft_model_dir, tmp_path):
     judge = json.loads((tmp_path / "a" / "judge.json").read_text())  # the run names its judge
     assert judge["backend"] == "embedding" and judge["rubric_version"] and judge["calibration"] is None
 
-    # Interrupted after step 2 (a checkpoint step), then resumed: steps 3-4 must reproduce the full run.
-    _run(_cfg(tmp_path / "b", sft_model_dir), range(1, 3))
-    resumed, _, _, _, tr = _run(_cfg(tmp_path / "b", sft_model_dir, "checkpoint.resume=true"), range(1, 5))
+    _check_validation(full, tmp_path / "a")
+
+    # Interrupted after step 2 (a checkpoint step), then resumed: steps 3-4 must reproduce the full run, val/*
+    # included, and val/best_reward_mean at step 4 shows the resumed run kept step 2's best.
+    first, _, _, _, _ = _run(_cfg(tmp_path / "b", sft_model_dir, *VAL), range(1, 3))
+    val_keys = [k for k in full[2] if k.startswith("val/")]
+    assert {k: first[2][k] for k in val_keys} == {k: full[2][k] for k in val_keys}, "validation is not deterministic"
+    resumed, _, _, _, tr = _run(_cfg(tmp_path / "b", sft_model_dir, "checkpoint.resume=true", *VAL), range(1, 5))
     assert tr.start_step == 3 and sorted(resumed) == [3, 4]
     for s in (3, 4):
         keys = [k for k in full[s] if DETERMINISTIC(k) and isinstance(full[s][k], float)]
@@ -84,6 +92,33 @@ def test_grpo_end_to_end_and_exact_resume(ray_cluster, sft_model_dir, tmp_path):
 
     rows = read_metrics(str(tmp_path / "b" / "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert resumed[4]["val/best_reward_mean"] == full[4]["val/best_reward_mean"]
+    _check_validation({**first, **resumed}, tmp_path / "b")
+
+
+def _check_validation(by_step: dict, run_dir) -> None:
+    """val/* on validation steps only; best_policy = the step with the best val/reward_mean, intact, and loads."""
+    from transformers import AutoModelForCausalLM
+
+    from kardia_rl.config import RUBRIC_DIMENSIONS
+    from kardia_rl.trainer.checkpoint import verify_checkpoint
+    from kardia_rl.trainer.validation import read_best
+
+    want = {"val/reward_mean", "val/format_rate", "val/emotion_acc", "val/response_len_mean", "val/best_reward_mean",
+            *(f"val/{d}_mean" for d in RUBRIC_DIMENSIONS)}
+    for step, m in by_step.items():
+        got = {k for k in m if k.startswith("val/")}
+        assert got == (want if step % 2 == 0 else set()), f"step {step}: val keys {sorted(got)}"
+        assert ("timing/validation" in m) == (step % 2 == 0)
+    assert 0 <= by_step[2]["val/format_rate"] <= 1 and by_step[2]["val/response_len_mean"] > 0
+    best_step = max((2, 4), key=lambda s: (by_step[s]["val/reward_mean"], -s))  # the first of equals stays best
+    best_dir = str(run_dir / "best_policy")
+    assert verify_checkpoint(best_dir) == []
+    record = read_best(best_dir)
+    assert record["step"] == best_step and record["val/reward_mean"] == by_step[best_step]["val/reward_mean"]
+    assert by_step[4]["val/best_reward_mean"] == record["val/reward_mean"]
+    model = AutoModelForCausalLM.from_pretrained(best_dir)
+    assert sum(p.numel() for p in model.parameters()) > 0
 
 
 def test_judge_actor_killed_mid_run_is_restarted(ray_cluster, sft_model_dir, tmp_path):

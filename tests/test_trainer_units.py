@@ -91,3 +91,68 @@ def test_chunk_seeds_are_distinct_per_seed_step_and_chunk_and_fit_56_bits():
     assert len(seeds) == 3 * 20 * 8
     assert all(0 <= s < 2 ** 56 for s in seeds)
     assert chunk_seed(1, 2, 3) == chunk_seed(1, 2, 3)
+
+
+# --- checkpoint.keep_best (trainer/validation.py's BestPolicy) without Ray: a fake export -------------------------
+def _fake_save(calls: list):
+    import json
+    import os
+
+    def save(path: str) -> None:  # what save_pretrained leaves: a folder of files, published atomically
+        from kardia_rl.utils.io import atomic_dir
+
+        calls.append(path)
+        with atomic_dir(path) as tmp:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump({"export": len(calls)}, f)
+    return save
+
+
+def test_best_policy_exports_only_improvements_and_a_resume_keeps_the_best(tmp_path):
+    import json
+
+    from kardia_rl.trainer.checkpoint import verify_checkpoint
+    from kardia_rl.trainer.validation import BestPolicy, read_best
+
+    best_dir, calls = str(tmp_path / "best_policy"), []
+    best = BestPolicy(best_dir, _fake_save(calls), resumed=False, record={"val_samples": 4})
+    seen = [best.offer(s, {"val/reward_mean": r})["val/best_reward_mean"] for s, r in ((2, 0.3), (4, 0.2), (6, 0.3),
+                                                                                      (8, 0.5))]
+    assert seen == [0.3, 0.3, 0.3, 0.5] and len(calls) == 2, "exported at steps 2 and 8 only (a tie keeps the earlier)"
+    assert verify_checkpoint(best_dir) == []
+    assert read_best(best_dir) == {"step": 8, "val_samples": 4, "val/reward_mean": 0.5}
+    assert json.load(open(tmp_path / "best_policy" / "config.json")) == {"export": 2}
+
+    resumed = BestPolicy(best_dir, _fake_save(calls), resumed=True)
+    assert resumed.offer(10, {"val/reward_mean": 0.4}) == {"val/best_reward_mean": 0.5} and len(calls) == 2
+
+    # a damaged export is not trusted on resume; a fresh run removes the previous run's best
+    (tmp_path / "best_policy" / "config.json").write_text("{}")
+    assert read_best(best_dir) is None
+    BestPolicy(best_dir, _fake_save(calls), resumed=False)
+    assert not (tmp_path / "best_policy").exists()
+
+
+def test_validation_metrics_are_the_eval_tables_numbers():
+    from conftest import ans
+
+    from kardia_rl.engines.base import Completion
+    from kardia_rl.rewards.answer_metrics import recompute_metrics, sample_row
+    from kardia_rl.rewards.unified import RewardBreakdown
+    from kardia_rl.trainer.validation import validation_metrics
+
+    class S:  # a held-out sample: what sample_row reads
+        def __init__(self, i, emotion):
+            self.id, self.dialogue_id, self.turn, self.emotion = f"s{i}", f"d{i}", 1, emotion
+
+    rows = []
+    for i, (text, gold, total) in enumerate(((ans("anxious"), "anxious", 0.9), ("no spans", "sad", 0.0))):
+        ok = i == 0
+        b = RewardBreakdown(total=total, format=float(ok), emotion=float(ok), rubric=0.5 if ok else 0.0,
+                            dims={"empathy": 4.0} if ok else {}, judged=ok)
+        rows.append(sample_row(S(i, gold), "p", Completion([1, 2, 3], text, [0.0] * 3, "stop"), b, "val", "kardia"))
+    m, v = recompute_metrics(rows), validation_metrics(rows)
+    assert v["val/reward_mean"] == m["reward_mean"] == pytest.approx(0.45)
+    assert v["val/format_rate"] == m["format_valid_rate"] == 0.5 and v["val/emotion_acc"] == 0.5
+    assert v["val/empathy_mean"] == m["dims"]["empathy"]["mean"] == 2.5  # the unjudged answer at the floor 1
+    assert v["val/response_len_mean"] == m["response_len_mean"] > 0

@@ -185,6 +185,8 @@ class AlgoConfig:
     is_cap: float = doc(2.0, "cap of the importance weight")
     updates_per_step: int = doc(1, "optimizer passes over each rollout batch")
     train_samples: str = doc("", "per-turn samples JSONL to train on (e.g. hard.jsonl of `kardia-rl split`); empty = training turns of data.path")
+    val_every: int = doc(0, "validate every K steps, right after the weight sync: algo.val_samples held-out prompts answered on the rollout group at eval decoding, judged on the judge pool, logged as val/*; >= 0 (0 = off; needs data.val_fraction > 0)")
+    val_samples: int = doc(64, "M: prompts of the validation split (data.val_fraction of data.path) answered at each validation, the same M every time (seeded by data.split_seed); >= 1")
 
 
 @dataclass
@@ -253,6 +255,7 @@ class CheckpointConfig:
     keep_last: int = doc(2, "checkpoints kept on disk")
     resume: bool = doc(False, "continue from the newest intact checkpoint in run_dir (manifest verified)")
     auto_resume: int = doc(0, "restart from the newest intact checkpoint after a dead actor or lost object, at most N times per run")
+    keep_best: bool = doc(False, "export the policy with the best val/reward_mean so far as run_dir/best_policy (next to policy; atomic, with a manifest; a resumed run keeps the best-so-far); needs algo.val_every > 0")
 
 
 @dataclass

@@ -125,6 +125,16 @@ def config_problems(cfg: KardiaConfig) -> list[str]:
         p.append(f"checkpoint.keep_last: must be >= 1, got {cfg.checkpoint.keep_last}")
     if cfg.checkpoint.auto_resume < 0:
         p.append(f"checkpoint.auto_resume: must be >= 0, got {cfg.checkpoint.auto_resume}")
+    if cfg.algo.val_every < 0:
+        p.append(f"algo.val_every: must be >= 0 (0 = no validation during GRPO), got {cfg.algo.val_every}")
+    if cfg.algo.val_samples < 1:
+        p.append(f"algo.val_samples: must be >= 1, got {cfg.algo.val_samples}")
+    if cfg.algo.val_every > 0 and cfg.data.val_fraction <= 0:  # validation prompts come from that split
+        p.append(f"algo.val_every={cfg.algo.val_every} needs a validation split: data.val_fraction must be > 0, got "
+                 f"{cfg.data.val_fraction} (or set algo.val_every=0)")
+    if cfg.checkpoint.keep_best and cfg.algo.val_every <= 0:  # the best is chosen by the validation reward
+        p.append("checkpoint.keep_best=true needs validation during GRPO: set algo.val_every > 0 (or "
+                 "checkpoint.keep_best=false)")
     if cfg.model.lora.span_rows_lr_scale <= 0:
         p.append(f"model.lora.span_rows_lr_scale: must be > 0, got {cfg.model.lora.span_rows_lr_scale}")
     if cfg.model.lora.enabled and cfg.model.lora.r < 1:

@@ -42,3 +42,14 @@ def split_dialogues(dialogues: Sequence[Dialogue], val_fraction: float = 0.1, te
     for k in it:
         out["train"].extend(groups[k])
     return out
+
+
+def select_subset(samples: Sequence, max_samples: int, seed: int) -> list:
+    """At most `max_samples` samples (0 = all): a seeded, content-hashed choice spread over all dialogues
+    (not the first few dialogues' turns), the same for every model, kept in data order. Eval
+    (eval.max_samples) and validation during GRPO (algo.val_samples, the same prompts every time) use it."""
+    if max_samples <= 0 or max_samples >= len(samples):
+        return list(samples)
+    rank = sorted(range(len(samples)), key=lambda i: _rank(samples[i].id, seed))
+    keep = set(rank[:max_samples])
+    return [s for i, s in enumerate(samples) if i in keep]

@@ -7,4 +7,4 @@ from kardia_rl.evaluation.agreement import (  # noqa: F401
     agreement_report, dimension_agreement, quadratic_weighted_kappa, spearman, to_rating,
 )
 from kardia_rl.evaluation.harness import load_eval_samples, run_eval  # noqa: F401
-from kardia_rl.evaluation.metrics import distinct_n, recompute_metrics  # noqa: F401
+from kardia_rl.rewards.answer_metrics import distinct_n, recompute_metrics  # noqa: F401

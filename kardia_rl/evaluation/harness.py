@@ -6,7 +6,7 @@ Per model: build the generation engine (cfg.rollout.engine), encode every prompt
 encoder (data.encoding.encode_prompt, so the model sees exactly the prompts it was trained on),
 generate ONE answer per sample (greedy unless cfg.eval.greedy is false), shut the engine down (always,
 so the next checkpoint or the judge gets the memory), then score the answers with UnifiedReward and write
-samples_<name>.jsonl. The numbers come from metrics.recompute_metrics over those very rows, and
+samples_<name>.jsonl. The numbers come from rewards.answer_metrics.recompute_metrics over those very rows, and
 report.py writes metrics.json, report.md and the plots after every model (partial results survive a crash).
 
 The same judge instance scores every model (its cache is content-keyed, so identical answers of two
@@ -14,18 +14,15 @@ checkpoints are judged once); its counters are reset per model.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import time
 from typing import Optional, Sequence
 
-from kardia_rl.data import EMOTIONS_32, TurnSample, expand_turns, label_set, load_dialogues, split_dialogues
+from kardia_rl.data import TurnSample, expand_turns, label_set, load_dialogues, split_dialogues
+from kardia_rl.data.splits import select_subset  # noqa: F401 (the eval subset: also GRPO's validation prompts)
 from kardia_rl.errors import KardiaError
-from kardia_rl.evaluation.metrics import recompute_metrics
-from kardia_rl.format.spans import SPAN_NAMES, ParseResult, parse_spans, visible_response
-from kardia_rl.rewards.emotion_reward import credited_emotion
-from kardia_rl.rewards.judge.base import DIMENSIONS
+from kardia_rl.rewards.answer_metrics import recompute_metrics, sample_row, spans_and_response  # noqa: F401
 from kardia_rl.rewards.offline import close_judge, score_chunked
 
 SPLITS = ("test", "validation", "train")
@@ -59,48 +56,6 @@ def load_eval_samples(cfg, data: str) -> tuple[list[TurnSample], str]:
     if not samples:
         raise KardiaError(f"{source}: no assistant turns to evaluate")
     return samples, source
-
-
-def select_subset(samples: Sequence[TurnSample], max_samples: int, seed: int) -> list[TurnSample]:
-    """At most `max_samples` samples (0 = all): a seeded, content-hashed choice spread over all dialogues
-    (not the first few dialogues' turns), the same for every model, kept in data order."""
-    if max_samples <= 0 or max_samples >= len(samples):
-        return list(samples)
-    rank = sorted(range(len(samples)), key=lambda i: hashlib.sha256(f"{seed}\x1f{samples[i].id}".encode()).hexdigest())
-    keep = set(rank[:max_samples])
-    return [s for i, s in enumerate(samples) if i in keep]
-
-
-def spans_and_response(completion: str, notation: str, res: Optional[ParseResult] = None) -> tuple[bool, dict, str]:
-    """(format ok, the four spans (None when missing), the response text a user would see)."""
-    res = res if res is not None else parse_spans(completion, notation)
-    spans = {name: res.found.get(name) for name in SPAN_NAMES}
-    return res.ok, spans, visible_response(res, completion)
-
-
-def sample_row(sample: TurnSample, prompt_text: str, completion, breakdown, model_name: str, notation: str,
-               labels: Sequence[str] = EMOTIONS_32) -> dict:
-    """One line of samples_<name>.jsonl: everything recompute_metrics needs, plus what a reader wants.
-
-    predicted_emotion is the table's (strict rule: only a well-formed answer predicts a label), whatever
-    reward.format_mode gave the training reward (reward.emotion holds that)."""
-    res = parse_spans(completion.text, notation)
-    ok, spans, response = spans_and_response(completion.text, notation, res)
-    predicted = credited_emotion(res, labels, "strict")
-    return {
-        "id": sample.id, "model": model_name, "dialogue_id": sample.dialogue_id, "turn": sample.turn,
-        "prompt": prompt_text, "completion": completion.text, "finish_reason": completion.finish_reason,
-        "completion_tokens": len(completion.token_ids), "format_valid": ok, "parse_error": breakdown.parse_error,
-        "spans": spans, "response_text": response, "predicted_emotion": predicted,
-        "gold_emotion": sample.emotion,
-        "emotion_correct": predicted is not None and predicted == sample.emotion,
-        "scores": {d: breakdown.dims.get(d) for d in DIMENSIONS}, "rationale": dict(breakdown.rationale or {}),
-        "judge_response": breakdown.response,
-        "reward": {"total": breakdown.total, "format": breakdown.format, "emotion": breakdown.emotion,
-                   "rubric": breakdown.rubric},
-        "judged": breakdown.judged, "judge_failed": breakdown.judge_failed, "fallback": breakdown.fallback,
-        "judge_error": breakdown.judge_error,
-    }
 
 
 def score_rows(cfg, name: str, samples: Sequence[TurnSample], prompt_texts: Sequence[str], completions: Sequence,
@@ -145,6 +100,15 @@ def evaluate_model(cfg, name: str, model_path: str, samples: Sequence[TurnSample
             "samples_per_s": round(len(samples) / gen_s, 2) if gen_s > 0 else None, "scoring_s": round(score_s, 3),
             "judge_stats": reward.stats_summary()}
     return rows, info
+
+
+def policy_selection(model_path: str):
+    """For a GRPO best_policy export (checkpoint.keep_best): the step and validation numbers it was chosen on."""
+    from kardia_rl.trainer.validation import BEST_RECORD, read_best
+
+    best = read_best(model_path) if os.path.isfile(os.path.join(model_path, BEST_RECORD)) else None
+    return None if best is None else {"policy": "best_policy", "step": best["step"], "num_steps": best.get("num_steps"),
+                                      "val_reward_mean": best["val/reward_mean"], "val_samples": best["val_samples"]}
 
 
 def safe_name(name: str) -> str:
@@ -199,7 +163,8 @@ def run_eval(cfg, models: Sequence[tuple[str, str]], data: str, out_dir: str, *,
             rows, info = evaluate_model(cfg, name, path, chosen, reward, progress=progress)
             samples_file = f"samples_{safe_name(name)}.jsonl"
             atomic_write_jsonl(os.path.join(out_dir, samples_file), rows)
-            doc["models"][name] = {"model_path": path, "samples_file": samples_file,
+            doc["models"][name] = {"model_path": path, "selection": policy_selection(path),
+                                   "samples_file": samples_file,
                                    "metrics": recompute_metrics(rows), **info}
             report.write_eval_outputs(out_dir, doc)
             m = doc["models"][name]["metrics"]

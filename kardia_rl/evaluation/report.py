@@ -64,13 +64,24 @@ def emotion_table(doc: dict) -> str:
 
 
 def rubric_counting(doc: dict) -> str:
-    """How the rubric columns count malformed answers (metrics.recompute_metrics applies the rule)."""
+    """How the rubric columns count malformed answers (rewards.answer_metrics.recompute_metrics applies the rule)."""
     if doc.get("judge_malformed"):
         how = "malformed answers were judged too (judge.judge_malformed=true: their response text)"
     else:
         how = ("malformed answers were not judged and count at the scale floor 1 (judge.judge_malformed=false; "
                "set it to true to judge their text, e.g. for base models without span tokens)")
     return f"means over all answers; {how}; a failed judgment also counts at the floor."
+
+
+def models_line(doc: dict) -> str:
+    """Which checkpoint each row scored; a GRPO best_policy says the step and validation reward it was kept for."""
+    out = []
+    for name, e in doc["models"].items():
+        sel = e.get("selection")
+        what = (f" (best_policy: GRPO step {sel['step']} of {sel['num_steps']}, best val/reward_mean "
+                f"{sel['val_reward_mean']:.3f} on {sel['val_samples']} validation prompts)") if sel else ""
+        out.append(f"{name} = `{e.get('model_path')}`{what}")
+    return "; ".join(out)
 
 
 def render_eval_markdown(doc: dict) -> str:
@@ -82,6 +93,7 @@ def render_eval_markdown(doc: dict) -> str:
         f"- Data: `{doc['data_source']}` ({doc['n_samples']} of {doc['n_available']} samples)",
         f"- Decoding: {decoding}, one answer per sample, at most {dec['max_new_tokens']} new tokens, seed {dec['seed']}",
         f"- {judge_line}; unified reward weights {doc['reward_weights']}",
+        f"- Models: {models_line(doc)}",
     ]
     if doc.get("judge_is_proxy"):
         parts.append(f"- **{PROXY_NOTE}**")

@@ -2,7 +2,8 @@
 
 Each step reads as a list (see `GRPOTrainer.step`): sample prompts -> generate N and score each candidate
 as soon as it is generated -> group-normalised advantages -> learner update -> weight sync (verified) ->
-log -> checkpoint. All heavy work happens in the actors; the driver only moves token ids and numbers.
+validation on held-out prompts every algo.val_every steps (trainer.validation) -> log -> checkpoint. All heavy
+work happens in the actors; the driver only moves token ids and numbers.
 """
 from __future__ import annotations
 
@@ -72,6 +73,10 @@ class GRPOTrainer:
         self.ckpt.remove_leftovers()  # .tmp-* of a save that a kill interrupted (nothing of this run is saving yet)
         latest = self.ckpt.latest() if cfg.checkpoint.resume else None
         self.logger = MetricsLogger(cfg.run_dir, cfg, resume=latest is not None)
+        from kardia_rl.trainer.validation import Validation
+
+        self.validation = Validation(cfg, self.tokenizer, self.rollout, self.judge, self.learner,
+                                     recover=self.replace_rollout_actor, resumed=latest is not None)
         if latest:
             self._resume(latest)
         return self
@@ -121,7 +126,8 @@ class GRPOTrainer:
             train_metrics = self.update(batch)                                       # 5. learner update
         with _timed(timing, "timing/weight_sync"):
             sync = self.sync_weights(step)                                           # 6. weight sync, verified
-        metrics = self.metrics(rollout, adv, train_metrics, sync)                    # 7. log
+        val = self.validation.maybe_run(step, timing)                                # 6b. held-out validation, every K
+        metrics = self.metrics(rollout, adv, train_metrics, sync) | val              # 7. log
         self.log(step, metrics, rollout, adv, timing, t0)
         with _timed(timing, "timing/checkpoint"):
             self.maybe_checkpoint(step)                                              # 8. checkpoint

@@ -56,7 +56,8 @@ class Rollout:
 
 def generate_and_score(rollout_group: Any, reward: Any, samples: Sequence[Any], prompt_ids: Sequence[list[int]],
                        *, n: int, seed: int, step: int, recover: Optional[Callable[[int, BaseException], None]] = None,
-                       max_restarts: int = 0) -> Rollout:
+                       max_restarts: int = 0, sampling: Optional[dict] = None) -> Rollout:
+    """`sampling`: decoding overrides for RolloutGroup.submit (greedy, temperature; validation uses eval's)."""
     chunks = contiguous_chunks(len(samples), len(rollout_group.actors))
     comps: list = [None] * len(samples)
     rewards: list = [None] * len(samples)
@@ -65,7 +66,8 @@ def generate_and_score(rollout_group: Any, reward: Any, samples: Sequence[Any], 
 
     async def generate(c: int, idx: list[int]):
         while True:
-            actor, ref = rollout_group.submit([prompt_ids[j] for j in idx], n, seed=chunk_seed(seed, step, c))
+            actor, ref = rollout_group.submit([prompt_ids[j] for j in idx], n, seed=chunk_seed(seed, step, c),
+                                              **(sampling or {}))
             try:
                 return await ref
             except RayActorError as e:

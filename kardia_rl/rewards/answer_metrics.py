@@ -1,10 +1,12 @@
-"""The evaluation metrics, as one pure function of the per-sample rows.
+"""Metrics of scored answers (one answer per held-out sample): the rows and one pure function of them.
 
-`recompute_metrics(rows)` is the ONLY place the numbers of the report are computed: the harness calls it
-on the rows it writes to samples_<name>.jsonl, so metrics.json can be recomputed from that file (the tests
-recount the headline numbers independently from the raw completions and judge scores in it).
+`sample_row` builds one row per answer and `recompute_metrics(rows)` is the ONLY place the numbers are
+computed, for the evaluation report (evaluation/harness.py writes the rows to samples_<name>.jsonl, so
+metrics.json can be recomputed from that file; the tests recount the headline numbers independently) and
+for validation during GRPO (trainer/validation.py logs them as val/*). They live here, below both rooms,
+so eval's table and the val/* curve share one definition per number.
 
-Definitions (each row is one generated answer to one test sample; see harness.sample_row):
+Definitions (each row is one generated answer to one held-out sample; see sample_row):
 - format_valid_rate: fraction of answers the strict four-span parser accepts;
 - emotion_accuracy: fraction whose predicted label equals the gold label exactly, whatever
   reward.emotion_mode and reward.format_mode are. The predicted label is the emotion span of a WELL-FORMED
@@ -31,6 +33,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Optional, Sequence
 
+from kardia_rl.data.emotions import EMOTIONS_32
+from kardia_rl.format.spans import SPAN_NAMES, ParseResult, parse_spans, visible_response
+from kardia_rl.rewards.emotion_reward import credited_emotion
 from kardia_rl.rewards.judge.base import DIMENSIONS
 
 REWARD_PARTS = ("total", "format", "emotion", "rubric")
@@ -103,3 +108,35 @@ def recompute_metrics(rows: Sequence[dict]) -> dict:
         key = "reward_mean" if part == "total" else f"reward_{part}_mean"
         out[key] = sum(float(r["reward"][part]) for r in rows) / n
     return out
+
+
+def spans_and_response(completion: str, notation: str, res: Optional[ParseResult] = None) -> tuple[bool, dict, str]:
+    """(format ok, the four spans (None when missing), the response text a user would see)."""
+    res = res if res is not None else parse_spans(completion, notation)
+    spans = {name: res.found.get(name) for name in SPAN_NAMES}
+    return res.ok, spans, visible_response(res, completion)
+
+
+def sample_row(sample, prompt_text: str, completion, breakdown, model_name: str, notation: str,
+               labels: Sequence[str] = EMOTIONS_32) -> dict:
+    """One line of samples_<name>.jsonl: everything recompute_metrics needs, plus what a reader wants.
+
+    predicted_emotion is the table's (strict rule: only a well-formed answer predicts a label), whatever
+    reward.format_mode gave the training reward (reward.emotion holds that)."""
+    res = parse_spans(completion.text, notation)
+    ok, spans, response = spans_and_response(completion.text, notation, res)
+    predicted = credited_emotion(res, labels, "strict")
+    return {
+        "id": sample.id, "model": model_name, "dialogue_id": sample.dialogue_id, "turn": sample.turn,
+        "prompt": prompt_text, "completion": completion.text, "finish_reason": completion.finish_reason,
+        "completion_tokens": len(completion.token_ids), "format_valid": ok, "parse_error": breakdown.parse_error,
+        "spans": spans, "response_text": response, "predicted_emotion": predicted,
+        "gold_emotion": sample.emotion,
+        "emotion_correct": predicted is not None and predicted == sample.emotion,
+        "scores": {d: breakdown.dims.get(d) for d in DIMENSIONS}, "rationale": dict(breakdown.rationale or {}),
+        "judge_response": breakdown.response,
+        "reward": {"total": breakdown.total, "format": breakdown.format, "emotion": breakdown.emotion,
+                   "rubric": breakdown.rubric},
+        "judged": breakdown.judged, "judge_failed": breakdown.judge_failed, "fallback": breakdown.fallback,
+        "judge_error": breakdown.judge_error,
+    }

@@ -21,6 +21,7 @@ computed in this process and counted by the _digest wrapper (thread-safe: hash_f
 
     .venv/bin/python bench/bench_checkpoint.py                       # tiny, 2 ranks ZeRO-3, 5 saves, keep_last 2
     .venv/bin/python bench/bench_checkpoint.py --files-only
+    .venv/bin/python bench/bench_checkpoint.py --smoke               # does it still run? (1 rank, 2 saves)
     .venv/bin/python bench/bench_checkpoint.py --size small --saves 4
 """
 from __future__ import annotations
@@ -184,7 +185,11 @@ def main(argv=None) -> int:
     p.add_argument("--keep-last", type=int, default=2)
     p.add_argument("--workdir", default=None)
     p.add_argument("--files-only", action="store_true", help="no Ray/DeepSpeed: a real checkpoint's files (module doc)")
+    p.add_argument("--smoke", action="store_true", help="does the bench still run (tests/test_bench_smoke.py): "
+                   "1 rank, 2 saves, keep_last 1; its numbers mean nothing")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.size, args.ranks, args.saves, args.keep_last = "tiny", 1, 2, 1
     set_bench_env()
     print("method: see the module doc: bytes hashed per save against one checkpoint's bytes; " +
           ("--files-only: DeepSpeed-named files written by the callback, every checksum counted in _digest"

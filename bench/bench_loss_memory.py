@@ -15,6 +15,7 @@ rest in `loss_temporary_bytes` (LOSS_TEMP_COPIES fp32 chunks per role).
 
     .venv/bin/python bench/bench_loss_memory.py                 # fp32 and bf16, 4 x 256 x 32000
     .venv/bin/python bench/bench_loss_memory.py --vocab 152064 --positions 513   # Qwen2.5-7B's vocabulary
+    .venv/bin/python bench/bench_loss_memory.py --smoke         # does it still run? (tiny sizes, fp32)
 """
 from __future__ import annotations
 
@@ -84,7 +85,11 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--smoke", action="store_true", help="does the bench still run (tests/test_bench_smoke.py): "
+                   "16 positions x 2,000 vocabulary, fp32 only; its numbers mean nothing")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.positions, args.vocab, args.dtypes = 16, 2000, "float32"
     import torch
 
     torch.set_num_threads(1)

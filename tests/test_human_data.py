@@ -52,7 +52,7 @@ def _write(tmp_path, name, lines):
 
 
 @pytest.mark.parametrize("fmt,lines,expected", [
-    ("jsonl", ['{"context": "c", "response": "r", "levels": {"empathy": 3}}', "{oops"], r"x\.jsonl:2: not valid JSON"),
+    ("jsonl", ['{"context": "c", "response": "r", "levels": {"empathy": 3}}', "{oops"], r"x\.jsonl:2: invalid JSON"),
     ("jsonl", ['{"context": "c", "response": "r", "levels": {"kindness": 3}}'],
      r"x\.jsonl:1: levels\.kindness: 'kindness' is not a rubric dimension"),
     ("jsonl", ['{"context": "c", "response": "r", "levels": {"empathy": "high"}}'],

@@ -50,6 +50,19 @@ def _iter_jsonl(path: str) -> Iterator[Row]:
                 yield n, None, f"invalid JSON: {e.msg} (column {e.colno})"
 
 
+def iter_jsonl(path: str, field: str = "") -> Iterator[tuple[int, dict]]:
+    """(line number, object) per non-empty line of a user's JSONL file (human labels, synthesis inputs), read by
+    the same loop as the dialogue sources; invalid JSON or a line that is not a JSON object is a DataError naming
+    PATH:LINE (and `field`, e.g. "record", when given)."""
+    where = f"{field}: " if field else ""
+    for n, obj, problem in _iter_jsonl(path):
+        if problem:
+            raise DataError(f"{path}:{n}: {where}{problem}")
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{n}: {where}expected a JSON object, got {type(obj).__name__}")
+        yield n, obj
+
+
 def _iter_json(path: str) -> Iterator[Row]:
     with open(path, encoding="utf-8") as f:
         text = f.read()

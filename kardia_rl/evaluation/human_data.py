@@ -41,6 +41,7 @@ from typing import Iterator, Optional
 
 from kardia_rl.config.schema import RUBRIC_DIMENSIONS
 from kardia_rl.errors import DataError
+from kardia_rl.data.sources import iter_jsonl
 
 HUMAN_FORMATS = ("epitome", "esconv", "pairs", "jsonl")
 EPITOME_FILES = {"emotional_reactions": "emotional-reactions-reddit.csv",
@@ -154,20 +155,6 @@ def _load_epitome(path: str, limit: Optional[int]) -> list[HumanItem]:
 
 
 # ---------------------------------------------------------------------------------------------- esconv
-def _json_lines(path: str) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            yield n, obj
-
-
 def _esconv_files(path: str) -> list[str]:
     if os.path.isdir(path):
         files = [os.path.join(path, f"{s}.json") for s in ("train", "valid", "test")]
@@ -195,7 +182,7 @@ def _load_esconv(path: str, limit: Optional[int]) -> list[HumanItem]:
     items = []
     for fpath in _esconv_files(path):
         split = os.path.splitext(os.path.basename(fpath))[0]
-        for n, conv in _json_lines(fpath):
+        for n, conv in iter_jsonl(fpath):
             survey = (conv.get("survey_score") or {}).get("seeker") or {}
             if not isinstance(survey, dict):
                 raise DataError(f"{fpath}:{n}: survey_score.seeker: expected an object")
@@ -242,7 +229,7 @@ def _dimension(fpath: str, n: int, key: str, name) -> str:
 
 def _load_jsonl(path: str, limit: Optional[int]) -> list[HumanItem]:
     items = []
-    for n, obj in _json_lines(path):
+    for n, obj in iter_jsonl(path):
         context, response = _text(path, n, obj, "context"), _text(path, n, obj, "response")
         levels = obj.get("levels")
         if not isinstance(levels, dict) or not levels:
@@ -262,7 +249,7 @@ def _load_jsonl(path: str, limit: Optional[int]) -> list[HumanItem]:
 
 def _load_pairs(path: str, limit: Optional[int]) -> list[HumanItem]:
     items = []
-    for n, obj in _json_lines(path):
+    for n, obj in iter_jsonl(path):
         context = _text(path, n, obj, "context")
         chosen, rejected = _text(path, n, obj, "chosen"), _text(path, n, obj, "rejected")
         dim = _dimension(path, n, "dimension", obj.get("dimension", "empathy"))

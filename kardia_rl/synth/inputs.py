@@ -32,6 +32,7 @@ from typing import Iterator, Sequence
 
 from kardia_rl.data.emotions import normalize_emotion
 from kardia_rl.errors import DataError
+from kardia_rl.data.sources import iter_jsonl
 
 _MBTI = re.compile(r"^[EI][NS][TF][JP](-[AT])?$", re.IGNORECASE)
 # Schemes, www. hosts and bare domains with a path; e-mail first so its domain is not left behind.
@@ -107,20 +108,6 @@ def _make_profile(raw: dict, salt: str, where: str) -> Profile:
     return Profile(person=person, mbti=mbti, anon_username=anon, source=where)
 
 
-def _jsonl(path: str) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: record: invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{n}: record: expected a JSON object, got {type(obj).__name__}")
-            yield n, obj
-
-
 def _text_blocks(path: str) -> Iterator[tuple[int, dict]]:
     """(first line, fields) per PersonalityCafe-style block; a line that is no `Name:` continues the last field."""
     block: dict = {}
@@ -152,7 +139,7 @@ def load_profiles(path: str, salt: str) -> list[Profile]:
     """Profiles of a .jsonl file or of a PersonalityCafe-style text file (any other extension)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: profiles file not found")
-    rows = _jsonl(path) if path.endswith(".jsonl") else _text_blocks(path)
+    rows = iter_jsonl(path, "record") if path.endswith(".jsonl") else _text_blocks(path)
     out = [_make_profile(raw, salt, f"{path}:{n}") for n, raw in rows]
     if not out:
         raise DataError(f"{path}: no profiles found")
@@ -171,7 +158,7 @@ def load_seeds(path: str, labels: Sequence[str]) -> list[Seed]:
                 raise DataError(f"{path}:1: {missing[0]}: missing column (the header needs 'situation' and 'emotion')")
             rows = [(reader.line_num, dict(r)) for r in reader]
     elif path.endswith(".jsonl"):
-        rows = list(_jsonl(path))
+        rows = list(iter_jsonl(path, "record"))
     else:
         raise DataError(f"{path}: seeds must be a .csv or .jsonl file")
     out = []

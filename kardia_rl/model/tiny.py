@@ -90,8 +90,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     return fast
 
 
-def build_tiny_model(out_dir: str, size: str = "tiny", seed: int = 0, overwrite: bool = False) -> str:
-    """Train the tokenizer, initialise the model from `seed`, save both to `out_dir` atomically."""
+def build_tiny_model(out_dir: str, size: str = "tiny", seed: int = 0, overwrite: bool = False,
+                     tied: bool = True) -> str:
+    """Train the tokenizer, initialise the model from `seed`, save both to `out_dir` atomically.
+
+    `tied=False` gives the LM head its own matrix (as Qwen2.5-7B, Qwen3-8B and Llama 3 have), so the code paths that
+    treat untied heads differently (the LoRA span rows) are tested too."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -104,7 +108,7 @@ def build_tiny_model(out_dir: str, size: str = "tiny", seed: int = 0, overwrite:
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=spec.hidden_size, num_hidden_layers=spec.num_hidden_layers,
         num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
-        intermediate_size=spec.intermediate_size, max_position_embeddings=2048, tie_word_embeddings=True,
+        intermediate_size=spec.intermediate_size, max_position_embeddings=2048, tie_word_embeddings=tied,
         bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
         pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
     torch.manual_seed(seed)
@@ -122,8 +126,8 @@ def build_tiny_model(out_dir: str, size: str = "tiny", seed: int = 0, overwrite:
 
 def cmd_init_model(args) -> int:
     """`kardia-rl init-model --out DIR`: build a tiny/small local Qwen2 model and tokenizer (no downloads)."""
-    out = build_tiny_model(args.out, args.size, args.seed, args.overwrite)
-    print(f"built {args.size} model and tokenizer in {out}")
+    out = build_tiny_model(args.out, args.size, args.seed, args.overwrite, tied=not args.untied)
+    print(f"built {args.size} model{' (untied LM head)' if args.untied else ''} and tokenizer in {out}")
     return 0
 
 
@@ -132,6 +136,8 @@ def configure_init_model(p) -> None:
     p.add_argument("--size", default="tiny", choices=list(SIZES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--untied", action="store_true", help="give the LM head its own matrix (default: tied to the "
+                                                         "input embedding)")
 
 
 cmd_init_model.configure = configure_init_model

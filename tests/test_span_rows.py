@@ -118,9 +118,9 @@ def test_reference_forward_substitutes_only_tensors_on_the_modules_device_and_dt
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype,stage", [("float32", 0), ("bfloat16", 2)])
 def test_untied_lora_sft_separates_the_span_logits_and_opens_the_four_spans(tiny_untied_model_dir, tmp_path,
-                                                                            dtype):
+                                                                            dtype, stage):
     """Issue 21: on an untied model the head's 8 span rows started equal and were frozen under LoRA, so the span
     logits stayed identical (spread exactly 0.0) and no answer could open the spans in order. After a short LoRA
     SFT the spread is large and every greedy answer opens the four spans, from the learner and from its export."""
@@ -133,7 +133,7 @@ def test_untied_lora_sft_separates_the_span_logits_and_opens_the_four_spans(tiny
     from kardia_rl.learner.sft_data import build_examples
 
     path = _mean_initialised(tiny_untied_model_dir, str(tmp_path / "model"))
-    cfg = load_config("conf/tiny.yaml", [f"model.path={path}", "model.lora.enabled=true", "learner.zero_stage=0",
+    cfg = load_config("conf/tiny.yaml", [f"model.path={path}", "model.lora.enabled=true", f"learner.zero_stage={stage}",
                                          "sft.lr=1e-2", "sft.warmup_steps=0", "data.max_history_turns=1",
                                          f"model.dtype={dtype}", "model.max_new_tokens=24"])
     steps = 40

@@ -204,24 +204,22 @@ def test_lora_trains_adapter_and_reference_is_base(tiny_model_dir, tiny_untied_m
     path = tiny_model_dir if tied else tiny_untied_model_dir
     learner = DeepSpeedLearner(make_cfg("model.lora.enabled=true", "model.lora.r=4", "algo.kl_beta=0.01",
                                         "learner.lr=5e-3", f"learner.zero_stage={stage}", f"model.dtype={dtype}",
-                                        "model.lora.span_rows_lr_scale=10"), path)
+                                        "model.lora.span_rows_lr_scale=10", "algo.importance_correction=false"), path)
     assert learner.ref == "adapter_disabled"
     batch, probe, _ = rollout(learner.tokenizer)
-    lora0 = {n: p.detach().clone() for n, p in learner.module.named_parameters() if "lora_B" in n}
+    sd0 = learner.hf_state_dict()  # gathered under ZeRO-3
     for _ in range(2):
         m = learner.train_step(batch)
         assert finite_metrics(m) and m["train/step_applied"] == 1.0
     assert m["train/kl"] > 0
-    with torch.no_grad():  # (ZeRO-3: local partitions; any nonzero entry means the adapter moved)
-        lora1 = {n: p.detach() for n, p in learner.module.named_parameters() if "lora_B" in n}
-        assert max(float((lora1[n] - lora0[n]).abs().max()) for n in lora0 if lora1[n].numel()) > 0
+    sd = learner.hf_state_dict()
+    assert any(not torch.equal(sd[k], sd0[k]) for k in sd if "q_proj.weight" in k)  # the merged adapters moved
     tol = 1e-5 if dtype == "float32" else 2e-2
     base = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     with torch.no_grad():
         want_ref = response_logprobs(base, batch)[0]
     assert torch.allclose(learner.compute_logprobs(batch, "ref"), want_ref, atol=tol)
     assert not torch.allclose(learner.compute_logprobs(batch, "policy"), want_ref, atol=10 * tol)
-    sd = learner.hf_state_dict()
     span = sorted(learner.span_rows_trained)
     for key in ["model.embed_tokens.weight"] + ([] if tied else ["lm_head.weight"]):
         assert not torch.equal(sd[key][span], base.state_dict()[key][span]), key  # the span rows reach the export

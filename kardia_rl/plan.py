@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from kardia_rl.errors import KardiaError
+from kardia_rl.format.spans import SPAN_TOKENS
 from kardia_rl.plan_estimate import (CUDA_CONTEXT_BYTES, FRAGMENTATION, JUDGE_PROMPT_TOKENS, Arch, GiB, Model,
                                      activation_bytes, ceil_div, dtype_bytes, gib, human, kv_bytes_per_token,
                                      learner_state_bytes, logits_bytes, loss_temporary_bytes, resolve_model)
@@ -166,9 +167,10 @@ def learner_rows(cfg, model: Model, plan: Plan, cap: Optional[float], gpu: bool,
     a, lc = model.arch, cfg.learner
     b = dtype_bytes(cfg.model.dtype, gpu)
     lora = cfg.model.lora
-    # LoRA: the adapters, plus the whole embedding matrix, which is trainable (gradient-masked to the span rows,
-    # learner.model_init.train_span_rows) and so carries a full gradient and optimizer state
-    trainable = a.lora_params(lora.r, lora.target_modules) + a.vocab * a.hidden if lora.enabled else a.params()
+    # LoRA: the adapters, plus the 8 span tokens' row deltas of the embedding and, when untied, of the LM head
+    # (learner/span_rows.py): only these carry gradients and optimizer state
+    span_rows = len(SPAN_TOKENS) * a.hidden * (1 if a.tied else 2)
+    trainable = a.lora_params(lora.r, lora.target_modules) + span_rows if lora.enabled else a.params()
     worst = 0.0
     grpo_rows = lc.micro_batch_size
     seq = cfg.model.max_prompt_tokens + cfg.model.max_new_tokens

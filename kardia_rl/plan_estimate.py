@@ -142,8 +142,8 @@ def learner_state_bytes(a: Arch, *, world: int, stage: int, b: int, trainable: i
     bf16 (b=2): weights 2P, gradients 2P_t plus DeepSpeed's fp32 gradient partition 4P_t/W, optimizer 12P_t
     (fp32 master weights + Adam m and v). fp32 (b=4): 4P, 4P_t, 8P_t. Stage 1 partitions the optimizer state,
     stage 2 also the gradients, stage 3 also the weights (plus a working set of gathered weights: two
-    layers, or the embedding when larger). P_t = trainable parameters (LoRA: the adapters plus the embedding
-    matrix, whose span-token rows train). A frozen
+    layers, or the embedding when larger). P_t = trainable parameters (LoRA: the adapters plus the span tokens'
+    row deltas, learner/span_rows.py). A frozen
     reference (kl_beta > 0, no LoRA) adds bP, partitioned under stage 3.
     """
     P, Pt = a.params(), trainable

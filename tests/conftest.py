@@ -80,6 +80,20 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_untied_model_dir(tmp_path_factory) -> str:
+    """The tiny model with its own LM-head matrix (as Qwen2.5-7B / Llama 3): for code that treats untied heads
+    differently."""
+    from kardia_rl.model.tiny import build_tiny_model
+
+    settings = dict(TINY_SETTINGS, tie_word_embeddings=False)
+    path = _cache_dir(tmp_path_factory, "tiny_untied", settings)
+    with _build_lock(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            build_tiny_model(path, **settings)
+    return path
+
+
+@pytest.fixture(scope="session")
 def sample_dialogues():
     from kardia_rl.data import load_dialogues
 

@@ -155,24 +155,31 @@ def test_truncation_keeps_header_and_system_prompt(tiny_model_dir):
 
 
 @pytest.mark.ray
-def test_lora_trains_the_span_rows_and_nothing_else_of_the_embedding(tiny_model_dir):
-    """Mean-initialised span rows give the eight span tokens one shared logit: under LoRA their rows must train."""
+@pytest.mark.parametrize("tied", [True, False])
+def test_lora_trains_the_span_rows_and_nothing_else_of_the_embedding(tiny_model_dir, tiny_untied_model_dir, tied):
+    """Mean-initialised span rows give the eight span tokens one shared logit: under LoRA their rows must train, the
+    untied head's rows too (learner/span_rows.py); the export carries them merged, every other row unchanged."""
     from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
     from kardia_rl.learner.ds_config import OptimSpec
     from kardia_rl.learner.sft import _collate
     from kardia_rl.data.encoding import load_training_turns
     from kardia_rl.learner.sft_data import build_examples
 
-    cfg = load_config(TINY, [f"model.path={tiny_model_dir}", "model.lora.enabled=true", "learner.zero_stage=0",
+    path = tiny_model_dir if tied else tiny_untied_model_dir
+    cfg = load_config(TINY, [f"model.path={path}", "model.lora.enabled=true", "learner.zero_stage=0",
                              "sft.lr=1e-2", "sft.warmup_steps=0", "data.max_history_turns=1", "learner.weight_decay=0.1"])
-    learner = DeepSpeedLearner(cfg, tiny_model_dir, optim=OptimSpec.sft(cfg, total_steps=1))
+    learner = DeepSpeedLearner(cfg, path, optim=OptimSpec.sft(cfg, total_steps=1))
     examples, _, _ = build_examples(load_training_turns(cfg)[0][:2], learner.tokenizer, cfg)
-    w0 = learner.module.get_input_embeddings().weight.detach().clone()
+    w0 = learner.hf_state_dict()
     learner.sft_step(_collate([(e.input_ids, e.labels, None) for e in examples], learner.tokenizer.pad_token_id))
-    changed = (learner.module.get_input_embeddings().weight.detach() - w0).abs().sum(1) > 0
+    w1 = learner.hf_state_dict()
     ids = sorted(learner.tokenizer.convert_tokens_to_ids(t) for t in SPAN_TOKENS)
     assert learner.span_rows_trained == ids
-    assert changed[ids].all() and int(changed.sum()) == len(ids)  # weight decay does not touch the frozen rows
+    matrices = ["model.embed_tokens.weight"] + ([] if tied else ["lm_head.weight"])
+    assert sorted(k for k in w0 if "embed" in k or "lm_head" in k) == sorted(matrices)
+    for key in matrices:
+        changed = (w1[key] - w0[key]).abs().sum(1) > 0
+        assert changed[ids].all() and int(changed.sum()) == len(ids), key  # weight decay leaves the rest alone
 
 
 def test_span_rows_get_their_own_learning_rate():

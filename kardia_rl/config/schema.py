@@ -83,7 +83,7 @@ class LoraConfig:
     alpha: int = doc(32, "LoRA alpha (scaling = alpha / r)")
     dropout: float = doc(0.0, "LoRA dropout")
     target_modules: list = doc(["q_proj", "k_proj", "v_proj", "o_proj"], "module names that get adapters")
-    span_rows_lr_scale: float = doc(1.0, "learning-rate multiplier of the span tokens' embedding rows (trained beside the adapters): they start at the mean row and must move far, while Adam moves a weight by about lr per step (1 = the adapters' rate)")
+    span_rows_lr_scale: float = doc(1.0, "learning-rate multiplier of the span tokens' rows (trained beside the adapters as small deltas, learner/span_rows.py: the input embedding's 8 rows and, when the LM head is untied, its 8 rows too): they start at the mean row and must move far, while Adam moves a weight by about lr per step (1 = the adapters' rate)")
 
 
 @dataclass

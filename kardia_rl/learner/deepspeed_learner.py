@@ -26,7 +26,8 @@ from kardia_rl.learner.ds_config import (OptimSpec, ds_config, make_client_optim
                                          resolve_dtype, warmup_lambda)
 from kardia_rl.learner.export import hf_metadata, hf_state_dict, iter_hf_tensors, save_hf_folder, unwrap_peft
 from kardia_rl.learner.logprobs import mismatch_sums, response_logprobs, sft_loss_sum
-from kardia_rl.learner.model_init import count_checkpointed_calls, load_models, train_span_rows
+from kardia_rl.learner.model_init import count_checkpointed_calls, load_models
+from kardia_rl.learner.span_rows import attach_span_rows, initial_span_rows
 
 def _to(batch: dict, device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -81,9 +82,8 @@ class DeepSpeedLearner:
             lcfg = cfg.model.lora
             model = get_peft_model(model, LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
                                                      target_modules=list(lcfg.target_modules), task_type="CAUSAL_LM"))
-            self.span_rows_trained = train_span_rows(model, self.tokenizer, lcfg.span_rows_lr_scale)
-            # the initial embedding (frozen except the span rows): the reference (adapter disabled) scores with it
-            self._embed0 = model.get_input_embeddings().weight.detach().clone() if need_ref else None
+            # the span tokens' rows train as small deltas (untied head rows too); the reference switches them off
+            self.span_rows_trained = attach_span_rows(model, self.tokenizer, lcfg.span_rows_lr_scale)
             if lc.gradient_checkpointing:
                 model.enable_input_require_grads()
         client_opt = make_client_optimizer(model, zero_stage=self.zero_stage, optimizer=optim.optimizer,
@@ -156,19 +156,6 @@ class DeepSpeedLearner:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         return [float(x) for x in all_reduce_(t, op).cpu()]
 
-    def _ref_model(self):
-        """The model the LoRA reference scores with: the peft model (adapter disabled by the caller) whose
-        embedding is the INITIAL matrix, i.e. before the span rows were trained (train_span_rows). Passed as a
-        parameter override (torch.func.functional_call; the tied lm_head follows), never written in place: the
-        policy's autograd graph still holds the live weight. Under ZeRO-3 (partitioned embedding) the reference
-        sees the trained span rows."""
-        module = self.engine.module
-        if getattr(self, "_embed0", None) is None or self.zero_stage == 3:
-            return module
-        name = next(n for n, p in module.named_parameters() if p is module.get_input_embeddings().weight)
-        override = {name: self._embed0}
-        return lambda **kw: torch.func.functional_call(module, override, args=(), kwargs=kw)
-
     def _ref_logprobs(self, mb: dict, temperature: float) -> torch.Tensor:
         with torch.no_grad():
             if self.ref == "adapter_disabled":
@@ -176,8 +163,9 @@ class DeepSpeedLearner:
                 was_training = self.engine.module.training
                 self.engine.module.eval()
                 try:
-                    with self.engine.module.disable_adapter():
-                        return response_logprobs(self._ref_model(), mb, temperature=temperature)[0]
+                    # the initial policy: adapter off, span rows at their initial values (learner/span_rows.py)
+                    with self.engine.module.disable_adapter(), initial_span_rows(self.engine.module):
+                        return response_logprobs(self.engine.module, mb, temperature=temperature)[0]
                 finally:
                     self.engine.module.train(was_training)
             return response_logprobs(self.ref, mb, temperature=temperature)[0]

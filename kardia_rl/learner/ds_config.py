@@ -21,6 +21,7 @@ import torch
 
 from kardia_rl.config.schema import LR_SCHEDULES, MODEL_DTYPES, OPTIMIZERS
 from kardia_rl.errors import ConfigError
+from kardia_rl.learner.export import full_shape
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,8 @@ def ds_config(*, zero_stage: int, micro_batch_size: int, world_size: int, dtype:
 def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float,
                  lr: float = 0.0) -> list[dict]:
     """Trainable parameters, with no weight decay on biases and norm weights (1-D tensors), as usual, nor on
-    weights marked `kardia_no_decay` (an embedding trained on a few rows only: decay would move the frozen rows).
+    weights marked `kardia_no_decay` (the span rows' deltas, learner/span_rows.py). Dimensions are the FULL
+    shape: under deepspeed.zero.Init every parameter is a 1-D partition and only `ds_shape` tells a matrix.
     A weight marked `kardia_lr_scale` != 1 (the span rows, model.lora.span_rows_lr_scale) gets its own group at
     lr x scale; the LR schedule multiplies every group's rate alike, so the ratio holds."""
     decay, no_decay, scaled = [], [], {}
@@ -111,7 +113,7 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_
         if scale != 1.0:
             scaled.setdefault(scale, []).append(p)
         else:
-            (decay if p.dim() >= 2 and not getattr(p, "kardia_no_decay", False) else no_decay).append(p)
+            (decay if len(full_shape(p)) >= 2 and not getattr(p, "kardia_no_decay", False) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups += [{"params": ps, "weight_decay": 0.0, "lr": lr * s} for s, ps in scaled.items()]
     return [g for g in groups if g["params"]]

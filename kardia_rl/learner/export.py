@@ -8,7 +8,9 @@ Three complications handled here and nowhere else:
     the exported weight is the merged `W + scale * B @ A` under the original HF name, so engines and users
     never see adapter names;
   * tied embeddings: the tied `lm_head.weight` is not listed (named_parameters() deduplicates it), exactly
-    as save_pretrained writes it; loaders re-tie it from `embed_tokens`.
+    as save_pretrained writes it; loaders re-tie it from `embed_tokens`;
+  * the LoRA span rows (learner/span_rows.py) live in small `kardia_span_*` deltas: they are merged into the
+    embedding (and untied head) rows under the matrices' own names, and never exported themselves.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from kardia_rl.learner.span_rows import SPAN_IN, SPAN_OUT, merged_rows, span_row_deltas
 from kardia_rl.utils.io import atomic_dir
 
 
@@ -41,7 +44,7 @@ def unwrap_peft(module: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
     return module, False
 
 
-def _full_shape(p: torch.Tensor) -> tuple[int, ...]:
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape in ds_shape
 
 
@@ -69,17 +72,22 @@ def _units(module: torch.nn.Module) -> list[tuple[str, list, Any, tuple, torch.d
 
     for name, layer in lora_layers.items():
         w = layer.base_layer.weight
-        units.append((f"{name}.weight", list(layer.parameters()), merged(layer), _full_shape(w), w.dtype))
+        units.append((f"{name}.weight", list(layer.parameters()), merged(layer), full_shape(w), w.dtype))
         bias = getattr(layer.base_layer, "bias", None)
         if bias is not None:
-            units.append((f"{name}.bias", [bias], lambda b=bias: b, _full_shape(bias), bias.dtype))
-    prefixes = tuple(f"{n}." for n in lora_layers)
+            units.append((f"{name}.bias", [bias], lambda b=bias: b, full_shape(bias), bias.dtype))
+    prefixes = tuple(f"{n}." for n in lora_layers) + (f"{SPAN_IN}.", f"{SPAN_OUT}.")
     for name, p in base.named_parameters():
-        if not (prefixes and name.startswith(prefixes)):
-            units.append((name, [p], lambda p=p: p, _full_shape(p), p.dtype))
+        if not name.startswith(prefixes):
+            units.append((name, [p], lambda p=p: p, full_shape(p), p.dtype))
+    deltas = span_row_deltas(base)
+    for i, (name, params, produce, shape, dt) in enumerate(units):
+        if name in deltas:  # the span rows' delta merged into its matrix (gathered with it under ZeRO-3)
+            mod = deltas[name]
+            units[i] = (name, params + [mod.delta], lambda f=produce, m=mod: merged_rows(f(), m), shape, dt)
     persistent = set(base.state_dict().keys())
     for name, b in base.named_buffers():
-        if name in persistent and not (prefixes and name.startswith(prefixes)):
+        if name in persistent and not name.startswith(prefixes):
             units.append((name, [], lambda b=b: b, tuple(b.shape), b.dtype))
     return units
 

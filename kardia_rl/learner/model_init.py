@@ -10,8 +10,8 @@ is partitioned over the ranks as it is created, and the checkpoint is loaded ten
 partitions (transformers' _load_state_dict_into_zero3_model); the reference is loaded the same way instead of
 being copied. A rank then holds 1/W of each model plus one gathered tensor at a time. The global config
 weakref that switches transformers into this mode lives only inside `_zero3_loading`, so later from_pretrained
-calls in the process (engines, exports) load normally. Not used with LoRA (peft's layers and the span-row
-gradient mask need the full embedding) nor when span tokens must still be added (the embedding resize).
+calls in the process (engines, exports) load normally. Not used with LoRA (peft wraps layers of a fully loaded
+model; DeepSpeed partitions it at initialize) nor when span tokens must still be added (the embedding resize).
 """
 from __future__ import annotations
 
@@ -71,28 +71,6 @@ def load_models(cfg, model_path: str, dtype: torch.dtype, zero_stage: int, need_
     if need_ref and not cfg.model.lora.enabled:
         ref = copy.deepcopy(model).eval().requires_grad_(False)
     return tokenizer, model, ref, added, False
-
-
-def train_span_rows(model: torch.nn.Module, tokenizer, lr_scale: float = 1.0) -> list[int]:
-    """Under LoRA, also train the span tokens' embedding rows (and nothing else of the embedding matrix).
-
-    A prepared model starts every span token from the same mean row; with tied embeddings their logits are then
-    identical, and adapters on attention layers alone can never tell `<|emotion_begin|>` from
-    `<|response_begin|>`. So the embedding weight becomes trainable with a gradient mask that keeps every other
-    row frozen (AdamW with zero gradients leaves them unchanged; the weight is marked no-decay). The exported
-    model carries the new rows; the reference scores with the initial rows (learner.deepspeed_learner.DeepSpeedLearner._ref_model).
-    """
-    from kardia_rl.format.tokens import span_token_ids
-
-    weight = model.get_input_embeddings().weight
-    ids = sorted(span_token_ids(tokenizer).values())
-    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-    mask[ids] = 1
-    weight.requires_grad_(True)
-    weight.register_hook(lambda g: g * mask.to(g.device, g.dtype))
-    weight.kardia_no_decay = True
-    weight.kardia_lr_scale = float(lr_scale)  # its own optimizer group (ds_config.param_groups)
-    return ids
 
 
 def count_checkpointed_calls(model: torch.nn.Module, owner) -> None:

@@ -218,8 +218,6 @@ def _load(src: ModelSource, dtype: str):
 
 def add_span_rows(tokenizer: Any, model: Any) -> dict:
     """Add the missing span tokens to `tokenizer` and give each a mean-initialised embedding row in `model`."""
-    import torch
-
     from kardia_rl.format.tokens import add_span_tokens
 
     n_before = len(tokenizer)
@@ -240,16 +238,27 @@ def add_span_rows(tokenizer: Any, model: Any) -> dict:
     else:
         info["rows"] = (f"used spare padding rows {new_ids[0]}..{new_ids[-1]} of {rows_before} "
                         f"(the tokenizer had {n_before} tokens); no resize")
-    emb_in = model.get_input_embeddings().weight
-    out = model.get_output_embeddings()
-    with torch.no_grad():
-        emb_in[new_ids] = emb_in[:real].mean(0, keepdim=True).to(emb_in.dtype)
-        tied = out is None or out.weight.data_ptr() == emb_in.data_ptr()
-        if not tied:
-            out.weight[new_ids] = out.weight[:real].mean(0, keepdim=True).to(out.weight.dtype)
+    tied = mean_init_rows(model, new_ids, real)
     info["tied_embeddings"] = tied
     info["init"] = "mean of the existing input" + ("" if tied else " and output") + f" embedding rows 0..{real - 1}"
     return info
+
+
+def mean_init_rows(model: Any, ids: list[int], real: int) -> bool:
+    """Set rows `ids` of the input embedding and, when untied, of the output embedding to the mean of rows
+    0..real-1 (every new token starts as the "average token"); returns whether the embeddings are tied. Under LoRA
+    the learner then trains these rows through small deltas (learner/span_rows.py), the head's rows too when
+    untied: with identical head rows the span logits would stay equal forever."""
+    import torch
+
+    emb_in = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    with torch.no_grad():
+        emb_in[ids] = emb_in[:real].mean(0, keepdim=True).to(emb_in.dtype)
+        tied = out is None or out.weight.data_ptr() == emb_in.data_ptr()
+        if not tied:
+            out.weight[ids] = out.weight[:real].mean(0, keepdim=True).to(out.weight.dtype)
+    return tied
 
 
 def _check_saved(out_dir: str, expect_ids: dict, template: str) -> None:

@@ -93,7 +93,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
 def build_tiny_model(out_dir: str, size: str = "tiny", seed: int = 0, overwrite: bool = False,
                      tie_word_embeddings: bool = True) -> str:
     """Train the tokenizer, initialise the model from `seed`, save both to `out_dir` atomically.
-    `tie_word_embeddings=False` gives lm_head its own weight, as Qwen2.5-7B, Qwen3-8B and Llama 3 have."""
+
+    `tie_word_embeddings=False` gives the LM head its own matrix (as Qwen2.5-7B, Qwen3-8B and Llama 3 have), so the
+    code paths that treat untied heads differently (the LoRA span rows, the weight sync's read-back) are tested too."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -124,8 +126,8 @@ def build_tiny_model(out_dir: str, size: str = "tiny", seed: int = 0, overwrite:
 
 def cmd_init_model(args) -> int:
     """`kardia-rl init-model --out DIR`: build a tiny/small local Qwen2 model and tokenizer (no downloads)."""
-    out = build_tiny_model(args.out, args.size, args.seed, args.overwrite)
-    print(f"built {args.size} model and tokenizer in {out}")
+    out = build_tiny_model(args.out, args.size, args.seed, args.overwrite, tie_word_embeddings=not args.untied)
+    print(f"built {args.size} model{' (untied LM head)' if args.untied else ''} and tokenizer in {out}")
     return 0
 
 
@@ -134,6 +136,8 @@ def configure_init_model(p) -> None:
     p.add_argument("--size", default="tiny", choices=list(SIZES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--untied", action="store_true", help="give the LM head its own matrix (default: tied to the "
+                                                         "input embedding)")
 
 
 cmd_init_model.configure = configure_init_model

@@ -135,12 +135,13 @@ def test_untied_lora_sft_separates_the_span_logits_and_opens_the_four_spans(tiny
     path = _mean_initialised(tiny_untied_model_dir, str(tmp_path / "model"))
     cfg = load_config("conf/tiny.yaml", [f"model.path={path}", "model.lora.enabled=true", f"learner.zero_stage={stage}",
                                          "sft.lr=1e-2", "sft.warmup_steps=0", "data.max_history_turns=1",
-                                         f"model.dtype={dtype}", "model.max_new_tokens=24",
+                                         f"model.dtype={dtype}", "model.max_new_tokens=48",
                                          "model.lora.span_rows_lr_scale=10"])
     steps = 60
     torch.manual_seed(0)  # the adapters' initialisation
     learner = DeepSpeedLearner(cfg, path, optim=OptimSpec.sft(cfg, total_steps=steps))
-    samples = [dataclasses.replace(s, target=render_spans("sad", "why", s.emotion, "ok"))  # short four-span targets
+    # short four-span targets with fixed words: what is learnt here is the span tokens, not the emotion labels
+    samples = [dataclasses.replace(s, target=render_spans("sad", "why", "hurt", "ok"))
                for s in load_training_turns(cfg)[0][:8]]
     examples, _, _ = build_examples(samples, learner.tokenizer, cfg)
     batch = _collate([(e.input_ids, e.labels, None) for e in examples], learner.tokenizer.pad_token_id)
@@ -165,6 +166,7 @@ def test_untied_lora_sft_separates_the_span_logits_and_opens_the_four_spans(tiny
         return min(at) >= 0 and at == sorted(at)
 
     answers = generate_answers(learner, samples, cfg)
-    assert all(opens_four(a) for a in answers), answers
+    print("\n".join(answers))
+    assert all(opens_four(a) for a in answers), "\n".join(answers)
     exported = AutoModelForCausalLM.from_pretrained(learner.save_pretrained(str(tmp_path / "out"))).eval()
     assert spread(exported) == pytest.approx(after, rel=0.05, abs=0.05)  # the engines get the merged rows

@@ -14,14 +14,7 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_known_harmless_vllm_warnings_are_dropped_and_others_kept():
-    from kardia_rl.engines.vllm_compat import HARMLESS_WARNINGS, drop_known_harmless_warnings
-
-    drop_known_harmless_warnings()
-    drop_known_harmless_warnings()  # idempotent: one filter per logger
-    name = "vllm.model_executor.model_loader.reload.layerwise"
-    log = logging.getLogger(name)
-    assert len(log.filters) == len({id(f) for f in log.filters}) and len(HARMLESS_WARNINGS[name]) == 2
+def _emit_reload_warnings(log) -> list[str]:
     sink = _Collect()
     log.addHandler(sink)
     try:
@@ -31,7 +24,31 @@ def test_known_harmless_vllm_warnings_are_dropped_and_others_kept():
         log.warning("something else entirely")
     finally:
         log.removeHandler(sink)
-    assert sink.messages == ["QKVParallelLinear: Failed to load weights", "something else entirely"]
+    return sink.messages
+
+
+def test_known_harmless_vllm_warnings_are_dropped_and_others_kept():
+    from types import SimpleNamespace
+
+    from kardia_rl.engines.vllm_compat import (HARMLESS_WARNINGS, TIED_HEAD_WARNING, _DropHarmless,
+                                               drop_known_harmless_warnings, quiet_tied_head_warning)
+
+    name = "vllm.model_executor.model_loader.reload.layerwise"
+    log = logging.getLogger(name)
+    for f in [f for f in log.filters if isinstance(f, _DropHarmless) and f.prefixes == (TIED_HEAD_WARNING,)]:
+        log.removeFilter(f)  # an engine built earlier in this process may have installed it (tied model)
+    drop_known_harmless_warnings()
+    drop_known_harmless_warnings()  # idempotent: one filter per logger
+    assert len(log.filters) == len({id(f) for f in log.filters}) and len(HARMLESS_WARNINGS[name]) == 1
+    # an untied head that got no weights means vLLM put the old head back: the warning must show
+    assert _emit_reload_warnings(log) == ["ParallelLMHead: Failed to load weights",
+                                          "QKVParallelLinear: Failed to load weights", "something else entirely"]
+    quiet_tied_head_warning(SimpleNamespace(tie_word_embeddings=False))
+    assert "ParallelLMHead: Failed to load weights" in _emit_reload_warnings(log)
+    quiet_tied_head_warning(SimpleNamespace(tie_word_embeddings=True))  # a tied head gets nothing: expected
+    quiet_tied_head_warning(SimpleNamespace(tie_word_embeddings=True))
+    assert _emit_reload_warnings(log) == ["QKVParallelLinear: Failed to load weights", "something else entirely"]
+    assert sum(isinstance(f, _DropHarmless) and f.prefixes == (TIED_HEAD_WARNING,) for f in log.filters) == 1
 
 
 def test_engine_log_level_is_a_checked_key_and_reaches_ray_workers(monkeypatch):

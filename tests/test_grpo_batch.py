@@ -39,6 +39,7 @@ def _trainer(*overrides):
     tr.tokenizer, tr.learner = SimpleNamespace(pad_token_id=0), FakeLearner()
     tr.reward, tr.judge, tr.dims = SimpleNamespace(stats_summary=dict), SimpleNamespace(actor_failures=0, step_counters=dict), \
         RUBRIC_DIMENSIONS
+    tr.rollout = SimpleNamespace(step_restarts=0)  # the rollout group's per-step restart count (metrics)
     return tr
 
 
@@ -162,7 +163,7 @@ def test_rollout_group_refuses_to_queue_on_a_busy_actor():
     group = RolloutGroup.__new__(RolloutGroup)  # only the dispatch state: no Ray actors are started
     group.cfg = load_config(TINY)
     group.actors = [SimpleNamespace(generate=SimpleNamespace(remote=lambda *a: a)) for _ in range(2)]
-    group.outstanding, group.in_flight = [0, 0], {}
+    group.outstanding, group.in_flight, group.incarnation, group._faults = [0, 0], {}, [0, 0], {}
     first, second = group.submit([[1]], 2, seed=0)[0], group.submit([[2]], 2, seed=1)[0]
     assert {first, second} == {0, 1}
     with pytest.raises(RuntimeError, match="busy"):
@@ -177,7 +178,7 @@ def test_rollout_group_sends_an_explicit_zero_temperature():
     group = RolloutGroup.__new__(RolloutGroup)  # only the dispatch state: no Ray actors are started
     group.cfg = load_config(TINY, ["rollout.temperature=0.7"])
     group.actors = [SimpleNamespace(generate=SimpleNamespace(remote=lambda *a: a))]
-    group.outstanding, group.in_flight = [0], {}
+    group.outstanding, group.in_flight, group.incarnation, group._faults = [0], {}, [0], {}
     assert group.submit([[1]], 2, seed=0, temperature=0.0)[1][2] == 0.0  # not replaced by rollout.temperature
     group.done(0)
     assert group.submit([[1]], 2, seed=0)[1][2] == 0.7  # None: the config's

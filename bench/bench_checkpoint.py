@@ -27,6 +27,7 @@ computed in this process and counted by the _digest wrapper (thread-safe: hash_f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -65,22 +66,29 @@ def files_only_learner(ck):
     return save
 
 
-def run_files_only(args, work: str) -> dict:
-    """--files-only: every checksum is computed in this process, so the _digest wrapper counts them all."""
-    import kardia_rl.trainer.checkpoint as ck
-
-    hashed = [0]
-    real_digest = ck._digest
-
-    lock = threading.Lock()
+@contextlib.contextmanager
+def counted_digests(ck):
+    """Counts (thread-safe: hash_files hashes in threads) every byte this process hashes through ck._digest, the
+    one function every checksum of the checkpoint manager goes through; yields the one-element counter."""
+    counter, real_digest, lock = [0], ck._digest, threading.Lock()
 
     def counting(path: str) -> str:
         with lock:
-            hashed[0] += os.path.getsize(path)
+            counter[0] += os.path.getsize(path)
         return real_digest(path)
 
     ck._digest = counting
     try:
+        yield counter
+    finally:
+        ck._digest = real_digest
+
+
+def run_files_only(args, work: str) -> dict:
+    """--files-only: every checksum is computed in this process, so the _digest wrapper counts them all."""
+    import kardia_rl.trainer.checkpoint as ck
+
+    with counted_digests(ck) as hashed:
         mgr = ck.CheckpointManager(os.path.join(work, "run"), args.keep_last)
         rows = []
         for step in range(1, args.saves + 1):
@@ -95,8 +103,6 @@ def run_files_only(args, work: str) -> dict:
         resume = {"resume_lookup": os.path.basename(chosen), "hashed": hashed[0],
                   "hashed_over_checkpoint": round(hashed[0] / _size(chosen), 3)}
         print(json.dumps(resume), flush=True)
-    finally:
-        ck._digest = real_digest
     steady = rows[args.keep_last:] or rows
     return {"mode": "files-only", "keep_last": args.keep_last, "saves": args.saves,
             "checkpoint_bytes": rows[-1]["checkpoint_bytes"],
@@ -122,53 +128,43 @@ def run(args, work: str) -> dict:
         f"run_dir={work}/run", f"model.path={model}", "model.dtype=float32", "algo.kl_beta=0",
         f"learner.num_workers={args.ranks}", f"learner.zero_stage={args.zero_stage}",
         f"checkpoint.keep_last={args.keep_last}"])
-    driver_bytes = [0]
-    real_digest = ck._digest
-
-    lock = threading.Lock()
-
-    def counting(path: str) -> str:
-        with lock:
-            driver_bytes[0] += os.path.getsize(path)
-        return real_digest(path)
-
-    ck._digest = counting
-    init_ray(num_cpus=2)
-    learner = LearnerGroup(cfg, model)
-    # One GRPO train_step before each save, as in a run: the checkpoint then holds AdamW's moments too.
-    g = torch.Generator().manual_seed(0)
-    n = 2 * args.ranks
-    prompts = [torch.randint(10, 1000, (16,), generator=g).tolist() for _ in range(n)]
-    responses = [torch.randint(10, 1000, (16,), generator=g).tolist() for _ in range(n)]
-    batch = collate_rollout(prompts, responses, 0, advantages=group_advantages(torch.rand(n, generator=g), 2).advantages)
-    rows = []
-    try:
-        mgr = ck.CheckpointManager(cfg.run_dir, cfg.checkpoint.keep_last)
-        for step in range(1, args.saves + 1):
-            learner.train_step(batch)
+    with counted_digests(ck) as driver_bytes:
+        init_ray(num_cpus=2)
+        learner = LearnerGroup(cfg, model)
+        # One GRPO train_step before each save, as in a run: the checkpoint then holds AdamW's moments too.
+        g = torch.Generator().manual_seed(0)
+        n = 2 * args.ranks
+        prompts = [torch.randint(10, 1000, (16,), generator=g).tolist() for _ in range(n)]
+        responses = [torch.randint(10, 1000, (16,), generator=g).tolist() for _ in range(n)]
+        batch = collate_rollout(prompts, responses, 0,
+                                advantages=group_advantages(torch.rand(n, generator=g), 2).advantages)
+        rows = []
+        try:
+            mgr = ck.CheckpointManager(cfg.run_dir, cfg.checkpoint.keep_last)
+            for step in range(1, args.saves + 1):
+                learner.train_step(batch)
+                driver_bytes[0] = 0
+                t0 = time.perf_counter()
+                path = mgr.save(step, {"bench": step}, learner.save_checkpoint)
+                secs = time.perf_counter() - t0
+                with open(os.path.join(path, "manifest.json")) as f:
+                    verdict = json.load(f).get("verified", {})
+                ranks = sum(v for k, v in verdict.get("hashed_bytes", {}).items() if k != "driver")
+                size = _size(path)
+                rows.append({"save": step, "checkpoint_bytes": size, "on_disk_checkpoints": len(mgr.steps()),
+                             "hashed_by_driver": driver_bytes[0], "hashed_by_ranks": ranks,
+                             "hashed_total": driver_bytes[0] + ranks,
+                             "hashed_over_checkpoint": round((driver_bytes[0] + ranks) / size, 3),
+                             "seconds": round(secs, 3)})
+                print(json.dumps(rows[-1]), flush=True)
             driver_bytes[0] = 0
-            t0 = time.perf_counter()
-            path = mgr.save(step, {"bench": step}, learner.save_checkpoint)
-            secs = time.perf_counter() - t0
-            with open(os.path.join(path, "manifest.json")) as f:
-                verdict = json.load(f).get("verified", {})
-            ranks = sum(v for k, v in verdict.get("hashed_bytes", {}).items() if k != "driver")
-            size = _size(path)
-            rows.append({"save": step, "checkpoint_bytes": size, "on_disk_checkpoints": len(mgr.steps()),
-                         "hashed_by_driver": driver_bytes[0], "hashed_by_ranks": ranks,
-                         "hashed_total": driver_bytes[0] + ranks,
-                         "hashed_over_checkpoint": round((driver_bytes[0] + ranks) / size, 3),
-                         "seconds": round(secs, 3)})
-            print(json.dumps(rows[-1]), flush=True)
-        driver_bytes[0] = 0
-        chosen = mgr.latest()
-        resume = {"resume_lookup": os.path.basename(chosen), "hashed_by_driver": driver_bytes[0],
-                  "hashed_over_checkpoint": round(driver_bytes[0] / _size(chosen), 3)}
-        print(json.dumps(resume), flush=True)
-    finally:
-        learner.shutdown()
-        ray.shutdown()
-        ck._digest = real_digest
+            chosen = mgr.latest()
+            resume = {"resume_lookup": os.path.basename(chosen), "hashed_by_driver": driver_bytes[0],
+                      "hashed_over_checkpoint": round(driver_bytes[0] / _size(chosen), 3)}
+            print(json.dumps(resume), flush=True)
+        finally:
+            learner.shutdown()
+            ray.shutdown()
     steady = rows[args.keep_last:] or rows
     return {"size": args.size, "ranks": args.ranks, "zero_stage": args.zero_stage, "keep_last": args.keep_last,
             "saves": args.saves, "checkpoint_bytes": rows[-1]["checkpoint_bytes"],

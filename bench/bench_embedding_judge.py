@@ -89,8 +89,8 @@ def main(argv=None) -> int:
     print(__doc__.split("Method (also printed by the run):\n")[1])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_config(os.path.join(root, "conf", "tiny.yaml"),
-                      ["data.max_history_turns=1", "judge.backend=embedding", "judge.judge_malformed=true",
-                       f"judge.calibration={args.calibration}"])
+                      ["data.max_history_turns=1", "judge.backend=embedding", "judge.judge_malformed=true"]
+                      + ([f"judge.calibration={args.calibration}"] if args.calibration else []))  # `key=` reads as None
     samples = bench_samples(args.prompts)
     n, total = args.group_size, args.warmup + args.steps
     with tempfile.TemporaryDirectory(prefix="kardia-bench-judge-") as work:

@@ -6,6 +6,9 @@ The quick tests build peft models directly; the SFT test (about 20-30 s per dtyp
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -117,13 +120,9 @@ def test_reference_forward_substitutes_only_tensors_on_the_modules_device_and_dt
         torch.func.functional_call(model, {name: copy0}, args=(), kwargs={"input_ids": x})
 
 
-@pytest.mark.ray
-@pytest.mark.parametrize("dtype,stage", [("float32", 0), ("bfloat16", 2)])
-def test_untied_lora_sft_separates_the_span_logits_and_opens_the_four_spans(tiny_untied_model_dir, tmp_path,
-                                                                            dtype, stage):
-    """Issue 21: on an untied model the head's 8 span rows started equal and were frozen under LoRA, so the span
-    logits stayed identical (spread exactly 0.0) and no answer could open the spans in order. After a short LoRA
-    SFT the spread is large and every greedy answer opens the four spans, from the learner and from its export."""
+def _untied_lora_sft(model_dir: str, work: str, dtype: str, stage: int) -> dict:
+    """A short LoRA SFT of the mean-initialised untied model (in a spawned child, see the test): the span-logit
+    spread before and after, the greedy answers, and the spread of the exported model."""
     from transformers import AutoModelForCausalLM
 
     from kardia_rl.data.encoding import load_training_turns
@@ -132,7 +131,7 @@ def test_untied_lora_sft_separates_the_span_logits_and_opens_the_four_spans(tiny
     from kardia_rl.learner.sft import _collate, generate_answers
     from kardia_rl.learner.sft_data import build_examples
 
-    path = _mean_initialised(tiny_untied_model_dir, str(tmp_path / "model"))
+    path = _mean_initialised(model_dir, os.path.join(work, "model"))
     cfg = load_config("conf/tiny.yaml", [f"model.path={path}", "model.lora.enabled=true", f"learner.zero_stage={stage}",
                                          "sft.lr=1e-2", "sft.warmup_steps=0", "data.max_history_turns=1",
                                          f"model.dtype={dtype}", "model.max_new_tokens=48",
@@ -153,20 +152,39 @@ def test_untied_lora_sft_separates_the_span_logits_and_opens_the_four_spans(tiny
             logits = model(input_ids=prompt).logits[0, -1, ids].float()
         return float(logits.max() - logits.min())
 
-    assert spread(learner.module) == 0.0  # mean-initialised rows: one shared span logit
+    before = spread(learner.module)
     for _ in range(steps):
         learner.sft_step(batch)
     after = spread(learner.module)
-    print(f"span-logit spread (max - min of the 8 span logits at the answer's first position), {dtype}: {after:.3f}")
-    assert after > 1.0
+    answers = generate_answers(learner, samples, cfg)
+    exported = AutoModelForCausalLM.from_pretrained(learner.save_pretrained(os.path.join(work, "out"))).eval()
+    return {"before": before, "after": after, "answers": answers, "exported": spread(exported)}
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("dtype,stage", [("float32", 0), ("bfloat16", 2)])
+def test_untied_lora_sft_separates_the_span_logits_and_opens_the_four_spans(tiny_untied_model_dir, tmp_path,
+                                                                            dtype, stage, monkeypatch):
+    """Issue 21: on an untied model the head's 8 span rows started equal and were frozen under LoRA, so the span
+    logits stayed identical (spread exactly 0.0) and no answer could open the spans in order. After a short LoRA
+    SFT the spread is large and every greedy answer opens the four spans, from the learner and from its export.
+
+    In a spawned child: an earlier in-process engine or learner of the same pytest process leaves torch.distributed
+    groups that DeepSpeed's initialize trips over ("Group ... is not registered"), and the child must not inherit
+    the MASTER_PORT an earlier in-process learner set (its store still listens there)."""
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        res = pool.submit(_untied_lora_sft, tiny_untied_model_dir, str(tmp_path), dtype, stage).result()
+    assert res["before"] == 0.0  # mean-initialised rows: one shared span logit
+    print(f"span-logit spread (max - min of the 8 span logits at the answer's first position), {dtype}: "
+          f"{res['after']:.3f}")
+    assert res["after"] > 1.0
     begins = [t for t in SPAN_TOKENS if t.endswith("_begin|>")]
 
     def opens_four(text: str) -> bool:
         at = [text.find(t) for t in begins]
         return min(at) >= 0 and at == sorted(at)
 
-    answers = generate_answers(learner, samples, cfg)
-    print("\n".join(answers))
-    assert all(opens_four(a) for a in answers), "\n".join(answers)
-    exported = AutoModelForCausalLM.from_pretrained(learner.save_pretrained(str(tmp_path / "out"))).eval()
-    assert spread(exported) == pytest.approx(after, rel=0.05, abs=0.05)  # the engines get the merged rows
+    print("\n".join(res["answers"]))
+    assert all(opens_four(a) for a in res["answers"]), "\n".join(res["answers"])
+    assert res["exported"] == pytest.approx(res["after"], rel=0.05, abs=0.05)  # the engines get the merged rows

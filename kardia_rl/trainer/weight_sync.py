@@ -110,6 +110,7 @@ class WeightSync:
         self.collective = r.weight_sync == "collective" or (r.weight_sync == "auto" and r.engine == "vllm")
         self.engine_dtype = resolve_dtype(cfg.model.dtype, on_gpu=r.gpus_per_actor > 0)
         self.fix_tied, self.syncs, self.version = fix_tied, 0, "initial"
+        self.group_open = False  # False after a failed send: learner rank 0 closed it (LearnerActor._close_sync)
         if self.collective:
             self._init_group()
 
@@ -118,10 +119,13 @@ class WeightSync:
         r = self.cfg.rollout
         self.learner.init_weight_sync(self.rollout.actors, r.sync_bucket_mb << 20, r.sync_timeout_s, self.fix_tied,
                                       workers_per_engine=max(1, int(r.gpus_per_actor)))  # = TP size
+        self.group_open = True
 
     def sync(self, version: str) -> dict:
         """Move the learner's weights into every engine; returns metrics (verification ones when due)."""
         if self.collective:
+            if not self.group_open:  # the last send failed (e.g. an integrity check) and closed the group
+                self._init_group()
             out = self._send(version)
             metrics = {"rollout/sync_bytes": out["bytes"],
                        "perf/weight_sync_gb_per_s": out["bytes"] / 1e9 / max(out["seconds"], 1e-9),
@@ -150,10 +154,13 @@ class WeightSync:
         return self.verify()
 
     def _send(self, version: str) -> dict:
+        self.group_open = False  # until it succeeds: a failed send closes the group in learner rank 0
         try:
-            return self.learner.send_weights(version)
+            out = self.learner.send_weights(version)
         except KardiaError as e:  # raised in learner rank 0: the user gets its one line, not Ray's traceback
             raise KardiaError(str(getattr(e, "cause", None) or e)) from None
+        self.group_open = True
+        return out
 
     def verify(self) -> dict:
         from kardia_rl.engines.verify import check_sync

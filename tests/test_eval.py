@@ -11,10 +11,11 @@ from conftest import FunctionJudge, require
 
 from kardia_rl.cli import main
 from kardia_rl.data import expand_turns, load_dialogues, normalize_emotion
+from kardia_rl.data.splits import select_subset
 from kardia_rl.engines import Completion
 from kardia_rl.errors import DataError, KardiaError
 from kardia_rl.evaluation.cli import model_names
-from kardia_rl.evaluation.harness import load_eval_samples, score_rows, select_subset
+from kardia_rl.evaluation.harness import load_eval_samples, score_rows
 from kardia_rl.rewards.answer_metrics import distinct_n, recompute_metrics
 from kardia_rl.evaluation.report import main_table, render_eval_markdown
 from kardia_rl.format.spans import parse_spans, render_spans

@@ -20,9 +20,9 @@ import time
 from typing import Optional, Sequence
 
 from kardia_rl.data import TurnSample, expand_turns, label_set, load_dialogues, split_dialogues
-from kardia_rl.data.splits import select_subset  # noqa: F401 (the eval subset: also GRPO's validation prompts)
+from kardia_rl.data.splits import select_subset  # the eval subset (also GRPO's validation prompts)
 from kardia_rl.errors import KardiaError
-from kardia_rl.rewards.answer_metrics import recompute_metrics, sample_row, spans_and_response  # noqa: F401
+from kardia_rl.rewards.answer_metrics import recompute_metrics, sample_row
 from kardia_rl.rewards.offline import close_judge, score_chunked
 
 SPLITS = ("test", "validation", "train")

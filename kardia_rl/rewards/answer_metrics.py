@@ -67,7 +67,7 @@ def _emotion_correct(row: dict) -> bool:
 
 
 def recompute_metrics(rows: Sequence[dict]) -> dict:
-    """Every number of the evaluation report for one model, from its sample rows (harness.sample_row)."""
+    """Every number of the evaluation report for one model, from its sample rows (sample_row)."""
     n = len(rows)
     if n == 0:
         raise ValueError("recompute_metrics: no sample rows")

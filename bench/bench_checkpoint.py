@@ -5,7 +5,7 @@ no reference model) on a local random model (`--size`, kardia_rl.model.tiny); on
 batch before each save (so the optimizer moments exist, as in a run); `--saves` checkpoints in a row through
 CheckpointManager.save with checkpoint.keep_last=`--keep-last`, exactly as the driver saves (the learner group's
 save_checkpoint is the learner callback). Bytes hashed are counted, not timed: in the driver by wrapping
-kardia_rl.trainer.checkpoint._digest (every checksum the manager computes goes through it: the manifest, pruning's
+kardia_rl.cluster.checkpoint._digest (every checksum the manager computes goes through it: the manifest, pruning's
 verification), and in the learner ranks from what each checkpoint's manifest records they hashed
 (`verified.hashed_bytes`; a version without that record hashed nothing in the ranks). One checkpoint = the bytes
 of its files (manifest excluded). After the saves, one resume lookup (`latest()`, which verifies every checksum
@@ -86,7 +86,7 @@ def counted_digests(ck):
 
 def run_files_only(args, work: str) -> dict:
     """--files-only: every checksum is computed in this process, so the _digest wrapper counts them all."""
-    import kardia_rl.trainer.checkpoint as ck
+    import kardia_rl.cluster.checkpoint as ck
 
     with counted_digests(ck) as hashed:
         mgr = ck.CheckpointManager(os.path.join(work, "run"), args.keep_last)
@@ -112,11 +112,11 @@ def run_files_only(args, work: str) -> dict:
 def run(args, work: str) -> dict:
     import ray
 
-    import kardia_rl.trainer.checkpoint as ck
+    import kardia_rl.cluster.checkpoint as ck
     from kardia_rl.config import load_config
     from kardia_rl.model.tiny import build_tiny_model
-    from kardia_rl.trainer.learner_group import LearnerGroup
-    from kardia_rl.trainer.ray_cluster import init_ray
+    from kardia_rl.cluster.learner_group import LearnerGroup
+    from kardia_rl.cluster.ray_cluster import init_ray
 
     import torch
 

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     from kardia_rl.config import load_config
     from kardia_rl.rewards.judge.embedding import EmbeddingJudge
     from kardia_rl.rewards.unified import UnifiedReward
-    from kardia_rl.trainer.rollout import contiguous_chunks
+    from kardia_rl.cluster.rollout import contiguous_chunks
 
     print(f"bench_embedding_judge: {' '.join(sys.argv[1:]) or '(defaults)'}")
     print(f"start: {load_line()}")

@@ -59,7 +59,7 @@ def worker(args) -> dict:
     startup = time.perf_counter() - t0
     prompts = build_prompts(engine.tokenizer, args.prompts)
     kw = dict(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
-    from kardia_rl.trainer.rollout import contiguous_chunks
+    from kardia_rl.cluster.rollout import contiguous_chunks
 
     splits = [int(k) for k in args.split_calls.split(",")]
     rates: dict[int, list[float]] = {k: [] for k in splits}

@@ -156,7 +156,7 @@ def diagnose_ours(tr, args) -> dict:
         inside = ray.get(learn_actor.__ray_call__.remote(timed_train, batch))
         res.append({"driver_s": time.perf_counter() - t, "in_actor_s": inside})
     d["train_step"] = res[-1]
-    # The weight sync as the driver runs it (trainer/weight_sync.py), split into the transfer and the check:
+    # The weight sync as the driver runs it (cluster/weight_sync.py), split into the transfer and the check:
     # the engines score the probe, learner rank 0 scores it with its own forward.
     ws = tr.weight_sync
     t = time.perf_counter()
@@ -366,7 +366,7 @@ def main(argv=None) -> int:
 
     if args.omp_threads:
         torch.set_num_threads(args.omp_threads)
-    from kardia_rl.trainer.ray_cluster import init_ray
+    from kardia_rl.cluster.ray_cluster import init_ray
 
     print(f"bench_grpo_step: {' '.join(sys.argv[1:]) or '(defaults)'}")
     print(f"start: {load_line()}; torch threads in this process {torch.get_num_threads()}; "

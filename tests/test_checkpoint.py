@@ -8,7 +8,7 @@ import os
 import pytest
 
 from kardia_rl.errors import KardiaError
-from kardia_rl.trainer.checkpoint import CheckpointManager, verify_checkpoint
+from kardia_rl.cluster.checkpoint import CheckpointManager, verify_checkpoint
 
 
 def _learner(payload: bytes):
@@ -99,7 +99,7 @@ def test_checkpoints_command_lists_status_and_exit_codes(tmp_path, capsys):
 
 def _sharded(shards: dict):
     """A learner save as the learner group does it: write rank files, return what each rank hashed."""
-    from kardia_rl.trainer.checkpoint import hash_files, rank_share
+    from kardia_rl.cluster.checkpoint import hash_files, rank_share
 
     def save(d: str) -> dict:
         for rel, payload in shards.items():
@@ -119,7 +119,7 @@ SHARDS = {"latest": b"step1", "step1/mp_rank_00_model_states.pt": b"m" * 3000,
 
 
 def test_rank_shares_cover_every_file_once_and_each_rank_hashes_its_own_shard(tmp_path):
-    from kardia_rl.trainer.checkpoint import rank_share
+    from kardia_rl.cluster.checkpoint import rank_share
 
     _sharded(SHARDS)(str(tmp_path))
     shares = [rank_share(str(tmp_path), r, 2) for r in range(2)]
@@ -129,7 +129,7 @@ def test_rank_shares_cover_every_file_once_and_each_rank_hashes_its_own_shard(tm
 
 
 def test_each_save_hashes_one_checkpoint_and_prunes_by_name(tmp_path, monkeypatch):
-    import kardia_rl.trainer.checkpoint as ck
+    import kardia_rl.cluster.checkpoint as ck
 
     hashed = []
     real = ck._digest

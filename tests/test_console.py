@@ -62,7 +62,7 @@ def test_engine_log_level_is_a_checked_key_and_reaches_ray_workers(monkeypatch):
         load_config(None, ["logging.engine_log_level=loud"])
     import ray
 
-    from kardia_rl.trainer.ray_cluster import init_ray
+    from kardia_rl.cluster.ray_cluster import init_ray
 
     seen = {}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

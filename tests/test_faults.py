@@ -24,7 +24,7 @@ def test_killed_learner_rank_is_survived_by_auto_resume(sft_model_dir, tmp_path)
     import ray
 
     from kardia_rl.config import load_config
-    from kardia_rl.trainer.ray_cluster import init_ray
+    from kardia_rl.cluster.ray_cluster import init_ray
     from kardia_rl.trainer.run import run_train
 
     run = tmp_path / "run"
@@ -75,7 +75,7 @@ def test_failure_past_auto_resume_is_one_line_naming_the_way_back(monkeypatch, t
     with pytest.raises(ValueError):  # not retried: it would fail the same way again
         run.run_train(cfg)
 
-    from kardia_rl.trainer.preemption import ActorLost, retryable
+    from kardia_rl.cluster.preemption import ActorLost, retryable
     assert retryable(ActorLost("rollout actor 1 died ... rollout.max_restarts_per_step=2")), \
         "deaths past the in-place budget are auto_resume's"
 
@@ -83,7 +83,7 @@ def test_failure_past_auto_resume_is_one_line_naming_the_way_back(monkeypatch, t
 def test_sigterm_abandons_only_the_abandonable_part_of_a_step():
     """Inside abandonable() (generation, judging) SIGTERM raises Abandoned, which `except Exception` cannot swallow;
     elsewhere (the update, the sync: the learner's state is changing) it only asks to stop at the step's end."""
-    from kardia_rl.trainer.preemption import Abandoned, StopSignal
+    from kardia_rl.cluster.preemption import Abandoned, StopSignal
 
     with StopSignal() as stop:
         with pytest.raises(Abandoned):
@@ -102,7 +102,7 @@ def test_unreachable_ray_cluster_is_one_clear_line(monkeypatch):
     import ray
 
     from kardia_rl.errors import KardiaError
-    from kardia_rl.trainer.ray_cluster import init_ray
+    from kardia_rl.cluster.ray_cluster import init_ray
 
     assert not ray.is_initialized(), "a previous test left its Ray cluster connected"
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -153,7 +153,7 @@ def test_judge_storm_is_survived_and_counted_in_the_log(sft_model_dir, tmp_path)
 
 # --- a rollout actor that dies mid-step -----------------------------------------------------------------------
 def _rollout_with_deaths(die_on=(), max_restarts=2, recover=True):
-    from kardia_rl.trainer.rollout import generate_and_score
+    from kardia_rl.cluster.rollout import generate_and_score
 
     group, replaced = DyingGroup(2, die_on), []
     out = generate_and_score(group, LengthReward(), list(range(4)), [[100 + j] for j in range(4)], n=3, seed=7, step=2,
@@ -198,7 +198,7 @@ def undisturbed(sft_model_dir, tmp_path_factory):
 def test_rollout_actors_killed_in_every_phase_are_replaced_and_the_run_matches(undisturbed, sft_model_dir, tmp_path):
     """kill -9 of a rollout actor during generation, judging, weight sync, verification and a checkpoint, two in
     one step each time: every step completes, every death is counted, and the numbers equal an undisturbed run."""
-    from kardia_rl.trainer.rollout_group import FAULT_FILE_ENV
+    from kardia_rl.cluster.rollout_group import FAULT_FILE_ENV
 
     faults = tmp_path / "faults"
     faults.write_text("generation 1 0\n"     # step 1: actor 0 dies in its generate call, and actor 1 while its
@@ -226,8 +226,8 @@ def test_rollout_actors_killed_in_every_phase_are_replaced_and_the_run_matches(u
 def test_sigterm_during_generation_checkpoints_at_once_and_resume_matches(undisturbed, sft_model_dir, tmp_path):
     """SIGTERM while an engine is still generating step 2: generation is abandoned, step 1 (what the learner holds)
     is checkpointed at once, exit 143 with one line; the resumed run equals an undisturbed one."""
-    from kardia_rl.trainer.checkpoint import CheckpointManager
-    from kardia_rl.trainer.rollout_group import FAULT_FILE_ENV
+    from kardia_rl.cluster.checkpoint import CheckpointManager
+    from kardia_rl.cluster.rollout_group import FAULT_FILE_ENV
 
     faults = tmp_path / "faults"
     faults.write_text("generation 2 0 hold\n")  # actor 0 blocks in step 2's generate call (a very long generation)

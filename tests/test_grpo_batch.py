@@ -14,7 +14,7 @@ from kardia_rl.algo import group_advantages
 from kardia_rl.config import RUBRIC_DIMENSIONS, load_config
 from kardia_rl.engines.base import Completion
 from kardia_rl.rewards.unified import RewardBreakdown
-from kardia_rl.trainer.rollout import Rollout, generate_and_score
+from kardia_rl.cluster.rollout import Rollout, generate_and_score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "conf", "tiny.yaml")
@@ -158,7 +158,7 @@ def test_results_do_not_depend_on_which_actor_served_a_chunk():
 
 
 def test_rollout_group_refuses_to_queue_on_a_busy_actor():
-    from kardia_rl.trainer.rollout_group import RolloutGroup
+    from kardia_rl.cluster.rollout_group import RolloutGroup
 
     group = RolloutGroup.__new__(RolloutGroup)  # only the dispatch state: no Ray actors are started
     group.cfg = load_config(TINY)
@@ -173,7 +173,7 @@ def test_rollout_group_refuses_to_queue_on_a_busy_actor():
 
 
 def test_rollout_group_sends_an_explicit_zero_temperature():
-    from kardia_rl.trainer.rollout_group import RolloutGroup
+    from kardia_rl.cluster.rollout_group import RolloutGroup
 
     group = RolloutGroup.__new__(RolloutGroup)  # only the dispatch state: no Ray actors are started
     group.cfg = load_config(TINY, ["rollout.temperature=0.7"])

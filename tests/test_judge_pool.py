@@ -27,7 +27,7 @@ CRASH_FILE = os.path.join(tempfile.mkdtemp(prefix="kardia-judge-pool-"), "crash"
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    from kardia_rl.trainer.judge_pool import FAULT_FILE_ENV
+    from kardia_rl.cluster.judge_pool import FAULT_FILE_ENV
 
     with local_ray({FAULT_FILE_ENV: CRASH_FILE}):
         yield
@@ -54,7 +54,7 @@ def test_pool_attempts_follow_the_config_key(ray_cluster, tmp_path):
     other actor and judged."""
     from kardia_rl.config import load_config
     from kardia_rl.rewards.judge.base import JudgeRequest
-    from kardia_rl.trainer.judge_pool import JudgePool
+    from kardia_rl.cluster.judge_pool import JudgePool
 
     req = JudgeRequest("Mia, 34, nurse", "She lost her job.", (("user", "I feel useless."),), "That sounds heavy.", "g")
     with ScriptedJudgeServer() as server:

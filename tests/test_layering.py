@@ -26,9 +26,11 @@ TIERS: list[set[str]] = [
     {"algo", "engines", "monitoring", "plan"},   # pure GRPO math; generation engines; logging; cluster planning
     {"rewards"},                                 # format/emotion rewards and judges (the vllm judge uses engines)
     {"learner"},                                 # DeepSpeed learner and SFT (emotion credit from rewards)
-    {"trainer"},                                 # the Ray GRPO driver, rollout and learner groups
+    {"cluster"},                                 # the Ray runtime of every stage: cluster start-up, rollout group,
+                                                 # judge pool, learner group, weight sync, checkpoints, preemption
+    {"trainer"},                                 # GRPO: the driver's step, its rollout and validation
     {"evaluation", "curriculum", "chat", "synth"},  # applications: eval, difficulty split (crossfit SFT via
-                                                    # trainer), interactive chat, KardiaBench synthesis
+                                                    # cluster), interactive chat, KardiaBench synthesis
     {"pipeline"},                                # the whole recipe
     {"cli"},                                     # the command line
 ]

@@ -70,7 +70,7 @@ class FakeWork:
 
 
 def write_best(best_dir: str, step: int, reward: float, manifest: bool = True) -> None:
-    from kardia_rl.trainer.checkpoint import write_manifest
+    from kardia_rl.cluster.checkpoint import write_manifest
 
     os.makedirs(best_dir, exist_ok=True)
     with open(os.path.join(best_dir, "config.json"), "w") as f:
@@ -87,7 +87,7 @@ def work(tmp_path, monkeypatch):
     import kardia_rl.evaluation.harness
     import kardia_rl.model.prepare
     import kardia_rl.plan
-    import kardia_rl.trainer.learner_group
+    import kardia_rl.cluster.learner_group
     import kardia_rl.trainer.run
 
     fake = FakeWork(str(tmp_path / "prepared-model"))
@@ -96,7 +96,7 @@ def work(tmp_path, monkeypatch):
     monkeypatch.setattr(kardia_rl.model.prepare, "ensure_prepared", fake.ensure_prepared)
     monkeypatch.setattr(kardia_rl.model.prepare, "prepared_record", lambda path: None)
     monkeypatch.setattr(kardia_rl.curriculum.split, "split_samples", fake.split_samples)
-    monkeypatch.setattr(kardia_rl.trainer.learner_group, "run_sft_on_group", fake.run_sft_on_group)
+    monkeypatch.setattr(kardia_rl.cluster.learner_group, "run_sft_on_group", fake.run_sft_on_group)
     monkeypatch.setattr(kardia_rl.trainer.run, "run_train", fake.run_train)
     monkeypatch.setattr(kardia_rl.evaluation.harness, "run_eval", fake.run_eval)
     return fake

@@ -44,7 +44,7 @@ def _losses(out_dir):
 @pytest.mark.parametrize("stage", [3])
 def test_sft_world_size_2_matches_world_size_1(ray_local, tiny_model_dir, tmp_path, stage):
     from kardia_rl.data.encoding import load_training_turns
-    from kardia_rl.trainer.learner_group import run_sft_on_group
+    from kardia_rl.cluster.learner_group import run_sft_on_group
 
     cfg1 = _cfg(tmp_path / "w1", tiny_model_dir, 1, stage)
     train, val = load_training_turns(cfg1)

@@ -112,7 +112,7 @@ def test_vllm_rollout_engine_matches_transformers_logprobs_at_temperature(smollm
 
 def test_one_grpo_step_with_lora_through_the_ray_trainer(smollm2_dir, tmp_path):
     from kardia_rl.trainer.driver import GRPOTrainer
-    from kardia_rl.trainer.ray_cluster import init_ray
+    from kardia_rl.cluster.ray_cluster import init_ray
 
     cfg = _cfg(tmp_path, smollm2_dir, "algo.num_steps=1", "algo.group_size=2", "algo.prompts_per_step=2",
                "model.max_new_tokens=32", "learner.micro_batch_size=4", "checkpoint.every=0",

@@ -1,5 +1,5 @@
 """Synthesis' evaluator R on the judge pool (`synth.evaluator_backend=judge synth.pool=ray`): the same Ray
-actors that score rubrics in training (trainer/judge_pool.py) serve R's raw chat calls, the least-loaded actor
+actors that score rubrics in training (cluster/judge_pool.py) serve R's raw chat calls, the least-loaded actor
 per call. The judge's chat model here is the openai backend against the loopback server that plays U, A and R
 (tests/synth_server.py), so the test checks the plumbing and the output, not a model."""
 from __future__ import annotations
@@ -39,7 +39,7 @@ def test_judge_pool_serves_evaluator_calls_on_every_actor(server, ray_cluster):
 
     from kardia_rl.config import load_config
     from kardia_rl.synth import roles
-    from kardia_rl.trainer.judge_pool import JudgePool
+    from kardia_rl.cluster.judge_pool import JudgePool
 
     cfg = load_config(None, [f"{k}={v}" for k, v in _judge_on(server.url, "ray").items()])
     client = roles.judge_client(cfg)

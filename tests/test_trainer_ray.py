@@ -20,7 +20,7 @@ DETERMINISTIC = lambda k: not k.startswith(NON_DETERMINISTIC_PREFIXES)  # noqa: 
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    from kardia_rl.trainer.judge_pool import FAULT_FILE_ENV
+    from kardia_rl.cluster.judge_pool import FAULT_FILE_ENV
 
     fault_file = str(tmp_path_factory.mktemp("fault") / "crash-judge")
     with local_ray({FAULT_FILE_ENV: fault_file}):
@@ -101,7 +101,7 @@ def _check_validation(by_step: dict, run_dir) -> None:
     from transformers import AutoModelForCausalLM
 
     from kardia_rl.config import RUBRIC_DIMENSIONS
-    from kardia_rl.trainer.checkpoint import verify_checkpoint
+    from kardia_rl.cluster.checkpoint import verify_checkpoint
     from kardia_rl.trainer.validation import read_best
 
     want = {"val/reward_mean", "val/format_rate", "val/emotion_acc", "val/response_len_mean", "val/best_reward_mean",

@@ -1,15 +1,15 @@
 """The trainer's pure parts, without Ray: the prompt stream (trainer/prompt_source.py) and its resume through a
-checkpoint's driver state (trainer/checkpoint.py), and the rollout's chunk layout and chunk seeds
-(trainer/rollout.py; dispatch of the chunks to actors: tests/test_grpo_batch.py). Milliseconds."""
+checkpoint's driver state (cluster/checkpoint.py), and the rollout's chunk layout and chunk seeds
+(cluster/rollout.py; dispatch of the chunks to actors: tests/test_grpo_batch.py). Milliseconds."""
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from kardia_rl.trainer.checkpoint import CheckpointManager, capture_rng, restore_rng
+from kardia_rl.cluster.checkpoint import CheckpointManager, capture_rng, restore_rng
 from kardia_rl.trainer.prompt_source import PromptSource
-from kardia_rl.trainer.rollout import chunk_seed, contiguous_chunks
+from kardia_rl.cluster.rollout import chunk_seed, contiguous_chunks
 
 SAMPLES = [f"s{i}" for i in range(7)]
 
@@ -111,7 +111,7 @@ def _fake_save(calls: list):
 def test_best_policy_exports_only_improvements_and_a_resume_keeps_the_best(tmp_path):
     import json
 
-    from kardia_rl.trainer.checkpoint import verify_checkpoint
+    from kardia_rl.cluster.checkpoint import verify_checkpoint
     from kardia_rl.trainer.validation import BestPolicy, read_best
 
     best_dir, calls = str(tmp_path / "best_policy"), []

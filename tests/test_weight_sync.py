@@ -46,9 +46,9 @@ class Setup:
     """A learner group, a rollout group and the driver's WeightSync over them."""
 
     def __init__(self, cfg, fix_tied: bool = True):
-        from kardia_rl.trainer.learner_group import LearnerGroup
-        from kardia_rl.trainer.rollout_group import RolloutGroup
-        from kardia_rl.trainer.weight_sync import WeightSync
+        from kardia_rl.cluster.learner_group import LearnerGroup
+        from kardia_rl.cluster.rollout_group import RolloutGroup
+        from kardia_rl.cluster.weight_sync import WeightSync
 
         tok = __import__("transformers").AutoTokenizer.from_pretrained(cfg.model.path)
         self.probe = tok.encode("I lost my job today and I do not know how to tell my family about it. " * 4)[:120]
@@ -193,7 +193,7 @@ def test_mismatch_metrics_and_clip_frac(ray_cluster, tiny_model_dir, tmp_path):
     """train_step logs |learner - engine| and the k3 mismatch KL on the sampled tokens; clip_frac is 0 on the
     first pass over a batch and > 0 on a second pass after a large step (updates_per_step > 1)."""
     from kardia_rl.learner.batching import collate_rollout
-    from kardia_rl.trainer.learner_group import LearnerGroup
+    from kardia_rl.cluster.learner_group import LearnerGroup
 
     cfg = _cfg(tmp_path, tiny_model_dir, "model.dtype=float32", "learner.lr=5e-2", "algo.importance_correction=false")
     learner = LearnerGroup(cfg, tiny_model_dir)

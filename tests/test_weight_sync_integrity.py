@@ -74,9 +74,9 @@ def ray_cluster():
 
 def _setup(tmp, model, dtype):
     from kardia_rl.config import load_config
-    from kardia_rl.trainer.learner_group import LearnerGroup
-    from kardia_rl.trainer.rollout_group import RolloutGroup
-    from kardia_rl.trainer.weight_sync import WeightSync
+    from kardia_rl.cluster.learner_group import LearnerGroup
+    from kardia_rl.cluster.rollout_group import RolloutGroup
+    from kardia_rl.cluster.weight_sync import WeightSync
 
     cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), [
         f"run_dir={tmp}", f"model.path={model}", f"model.dtype={dtype}", "learner.lr=1e-6", "algo.kl_beta=0",

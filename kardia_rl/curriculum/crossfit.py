@@ -66,7 +66,7 @@ def crossfit_rewards(cfg, samples: Sequence[TurnSample], work_dir: str, *, progr
     from kardia_rl.curriculum import rating
     from kardia_rl.rewards.judge import make_judge
     from kardia_rl.rewards.offline import close_judge
-    from kardia_rl.trainer.learner_group import run_sft_on_group
+    from kardia_rl.cluster.learner_group import run_sft_on_group
 
     k, by, epochs = cfg.split.folds, cfg.data.split_by, cfg.split.warmup_epochs
     folds = assign_folds(samples, k, by, cfg.seed)

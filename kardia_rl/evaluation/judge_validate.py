@@ -4,7 +4,7 @@
                              [--probes] [--probe-items N] --out DIR [key=value ...]
 
 The items (evaluation/human_data.py) are scored by the judge the config names (any backend), on the Ray judge
-pool as in training (trainer/judge_pool.py: judge.num_actors actors, a local Ray cluster on 127.0.0.1 unless
+pool as in training (cluster/judge_pool.py: judge.num_actors actors, a local Ray cluster on 127.0.0.1 unless
 RAY_ADDRESS names one). Per rubric dimension with human levels: pairwise accuracy, Spearman, quadratic-weighted
 kappa with bootstrap 95% intervals, tie rate (evaluation/human_metrics.py); with --probes, the bias probes
 (evaluation/judge_probes.py) on the first --probe-items items. Writes DIR/report.md and DIR/validation.json
@@ -47,7 +47,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def _pool(cfg):
-    from kardia_rl.trainer.judge_pool import JudgePool
+    from kardia_rl.cluster.judge_pool import JudgePool
 
     return JudgePool(cfg)
 
@@ -157,7 +157,7 @@ def cmd_judge_validate(args: argparse.Namespace) -> int:
     items = load_human_items(args.data, args.fmt, args.limit)  # bad data fails before Ray starts
     cfg = config_from_args(args)
     config, overrides = config_source(args)
-    from kardia_rl.trainer.ray_cluster import init_ray
+    from kardia_rl.cluster.ray_cluster import init_ray
 
     init_ray(log_level=cfg.logging.engine_log_level)
     gaps = (0.0,) + ((args.min_gap,) if args.min_gap > 0 else ())

@@ -276,7 +276,7 @@ def run_sft(cfg, out_dir: Optional[str] = None, *, train_samples: Optional[Seque
     """Train, validate, save; returns (and rank 0 writes to `out_dir/sft_result.json`) the result dict.
 
     `train_samples` default to every training turn of cfg.data (the difficulty split passes the easy ones).
-    One rank of a W-rank run when rank/world_size are given (trainer.learner_group.run_sft_on_group: the
+    One rank of a W-rank run when rank/world_size are given (cluster.learner_group.run_sft_on_group: the
     pipeline and the split's warm-ups), or of torchrun (RANK/WORLD_SIZE), else the only process.
     """
     t = SFTTrainer(cfg, out_dir, train_samples=train_samples, val_samples=val_samples, rank=rank,

@@ -1,6 +1,6 @@
 """Rewards of Kardia-R1: format, emotion, rubric judge, and the unified reward that combines them.
 
-Pure Python/asyncio (no Ray): the Ray judge pool (trainer/judge_pool.py) serves a `JudgeBackend` from actors.
+Pure Python/asyncio (no Ray): the Ray judge pool (cluster/judge_pool.py) serves a `JudgeBackend` from actors.
 Importing this package is light (no torch, no sentence-transformers): the embedding judge and the LLM
 chat backends load their heavy dependencies only when constructed.
 """

@@ -77,7 +77,7 @@ class _Stopped(Exception):
 
 
 class _Guarded:
-    """A role client that refuses new calls once `stop` (trainer.preemption.StopSignal) is set. Calls already
+    """A role client that refuses new calls once `stop` (cluster.preemption.StopSignal) is set. Calls already
     in flight finish (an engine generate or an HTTP request cannot be cut without losing its work); dialogues
     still in flight are not recorded, and a re-run synthesises them again with the same per-dialogue seeds, so
     it ends with the same output as an uninterrupted run."""
@@ -101,7 +101,7 @@ def cmd_synthesize(args) -> int:
     from kardia_rl.data import label_set
     from kardia_rl.synth import inputs, output
     from kardia_rl.synth.loop import RefinementLoop
-    from kardia_rl.trainer.preemption import StopSignal
+    from kardia_rl.cluster.preemption import StopSignal
 
     def stopped() -> int:
         print(f"synthesize: stopped by SIGTERM; {len(store.results)} finished dialogues are saved in "

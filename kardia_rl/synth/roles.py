@@ -107,14 +107,14 @@ class EngineClient:
 
 
 class RayEngineClient(EngineClient):
-    """The same batches on the rollout group's Ray actors (trainer.rollout_group): one process per engine, so
+    """The same batches on the rollout group's Ray actors (cluster.rollout_group): one process per engine, so
     engines run in parallel without sharing the driver's interpreter, on a cluster as on one machine."""
 
     def __init__(self, cfg, model_path: str):
         from transformers import AutoTokenizer
 
-        from kardia_rl.trainer.ray_cluster import init_ray
-        from kardia_rl.trainer.rollout_group import RolloutGroup
+        from kardia_rl.cluster.ray_cluster import init_ray
+        from kardia_rl.cluster.rollout_group import RolloutGroup
 
         init_ray(cfg.ray.address, cfg.ray.num_cpus, log_level=cfg.logging.engine_log_level)
         self.cfg, self.engines = cfg, []
@@ -191,8 +191,8 @@ def judge_client(cfg) -> ChatClient:
 
     policy = RetryPolicy.from_config(cfg.judge)
     if cfg.synth.pool == "ray":
-        from kardia_rl.trainer.judge_pool import JudgePool
-        from kardia_rl.trainer.ray_cluster import init_ray
+        from kardia_rl.cluster.judge_pool import JudgePool
+        from kardia_rl.cluster.ray_cluster import init_ray
 
         init_ray(cfg.ray.address, cfg.ray.num_cpus, log_level=cfg.logging.engine_log_level)
         return ChatClient(JudgePool(cfg, cfg.ray.cpus_per_actor), policy)

@@ -37,12 +37,12 @@ class GRPOTrainer:
         from kardia_rl.monitoring import HackingMonitor, MetricsLogger
         from kardia_rl.rewards.judge.identity import write_judge_identity
         from kardia_rl.rewards.unified import UnifiedReward
-        from kardia_rl.trainer.checkpoint import CheckpointManager
-        from kardia_rl.trainer.judge_pool import JudgePool
-        from kardia_rl.trainer.learner_group import LearnerGroup
+        from kardia_rl.cluster.checkpoint import CheckpointManager
+        from kardia_rl.cluster.judge_pool import JudgePool
+        from kardia_rl.cluster.learner_group import LearnerGroup
         from kardia_rl.trainer.prompt_source import PromptSource
-        from kardia_rl.trainer.ray_cluster import init_ray
-        from kardia_rl.trainer.rollout_group import RolloutGroup
+        from kardia_rl.cluster.ray_cluster import init_ray
+        from kardia_rl.cluster.rollout_group import RolloutGroup
 
         cfg = self.cfg
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
@@ -59,7 +59,7 @@ class GRPOTrainer:
         self.probe = (self.prompt_ids[first.id] + encode_target(first, self.tokenizer))[-256:]
         self.learner = LearnerGroup(cfg, self.policy_path, cpus)
         self.rollout = RolloutGroup(cfg, self.policy_path, cpus)
-        from kardia_rl.trainer.weight_sync import WeightSync
+        from kardia_rl.cluster.weight_sync import WeightSync
 
         self.weight_sync = WeightSync(cfg, self.learner, self.rollout, self.probe)
         # Which judge scores this run (run_dir/judge.json, the run's result); a bad judge.calibration head stops
@@ -82,7 +82,7 @@ class GRPOTrainer:
         return self
 
     def _resume(self, path: str) -> None:
-        from kardia_rl.trainer.checkpoint import restore_rng
+        from kardia_rl.cluster.checkpoint import restore_rng
 
         state = self.ckpt.load_driver_state(path)
         self.learner.load_checkpoint(os.path.join(path, "learner"))
@@ -97,11 +97,11 @@ class GRPOTrainer:
 
     # --- the loop ---------------------------------------------------------------------------------------
     def train(self) -> dict:
-        from kardia_rl.trainer.preemption import Abandoned, Preempted, StopSignal
+        from kardia_rl.cluster.preemption import Abandoned, Preempted, StopSignal
 
         last = {}
         # SIGTERM (preemption, `ray job stop`): during generation and judging the step is abandoned and the learner's
-        # state (the last completed step) is checkpointed at once; later in a step, at its end (trainer/preemption.py)
+        # state (the last completed step) is checkpointed at once; later in a step, at its end (cluster/preemption.py)
         with StopSignal() as stop:
             self.stop = stop
             for step in range(self.start_step, self.cfg.algo.num_steps + 1):
@@ -135,7 +135,7 @@ class GRPOTrainer:
 
     # --- the steps ----------------------------------------------------------------------------------------
     def generate_and_score(self, samples, step: int):
-        from kardia_rl.trainer.rollout import generate_and_score
+        from kardia_rl.cluster.rollout import generate_and_score
 
         self.reward.reset_stats()
         self.rollout.begin_step(step)
@@ -197,7 +197,7 @@ class GRPOTrainer:
         return out
 
     def sync_weights(self, step: int) -> dict:
-        """Learner -> every engine (collective, bucketed; see trainer.weight_sync), verified against the
+        """Learner -> every engine (collective, bucketed; see cluster.weight_sync), verified against the
         learner's own forward when due; a rollout actor that dies meanwhile is replaced and the sync run again
         (RolloutGroup.survive); raises KardiaError on a failed check or a timeout."""
         return self.rollout.survive(lambda: self.weight_sync.sync(version=str(step)), self.weight_sync.rejoin)
@@ -249,7 +249,7 @@ class GRPOTrainer:
 
     def driver_state(self) -> dict:
         """Everything of the run outside the learner, as a checkpoint holds it."""
-        from kardia_rl.trainer.checkpoint import capture_rng
+        from kardia_rl.cluster.checkpoint import capture_rng
 
         return {"prompts": self.prompts.state_dict(), "monitor": self.monitor.state_dict(), "rng": capture_rng()}
 

@@ -35,7 +35,7 @@ def run_train(cfg) -> dict:
 
     from kardia_rl.errors import KardiaError
     from kardia_rl.trainer.driver import GRPOTrainer
-    from kardia_rl.trainer.preemption import retryable
+    from kardia_rl.cluster.preemption import retryable
 
     from kardia_rl.model.prepare import ensure_prepared
 

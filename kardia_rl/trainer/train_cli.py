@@ -11,7 +11,7 @@ from kardia_rl.config.cli import add_config_args, config_from_args
 
 def cmd_train(args) -> int:
     from kardia_rl.plan import preflight
-    from kardia_rl.trainer.preemption import Preempted
+    from kardia_rl.cluster.preemption import Preempted
     from kardia_rl.trainer.run import run_train
 
     cfg = config_from_args(args)
@@ -31,7 +31,7 @@ def cmd_checkpoints(args) -> int:
     """`kardia-rl checkpoints RUN_DIR`: every checkpoint with its size and status (manifest verified); exit 2 when
     checkpoints exist but none is intact (a resume would fail)."""
     from kardia_rl.errors import KardiaError
-    from kardia_rl.trainer.checkpoint import CheckpointManager
+    from kardia_rl.cluster.checkpoint import CheckpointManager
 
     if not os.path.isdir(args.run_dir):
         raise KardiaError(f"{args.run_dir}: no such run directory")

@@ -37,7 +37,7 @@ VAL_MODEL_NAME = "val"
 def read_best(best_dir: str) -> Optional[dict]:
     """best.json of an intact best_policy export (manifest verified), else None (with a warning when a folder is
     there but damaged or half-written)."""
-    from kardia_rl.trainer.checkpoint import verify_checkpoint
+    from kardia_rl.cluster.checkpoint import verify_checkpoint
 
     if not os.path.isdir(best_dir):
         return None
@@ -108,7 +108,7 @@ class Validation:
     def run(self, step: int) -> dict:
         """Answer and judge the M prompts on the current weights (the engines were just synced)."""
         from kardia_rl.rewards.answer_metrics import sample_row
-        from kardia_rl.trainer.rollout import generate_and_score
+        from kardia_rl.cluster.rollout import generate_and_score
 
         ec = self.cfg.eval
         self.reward.reset_stats()
@@ -142,7 +142,7 @@ class BestPolicy:
         return {"val/best_reward_mean": self.best["val/reward_mean"]}
 
     def export(self, step: int, val: dict) -> str:
-        from kardia_rl.trainer.checkpoint import write_manifest
+        from kardia_rl.cluster.checkpoint import write_manifest
         from kardia_rl.utils.io import atomic_dir, atomic_write_text
 
         record = {"step": step, **self.record, **val}

@@ -18,7 +18,7 @@ applies it; no layer looks at another's settings:
 - max_retries, backoff_s -> RubricJudge, one budget per request shared by transport failures and re-asks
   after an unparseable answer, so a request costs at most max_retries + 1 backend attempts whatever fails;
   a ChatBackend makes exactly one attempt per conversation and says whether its error is worth a retry;
-- pool_max_attempts -> the Ray judge pool (trainer/judge_pool.py): sends of one batch when actors die.
+- pool_max_attempts -> the Ray judge pool (cluster/judge_pool.py): sends of one batch when actors die.
 
 Everything is async so the Ray judge pool can keep many requests in flight and score each candidate as
 soon as it is generated.

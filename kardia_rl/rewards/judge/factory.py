@@ -2,7 +2,7 @@
 
 This is the one place that reads the judge's timeout and retry keys: it builds a `RetryPolicy` and hands
 each layer its part (base.py says which): the chat backend its per-attempt timeout, RubricJudge the retry
-budget and backoff. The pool (trainer/judge_pool.py) takes its attempts from the same policy.
+budget and backoff. The pool (cluster/judge_pool.py) takes its attempts from the same policy.
 
 Backends are imported lazily so that choosing one never imports the others' heavy dependencies.
 """

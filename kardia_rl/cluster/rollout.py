@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 from ray.exceptions import RayActorError
 
 from kardia_rl.engines.base import Completion
-from kardia_rl.trainer.preemption import ActorLost
+from kardia_rl.cluster.preemption import ActorLost
 from kardia_rl.rewards.unified import RewardBreakdown
 
 

@@ -1,11 +1,11 @@
 """The rollout group: R Ray actors, each owning one generation engine (vLLM, or transformers).
 
 Work goes to an idle actor, one generate call per actor at a time (never queued behind another). Weight sync
-(trainer.weight_sync) streams the learner's weights into each engine over a collective group; the actors
+(cluster.weight_sync) streams the learner's weights into each engine over a collective group; the actors
 expose its phases, the probe scoring that verifies it, and the object-store fallback for the hf engine.
 
 A dead actor is replaced in place (a new actor, same index, options and engine seed), then brought to the current
-weights by the caller's `reload` (trainer.weight_sync.WeightSync.rejoin), whatever the step was doing:
+weights by the caller's `reload` (cluster.weight_sync.WeightSync.rejoin), whatever the step was doing:
 - during generation, `restart` (called by rollout.generate_and_score, whose chunk is then sent again);
 - during judging or a checkpoint (no call in flight), the next call finds it dead: the weight sync or the next
   step's generation;
@@ -37,8 +37,8 @@ from ray.exceptions import RayActorError
 
 from kardia_rl.config import from_dict
 from kardia_rl.errors import KardiaError
-from kardia_rl.trainer.balance import least_loaded
-from kardia_rl.trainer.preemption import ActorLost
+from kardia_rl.cluster.balance import least_loaded
+from kardia_rl.cluster.preemption import ActorLost
 
 FAULT_FILE_ENV = "KARDIA_FAULT_ROLLOUT_FILE"
 # phase -> the actor call it fires in (None: the group fires it itself, the actor being idle then)
@@ -96,7 +96,7 @@ class RolloutActor:
         return float(getattr(self.engine, "last_sync_s", 0.0))
 
     def weight_transfer(self, phase: str, payload=None):
-        """One phase of the collective sync (trainer.weight_sync drives it from learner rank 0); the read-back
+        """One phase of the collective sync (cluster.weight_sync drives it from learner rank 0); the read-back
         check's phases (describe, check) return the engine's answer."""
         if self.armed:
             self._fault(phase)
@@ -289,7 +289,7 @@ class RolloutGroup:
 
     # --- weights -----------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict, indices: Optional[Sequence[int]] = None) -> None:
-        """Fallback sync: the full state dict once through the object store (see trainer.weight_sync), into every
+        """Fallback sync: the full state dict once through the object store (see cluster.weight_sync), into every
         actor or only `indices`."""
         from safetensors.torch import save as save_safetensors
 

@@ -1,7 +1,7 @@
 """The judge pool: J Ray actors serving the rubric judge, behind the ordinary `JudgeBackend` contract.
 
 `JudgePool` is what the driver's `UnifiedReward` calls: each batch of judge requests goes to the actor with
-the fewest requests in flight (trainer/balance.py), so candidates are scored as soon as they are generated
+the fewest requests in flight (cluster/balance.py), so candidates are scored as soon as they are generated
 and judging overlaps generation. Actors are async (many requests in flight each, bounded by the judge's own
 `max_in_flight`). Ray restarts a dead actor (max_restarts=-1); the batch that was in flight is re-sent to
 another actor after the policy's backoff, counted in `actor_failures`, and after `judge.pool_max_attempts`
@@ -25,7 +25,7 @@ from kardia_rl.config import from_dict, to_dict
 from kardia_rl.rewards.judge.base import (
     ChatRequestError, JudgeBackend, JudgeRequest, Judgment, RetryPolicy, failed_judgment, retry_delay,
 )
-from kardia_rl.trainer.balance import least_loaded
+from kardia_rl.cluster.balance import least_loaded
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)

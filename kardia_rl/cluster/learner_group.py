@@ -75,8 +75,8 @@ class LearnerActor:
 
     def init_weight_sync(self, rollout_handles: list, host: str, port: int, bucket_bytes: int, timeout_s: float,
                          fix_tied: bool = True, workers_per_engine: int = 1) -> int:
-        """Join the weight-transfer group (rank 0 hosts it and drives the engines; see trainer.weight_sync)."""
-        from kardia_rl.trainer.weight_sync import init_trainer_sync
+        """Join the weight-transfer group (rank 0 hosts it and drives the engines; see cluster.weight_sync)."""
+        from kardia_rl.cluster.weight_sync import init_trainer_sync
 
         self._close_sync()  # a rebuild after a rollout actor died
         self.sync = init_trainer_sync(self.learner, self.rank, rollout_handles, host, port, bucket_bytes, timeout_s,
@@ -116,7 +116,7 @@ class LearnerActor:
     def save_checkpoint(self, path: str) -> dict:
         """Save (collective), then hash this rank's share of the written files, read back from disk: the ranks
         hash in parallel, each about 1/W of the checkpoint, and the driver hashes none of it."""
-        from kardia_rl.trainer.checkpoint import hash_files, rank_share
+        from kardia_rl.cluster.checkpoint import hash_files, rank_share
 
         self.learner.save_checkpoint(path)  # ends with a barrier: every rank's files are on disk
         return hash_files(path, rank_share(path, self.rank, self.world_size))
@@ -216,7 +216,7 @@ def run_sft_on_group(cfg, out_dir: str, train_samples, val_samples, **kwargs) ->
     from dataclasses import replace
 
     from kardia_rl.learner.sft import ensure_model
-    from kardia_rl.trainer.ray_cluster import init_ray
+    from kardia_rl.cluster.ray_cluster import init_ray
 
     cfg = replace(cfg, model=replace(cfg.model, path=ensure_model(cfg)))
     if train_samples is None or val_samples is None:

@@ -18,7 +18,6 @@ its chunk is sent again; the chunk is seeded, so the step's results equal an und
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -28,15 +27,16 @@ from ray.exceptions import RayActorError
 from kardia_rl.engines.base import Completion
 from kardia_rl.cluster.preemption import ActorLost
 from kardia_rl.rewards.unified import RewardBreakdown
+from kardia_rl.utils.seeds import derive_seed, split_even
 
 
 def chunk_seed(seed: int, step: int, chunk: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{chunk}".encode()).digest()[:7], "big")
+    return derive_seed(seed, step, chunk, scheme="colon56")
 
 
 def contiguous_chunks(n_items: int, n_chunks: int) -> list[list[int]]:
     n_chunks = max(1, min(n_items, n_chunks))
-    return [list(range(n_items * c // n_chunks, n_items * (c + 1) // n_chunks)) for c in range(n_chunks)]
+    return [list(range(lo, hi)) for lo, hi in split_even(n_items, n_chunks)]
 
 
 @dataclass

@@ -16,7 +16,6 @@ re-run reuses a fold model only when fold.json matches, so an interrupted split 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from typing import Sequence
@@ -24,6 +23,7 @@ from typing import Sequence
 from kardia_rl.data import TurnSample
 from kardia_rl.errors import KardiaError
 from kardia_rl.utils.io import atomic_write_text
+from kardia_rl.utils.seeds import derive_seed
 
 
 def fold_key(sample: TurnSample, by: str) -> str:
@@ -41,7 +41,7 @@ def assign_folds(samples: Sequence[TurnSample], k: int, by: str, seed: int) -> d
     if len(counts) < k:
         raise KardiaError(f"split.folds = {k} needs at least {k} {by}s in the training data, found {len(counts)}; "
                           f"lower split.folds or set split.reference=base")
-    order = sorted(counts, key=lambda key: hashlib.sha256(f"{seed}\x1ffold\x1f{key}".encode()).hexdigest())
+    order = sorted(counts, key=lambda key: derive_seed(seed, "fold", key, scheme="unit256"))
     sizes = [0] * k
     folds: dict[str, int] = {}
     for key in order:

@@ -6,15 +6,15 @@ go to test, then validation. Same seed -> same split, regardless of file order.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Sequence
 
 from kardia_rl.config.schema import SPLIT_UNITS
 from kardia_rl.data.schema import Dialogue
+from kardia_rl.utils.seeds import derive_seed
 
 
-def _rank(key: str, seed: int) -> str:
-    return hashlib.sha256(f"{seed}\x1f{key}".encode()).hexdigest()
+def _rank(key: str, seed: int) -> int:
+    return derive_seed(seed, key, scheme="unit256")
 
 
 def split_dialogues(dialogues: Sequence[Dialogue], val_fraction: float = 0.1, test_fraction: float = 0.0,

@@ -14,7 +14,6 @@ Contract (both engines honour it, and the tests check it against a plain transfo
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import numbers
 import os
@@ -24,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 from kardia_rl.config.schema import MODEL_DTYPES
 from kardia_rl.errors import KardiaError
+from kardia_rl.utils.seeds import derive_seed
 
 RESPONSE_END = "<|response_end|>"
 FINISH_REASONS = ("stop", "length")
@@ -148,8 +148,7 @@ def request_seed(seed: int, index: int) -> int:
     vLLM gives the j-th of n samples `seed + j`, so plain `seed + index` would reuse streams across prompts
     and across consecutive call seeds; hashing keeps all streams distinct with overwhelming probability.
     """
-    digest = hashlib.sha256(f"{int(seed)}:{int(index)}".encode()).digest()
-    return int.from_bytes(digest[:7], "big")
+    return derive_seed(int(seed), int(index), scheme="colon56")
 
 
 def resolve_dtype(dtype: str, on_gpu: bool) -> str:

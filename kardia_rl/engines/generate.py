@@ -2,7 +2,7 @@
 progress bar. Here, below both evaluation/ and curriculum/, so neither borrows the other's kit."""
 from __future__ import annotations
 
-import hashlib
+from kardia_rl.utils.seeds import derive_seed
 
 GEN_CHUNK = 64  # prompts per engine call: bounds memory and gives the progress bar something to count
 
@@ -17,7 +17,7 @@ def generate_chunked(engine, prompts: list[list[int]], n: int, *, temperature: f
     with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False) as bar:
         for c, start in enumerate(range(0, len(prompts), GEN_CHUNK)):
             chunk = prompts[start:start + GEN_CHUNK]
-            chunk_seed = int(hashlib.sha256(f"{seed}:{c}".encode()).hexdigest()[:12], 16)
+            chunk_seed = derive_seed(seed, c, scheme="colon48")
             out.extend(engine.generate(chunk, n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                        seed=chunk_seed, greedy=greedy))
             bar.update(len(chunk))

@@ -19,11 +19,12 @@ the file's order, on --limit or on the other sets.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Optional, Sequence
 
 import numpy as np
 from scipy.optimize import minimize
+
+from kardia_rl.utils.seeds import derive_seed
 
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
@@ -34,13 +35,11 @@ PAIR_SEED = 0
 
 
 def is_held_out(context_id: str, seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION) -> bool:
-    h = hashlib.sha256(f"{seed}:{context_id}".encode("utf-8")).digest()
-    return int.from_bytes(h[:8], "big") / 2.0 ** 64 < test_fraction
+    return derive_seed(seed, context_id, scheme="colon64") / 2.0 ** 64 < test_fraction
 
 
 def _fold(context_id: str, folds: int) -> int:
-    h = hashlib.sha256(f"cv:{context_id}".encode("utf-8")).digest()
-    return int.from_bytes(h[:8], "big") % folds
+    return derive_seed("cv", context_id, scheme="colon64") % folds
 
 
 def standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from kardia_rl.utils.seeds import split_even
+
 IGNORE_INDEX = -100
 PER_TOKEN_KEYS = ("response_mask", "old_logprobs", "ref_logprobs", "engine_logprobs")
 SEQ_KEYS = ("input_ids", "attention_mask", "position_ids", "labels")
@@ -98,7 +100,7 @@ def select_rows(batch: dict, idx: Sequence[int] | torch.Tensor) -> dict:
 def shard_rows(batch: dict, rank: int, world_size: int) -> dict:
     """Contiguous share of rows for data-parallel `rank` (sizes differ by at most one)."""
     n = batch_size_of(batch)
-    lo, hi = n * rank // world_size, n * (rank + 1) // world_size
+    lo, hi = split_even(n, world_size)[rank]
     return select_rows(batch, range(lo, hi))
 
 

@@ -20,7 +20,6 @@ section's vllm/hf backend) on one private event loop thread.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ from kardia_rl.rewards.rubric_parse import MAX_PARSE_CHARS, _nonce_objects, stri
 from kardia_rl.rewards.rubric_prompt import make_nonce, sanitize_untrusted
 
 from kardia_rl.data.schema import VERDICTS
+from kardia_rl.utils.seeds import derive_seed, split_even
 CRITERIA = ("psychological_plausibility", "emotional_fidelity", "persona_consistency")
 MAX_USER_CHARS = 800  # a chat message, not an essay: longer simulator output is cut
 
@@ -51,11 +51,9 @@ def chunks(reqs: Sequence[Request], k: int):
     """(engine index, lo, hi, call seed) of each non-empty share of `reqs` split across k engines. The call
     seed is a function of the chunk's request seeds, so a dialogue's text depends on the seed and the
     (deterministic) round composition, not on thread timing or which process served the chunk."""
-    bounds = [len(reqs) * i // k for i in range(k + 1)]
-    for i in range(k):
-        lo, hi = bounds[i], bounds[i + 1]
+    for i, (lo, hi) in enumerate(split_even(len(reqs), k)):
         if lo < hi:
-            yield i, lo, hi, int(hashlib.sha256(repr([r.seed for r in reqs[lo:hi]]).encode()).hexdigest()[:12], 16)
+            yield i, lo, hi, derive_seed(*(r.seed for r in reqs[lo:hi]), scheme="repr48")
 
 
 class EngineClient:

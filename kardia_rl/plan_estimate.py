@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from kardia_rl.utils.hardware import auto_dtype
+
 GiB = float(1 << 30)
 CUDA_CONTEXT_BYTES = 1 << 30  # CUDA context + NCCL buffers + cuBLAS workspace of one GPU process (observed 0.6-1 GiB)
 FRAGMENTATION = 1.10  # PyTorch caching allocator: reserved is typically 5-15% above allocated at peak
@@ -88,10 +90,8 @@ def arch_from_config(d: dict) -> Arch:
 
 
 def dtype_bytes(dtype: str, gpu: bool) -> int:
-    """model.dtype / judge.dtype -> bytes per weight (auto: bf16 on GPU, fp32 on CPU, as resolve_dtype)."""
-    if dtype == "float32" or (dtype == "auto" and not gpu):
-        return 4
-    return 2
+    """model.dtype / judge.dtype -> bytes per weight (auto: utils.hardware.auto_dtype)."""
+    return 4 if auto_dtype(dtype, gpu) == "float32" else 2
 
 
 def layer_activation_bytes(a: Arch, b: int) -> int:

@@ -176,3 +176,33 @@ def test_cluster_config_is_valid():
     gpus = (cfg.rollout.num_actors * cfg.rollout.gpus_per_actor + cfg.judge.num_actors * cfg.judge.gpus_per_actor
             + cfg.learner.num_workers * cfg.learner.gpus_per_worker)
     assert gpus == 8 and cfg.model.path == "Qwen/Qwen2.5-7B-Instruct" and cfg.judge.model == "Qwen/Qwen3-8B"
+
+
+def test_renamed_key_is_read_under_its_new_name_and_reported(tmp_path, capsys):
+    p = _write(tmp_path, "judge:\n  kv_cache_memory_bytes: 268435456\n")
+    assert load_config(p).judge.kv_cache_bytes == 1 << 28
+    assert f"{p}:2: judge.kv_cache_memory_bytes: renamed judge.kv_cache_bytes" in capsys.readouterr().err
+    assert load_config(TINY, ["judge.kv_cache_memory_bytes=7"]).judge.kv_cache_bytes == 7
+    assert "override 'judge.kv_cache_memory_bytes=7'" in capsys.readouterr().err
+    saved = to_dict(load_config(TINY))  # a checkpoint's config from before the rename
+    saved["judge"]["kv_cache_memory_bytes"] = saved["judge"].pop("kv_cache_bytes") + 5
+    assert from_dict(saved).judge.kv_cache_bytes == 5 and "kv_cache_memory_bytes" in saved["judge"]
+    both = _write(tmp_path, "judge:\n  kv_cache_memory_bytes: 1\n  kv_cache_bytes: 2\n")
+    with pytest.raises(ConfigError, match="renamed judge.kv_cache_bytes, which is also set"):
+        load_config(both)
+
+
+def test_hardware_defaults_have_one_definition():
+    import torch
+
+    from kardia_rl.engines.base import resolve_dtype
+    from kardia_rl.learner.ds_config import torch_dtype
+    from kardia_rl.plan_estimate import dtype_bytes
+    from kardia_rl.utils.hardware import CPU_KV_CACHE_BYTES, auto_dtype
+
+    for gpu, name in ((True, "bfloat16"), (False, "float32")):
+        assert auto_dtype("auto", gpu) == resolve_dtype("auto", gpu) == name
+        assert torch_dtype("auto", gpu) == getattr(torch, name)
+        assert dtype_bytes("auto", gpu) == torch.empty(0, dtype=getattr(torch, name)).element_size()
+    assert auto_dtype("bfloat16", False) == "bfloat16" and auto_dtype("float32", True) == "float32"
+    assert CPU_KV_CACHE_BYTES == 1 << 30  # what engine_kwargs gives a CPU engine for 0 (test_plan checks that)

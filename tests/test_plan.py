@@ -105,7 +105,7 @@ def test_explicit_1gib_kv_cache_for_a_7b_engine(capsys, cluster_args):
 
 
 def test_judge_kv_below_one_context_and_missing_model(capsys, cluster_args, tmp_path):
-    code, text = run(capsys, cluster_args + ["judge.kv_cache_memory_bytes=1073741824"])
+    code, text = run(capsys, cluster_args + ["judge.kv_cache_bytes=1073741824"])
     assert code == 2 and any("below one 8192-token sequence" in p for p in problems(text))
     code, text = run(capsys, cluster_args + [f"model.path={tmp_path / 'no_model'}"])
     assert code == 2 and any("model.path" in p and "no config.json there" in p for p in problems(text))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import sys
 import typing
 from typing import Any, Optional, Sequence
 
@@ -21,7 +22,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from kardia_rl.config.schema import REMOVED_KEYS, KardiaConfig
+from kardia_rl.config.schema import REMOVED_KEYS, RENAMED_KEYS, KardiaConfig
 from kardia_rl.errors import ConfigError
 
 _TYPES = {str: "str", int: "int", float: "float", bool: "bool", list: "list", dict: "dict"}
@@ -42,6 +43,24 @@ def _key_lines(path: str) -> dict[str, int]:
 
     walk(node, "")
     return out
+
+
+def _renamed(values: dict, where, problems: list[str]) -> bool:
+    """Move each renamed key of the nested `values` to its new name (in place), saying so on stderr; both names
+    at once is a problem. True when anything moved (the caller rebuilds its layer from `values`)."""
+    moved = False
+    for old, new in RENAMED_KEYS.items():
+        (sec, o), n = old.rsplit(".", 1), new.rsplit(".", 1)[1]
+        section = values.get(sec)  # renamed keys are section.key, as every leaf key is
+        if not isinstance(section, dict) or o not in section:
+            continue
+        if n in section:
+            problems.append(f"{where(old)}: renamed {new}, which is also set; keep only {new}")
+            continue
+        section[n] = section.pop(o)
+        print(f"{where(old)}: renamed {new}; read as {new}", file=sys.stderr)
+        moved = True
+    return moved
 
 
 def _check(schema_cls, values: dict, prefix: str, where, problems: list[str]) -> None:
@@ -98,7 +117,10 @@ def _file_layers(path: str, problems: list[str], chain: tuple = ()) -> list:
         for base in bases:
             layers += _file_layers(os.path.join(os.path.dirname(path), base), problems, chain + (real,))
         file_cfg = OmegaConf.create(raw)
-    _check(KardiaConfig, raw, "", lambda k: f"{path}:{lines.get(k, 1)}: {k}", problems)
+    where = lambda k: f"{path}:{lines.get(k, 1)}: {k}"  # noqa: E731
+    if _renamed(raw, where, problems):
+        file_cfg = OmegaConf.create(raw)
+    _check(KardiaConfig, raw, "", where, problems)
     return layers + [file_cfg]
 
 
@@ -117,8 +139,10 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ka
         except OmegaConfBaseException as e:
             problems.append(f"override {ov!r}: {e}")
             continue
-        _check(KardiaConfig, OmegaConf.to_container(ov_cfg, resolve=False), "", lambda k, o=ov: f"override {o!r}: {k}",
-               problems)
+        values, where = OmegaConf.to_container(ov_cfg, resolve=False), (lambda k, o=ov: f"override {o!r}: {k}")
+        if _renamed(values, where, problems):
+            ov_cfg = OmegaConf.create(values)
+        _check(KardiaConfig, values, "", where, problems)
         layers.append(ov_cfg)
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
@@ -144,6 +168,11 @@ def to_dict(cfg: Any) -> dict:
 
 def from_dict(d: dict) -> KardiaConfig:
     """Rebuild a config saved with `to_dict` (checkpoints, Ray actors) and re-validate it."""
+    problems: list[str] = []
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}  # renames move keys: the caller's stays
+    _renamed(d, lambda k: f"saved config: {k}", problems)  # a checkpoint written before a rename
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(problems))
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(KardiaConfig), d))
     from kardia_rl.config.presets import resolve_algo
     from kardia_rl.config.validate import validate_config

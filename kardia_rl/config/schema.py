@@ -57,6 +57,10 @@ REMOVED_KEYS = {
     "model.init_size": "removed: a random model is built only when model.path says so (model.path: builtin:tiny "
                        "or builtin:small); any other missing model.path is an error",
 }
+# Keys with a new name: still read (as the new key) and reported, old -> new.
+RENAMED_KEYS = {
+    "judge.kv_cache_memory_bytes": "judge.kv_cache_bytes",  # one name for the KV size of every vLLM engine
+}
 
 
 @dataclass
@@ -148,7 +152,7 @@ class JudgeConfig:
     dtype: str = doc("auto", "judge weights for vllm/hf: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
     device: str = doc("", "hf backend device: empty = cuda when available, else cpu")
     max_model_len: int = doc(0, "vllm judge context length (0 = the model's own limit)")
-    kv_cache_memory_bytes: int = doc(0, "vllm judge KV cache bytes (0 = 1 GiB on CPU, vLLM's default on GPU)")
+    kv_cache_bytes: int = doc(0, "vllm judge KV cache bytes (0 = 1 GiB on CPU, vLLM's default on GPU)")
     gpu_memory_utilization: float = doc(0.0, "vllm judge GPU memory fraction (0 = vLLM's default)")
     chat_template_kwargs: dict = doc({"enable_thinking": False}, "vllm/hf chat template options (Qwen3: answer without thinking)")
     extra_body: dict = doc({}, "extra JSON fields merged into each openai request")

@@ -118,7 +118,7 @@ def config_problems(cfg: KardiaConfig) -> list[str]:
                  "must each be in [0,1) and sum below 1")
     if cfg.data.system_template and ("{person}" not in cfg.data.system_template):
         p.append("data.system_template: must contain {person} (the user's profile)")
-    for key in ("rollout.kv_cache_bytes", "judge.kv_cache_memory_bytes"):  # 0 = automatic (see the key's doc)
+    for key in ("rollout.kv_cache_bytes", "judge.kv_cache_bytes"):  # 0 = automatic (see the key's doc)
         if _get(cfg, key) < 0:
             p.append(f"{key}: must be >= 0 (0 = sized automatically), got {_get(cfg, key)}")
     if cfg.checkpoint.keep_last < 1:

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 from kardia_rl.config.schema import MODEL_DTYPES
 from kardia_rl.errors import KardiaError
+from kardia_rl.utils.hardware import auto_dtype
 from kardia_rl.utils.seeds import derive_seed
 
 RESPONSE_END = "<|response_end|>"
@@ -154,9 +155,7 @@ def request_seed(seed: int, index: int) -> int:
 def resolve_dtype(dtype: str, on_gpu: bool) -> str:
     if dtype not in DTYPES:
         raise KardiaError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if dtype == "auto":
-        return "bfloat16" if on_gpu else "float32"
-    return dtype
+    return auto_dtype(dtype, on_gpu)
 
 
 def check_probe(probe_ids: Sequence[int], vocab_size: int) -> None:

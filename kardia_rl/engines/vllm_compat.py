@@ -27,6 +27,7 @@ import tempfile
 from typing import Any, Iterable, Iterator, Optional, Union
 
 from kardia_rl.engines.verify import tied_embeddings
+from kardia_rl.utils.hardware import CPU_KV_CACHE_BYTES
 
 # Resolved by vLLM in the worker process: importing that module also registers the "kardia" weight-transfer
 # backend there before the model loads (the registry is per process).
@@ -66,7 +67,6 @@ def in_process() -> bool:
     return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
 
 
-CPU_KV_CACHE_BYTES = 1 << 30  # KV cache of a CPU engine when none is given (1 GiB fits the 24 GiB machines)
 
 
 def engine_kwargs(model_path: str, *, seed: int, dtype: str, max_model_len: int, kv_cache_bytes: int,

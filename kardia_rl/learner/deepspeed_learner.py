@@ -23,7 +23,7 @@ from kardia_rl.errors import KardiaError
 from kardia_rl.learner import batching as B
 from kardia_rl.learner.distributed import all_reduce_, barrier, init_distributed, use_cuda
 from kardia_rl.learner.ds_config import (OptimSpec, ds_config, make_client_optimizer, param_groups,
-                                         resolve_dtype, warmup_lambda)
+                                         torch_dtype, warmup_lambda)
 from kardia_rl.learner.export import hf_metadata, hf_state_dict, iter_hf_tensors, save_hf_folder, unwrap_peft
 from kardia_rl.learner.logprobs import mismatch_sums, response_logprobs, sft_loss_sum
 from kardia_rl.learner.model_init import count_checkpointed_calls, load_models
@@ -58,7 +58,7 @@ class DeepSpeedLearner:
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.cuda = use_cuda()
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if self.cuda else "cpu")
-        self.dtype = resolve_dtype(cfg.model.dtype, self.cuda)
+        self.dtype = torch_dtype(cfg.model.dtype, self.cuda)
         lc = cfg.learner
         self.zero_stage = int(lc.zero_stage)
         self.micro_batch_size, self.max_tokens = optim.micro_batch_size, lc.max_tokens_per_micro_batch

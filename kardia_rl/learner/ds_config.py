@@ -22,6 +22,7 @@ import torch
 from kardia_rl.config.schema import LR_SCHEDULES, MODEL_DTYPES, OPTIMIZERS
 from kardia_rl.errors import ConfigError
 from kardia_rl.learner.export import full_shape
+from kardia_rl.utils.hardware import auto_dtype
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,9 @@ class OptimSpec:
                    max_grad_norm=lc.max_grad_norm, optimizer=lc.optimizer)
 
 
-def resolve_dtype(name: str, cuda: bool) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if cuda else torch.float32
+def torch_dtype(name: str, cuda: bool) -> torch.dtype:
+    """model.dtype as the learner's torch dtype (auto: utils.hardware.auto_dtype)."""
+    name = auto_dtype(name, cuda)
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if name not in table:
         raise ConfigError(f"model.dtype: {name!r} is not one of {list(MODEL_DTYPES)}")

@@ -22,6 +22,7 @@ from kardia_rl.errors import ConfigError
 from kardia_rl.rewards.judge.base import ChatBackend
 from kardia_rl.rewards.judge.engine_thread import (DEFAULT_CHAT_TEMPLATE_KWARGS, EngineThread, complete_on_engine,
                                                    engine_stats)
+from kardia_rl.utils.hardware import auto_dtype
 
 
 class PromptTooLongError(ValueError):
@@ -90,12 +91,9 @@ class HFChatBackend(ChatBackend):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype == "auto":  # bf16 on GPUs, fp32 (the project's CPU default) elsewhere
-            torch_dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        else:
-            torch_dtype = getattr(torch, dtype, None)
-            if not isinstance(torch_dtype, torch.dtype):
-                raise ConfigError(f"judge.dtype must be auto | float32 | bfloat16 | float16, got {dtype!r}")
+        torch_dtype = getattr(torch, auto_dtype(dtype, self.device.startswith("cuda")), None)
+        if not isinstance(torch_dtype, torch.dtype):
+            raise ConfigError(f"judge.dtype must be auto | float32 | bfloat16 | float16, got {dtype!r}")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
             self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch_dtype).to(self.device)

@@ -32,10 +32,9 @@ from kardia_rl.errors import ConfigError
 from kardia_rl.rewards.judge.base import ChatBackend
 from kardia_rl.rewards.judge.engine_thread import (DEFAULT_CHAT_TEMPLATE_KWARGS, EngineThread, complete_on_engine,
                                                    engine_stats)
+from kardia_rl.utils.hardware import CPU_KV_CACHE_BYTES, auto_dtype
 
 log = logging.getLogger(__name__)
-
-CPU_KV_CACHE_BYTES = 1 << 30  # vLLM's default reservation fails on small CPU machines
 
 
 def configure_vllm_env(on_cpu: bool) -> dict:
@@ -103,8 +102,8 @@ class VLLMChatBackend(ChatBackend):
                   "enable_prefix_caching": True,
                   # Sample exactly what SamplingParams says, not the model's generation_config defaults.
                   "generation_config": "vllm",
-                  # fp32 on CPU, the project's CPU default (fp32 vLLM matches an HF forward to ~1e-6).
-                  "dtype": "float32" if (dtype == "auto" and self.on_cpu) else dtype}
+                  # auto: fp32 on CPU (fp32 vLLM matches an HF forward to ~1e-6), bf16 on GPU (utils.hardware).
+                  "dtype": auto_dtype(dtype, not self.on_cpu)}
         if max_model_len:
             kwargs["max_model_len"] = int(max_model_len)
         if kv_cache_memory_bytes or self.on_cpu:
@@ -128,7 +127,7 @@ class VLLMChatBackend(ChatBackend):
     @classmethod
     def from_config(cls, cfg, *, timeout_s: Optional[float] = None) -> "VLLMChatBackend":
         return cls(cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
-                   kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                   kv_cache_memory_bytes=cfg.kv_cache_bytes, gpu_memory_utilization=cfg.gpu_memory_utilization,
                    chat_template_kwargs=cfg.chat_template_kwargs, timeout_s=timeout_s)
 
     def __repr__(self) -> str:

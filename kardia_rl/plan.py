@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+from kardia_rl.config.specs import LossSpec
 from kardia_rl.errors import KardiaError
 from kardia_rl.format.spans import SPAN_TOKENS
 from kardia_rl.plan_estimate import (CUDA_CONTEXT_BYTES, FRAGMENTATION, JUDGE_PROMPT_TOKENS, Arch, GiB, Model,
@@ -176,7 +177,7 @@ def learner_rows(cfg, model: Model, plan: Plan, cap: Optional[float], gpu: bool,
     seq = cfg.model.max_prompt_tokens + cfg.model.max_new_tokens
     if lc.max_tokens_per_micro_batch > 0:
         grpo_rows = max(1, min(grpo_rows, lc.max_tokens_per_micro_batch // seq))
-    roles = [("GRPO", lc.num_workers, grpo_rows, seq, cfg.model.max_new_tokens + 1, cfg.algo.kl_beta > 0 and not lora.enabled,
+    roles = [("GRPO", lc.num_workers, grpo_rows, seq, cfg.model.max_new_tokens + 1, LossSpec.from_config(cfg).reference_copy,
               "lower learner.micro_batch_size / learner.max_tokens_per_micro_batch, or raise learner.zero_stage / "
               "learner.num_workers")]
     if mode == "pipeline":
@@ -270,7 +271,7 @@ def build_plan(cfg, cluster: Cluster, mode: str = "pipeline") -> Plan:
         l_cap = c.gpu_mem * min(lc.gpus_per_worker, 1.0) if (l_gpu and c.gpu_mem) else None
         l_total = learner_rows(cfg, model, plan, l_cap, l_gpu, mode)
         bl = dtype_bytes(cfg.model.dtype, l_gpu)
-        ref_copy = cfg.algo.kl_beta > 0 and not cfg.model.lora.enabled
+        ref_copy = LossSpec.from_config(cfg).reference_copy
         models = 2 if ref_copy else 1
         if lc.partitioned_init and lc.zero_stage == 3 and not cfg.model.lora.enabled:
             # deepspeed.zero.Init (learner/model_init.py): each rank holds 1/W of each model plus the tensor being

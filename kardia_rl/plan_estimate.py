@@ -144,7 +144,7 @@ def learner_state_bytes(a: Arch, *, world: int, stage: int, b: int, trainable: i
     stage 2 also the gradients, stage 3 also the weights (plus a working set of gathered weights: two
     layers, or the embedding when larger). P_t = trainable parameters (LoRA: the adapters plus the span tokens'
     row deltas, learner/span_rows.py). A frozen
-    reference (kl_beta > 0, no LoRA) adds bP, partitioned under stage 3.
+    reference (LossSpec.reference_copy) adds bP, partitioned under stage 3.
     """
     P, Pt = a.params(), trainable
     opt_per = 12 if b == 2 else 8

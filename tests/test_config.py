@@ -206,3 +206,22 @@ def test_hardware_defaults_have_one_definition():
         assert dtype_bytes("auto", gpu) == torch.empty(0, dtype=getattr(torch, name)).element_size()
     assert auto_dtype("bfloat16", False) == "bfloat16" and auto_dtype("float32", True) == "float32"
     assert CPU_KV_CACHE_BYTES == 1 << 30  # what engine_kwargs gives a CPU engine for 0 (test_plan checks that)
+
+
+@pytest.mark.parametrize("overrides, beta_loss, in_reward, reference, copy", [
+    ([], 0.001, False, True, True),
+    (["algo.kl_in=reward"], 0.0, True, True, True),
+    (["algo.kl_beta=0"], 0.0, False, False, False),
+    (["algo.kl_in=reward", "algo.kl_beta=0"], 0.0, False, False, False),
+    (["model.lora.enabled=true"], 0.001, False, True, False),  # LoRA: the base with the adapter off, no copy
+])
+def test_loss_spec_places_the_kl_and_says_what_reference_it_needs(overrides, beta_loss, in_reward, reference, copy):
+    from kardia_rl.config.specs import LossSpec, OptimSpec
+
+    cfg = load_config(TINY, ["rollout.temperature=0.9", "model.max_new_tokens=77", *overrides])
+    spec = LossSpec.from_config(cfg)
+    assert (spec.beta_in_loss, spec.kl_in_reward, spec.reference, spec.reference_copy) == \
+        (beta_loss, in_reward, reference, copy)
+    assert (spec.temperature, spec.max_new_tokens) == (0.9, 77)
+    assert spec.kl_estimator == ("k1" if "algo.kl_in=reward" in overrides else "k3")  # resolved by the preset
+    assert OptimSpec.grpo(cfg).reference == reference and not OptimSpec.sft(cfg).reference

@@ -235,13 +235,13 @@ def test_bucket_plan_is_aligned_and_bounded():
 
 def test_truncated_is_defaults_on_for_low_precision_engines():
     from kardia_rl.config import load_config
-    from kardia_rl.learner.deepspeed_learner import importance_correction_on
+    from kardia_rl.config.specs import LossSpec
 
     auto = load_config(os.path.join(ROOT, "conf", "tiny.yaml"))
     assert auto.algo.importance_correction is None
-    assert importance_correction_on(auto, torch.bfloat16) and importance_correction_on(auto, torch.float16)
-    assert not importance_correction_on(auto, torch.float32)
+    assert LossSpec.from_config(auto).importance_correction_on(engine_fp32=False)
+    assert not LossSpec.from_config(auto).importance_correction_on(engine_fp32=True)
     off = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), ["algo.importance_correction=false"])
-    assert not importance_correction_on(off, torch.bfloat16)
+    assert not LossSpec.from_config(off).importance_correction_on(engine_fp32=False)
     on = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), ["algo.importance_correction=true"])
-    assert importance_correction_on(on, torch.float32)
+    assert LossSpec.from_config(on).importance_correction_on(engine_fp32=True)

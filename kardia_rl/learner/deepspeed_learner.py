@@ -19,10 +19,11 @@ from typing import Optional
 import torch
 
 from kardia_rl.algo import policy_loss
+from kardia_rl.config.specs import LossSpec, OptimSpec
 from kardia_rl.errors import KardiaError
 from kardia_rl.learner import batching as B
 from kardia_rl.learner.distributed import all_reduce_, barrier, init_distributed, use_cuda
-from kardia_rl.learner.ds_config import (OptimSpec, ds_config, make_client_optimizer, param_groups,
+from kardia_rl.learner.ds_config import (ds_config, make_client_optimizer, param_groups,
                                          torch_dtype, warmup_lambda)
 from kardia_rl.learner.export import hf_metadata, hf_state_dict, iter_hf_tensors, save_hf_folder, unwrap_peft
 from kardia_rl.learner.logprobs import mismatch_sums, response_logprobs, sft_loss_sum
@@ -31,13 +32,6 @@ from kardia_rl.learner.span_rows import attach_span_rows, initial_span_rows
 
 def _to(batch: dict, device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
-def importance_correction_on(cfg, dtype: torch.dtype) -> bool:
-    """algo.importance_correction: true/false, or null (auto) = on when the engines do not sample in fp32
-    (bf16/fp16 kernels give the engine a measurably different distribution; fp32 matches to ~1e-5)."""
-    value = cfg.algo.importance_correction
-    return dtype != torch.float32 if value is None else bool(value)
 
 
 class DeepSpeedLearner:
@@ -53,7 +47,7 @@ class DeepSpeedLearner:
         import deepspeed
 
         optim = optim if optim is not None else OptimSpec.grpo(cfg)
-        self.cfg, self.optim = cfg, optim
+        self.cfg, self.optim, self.loss = cfg, optim, LossSpec.from_config(cfg)
         self.dist = init_distributed(rank, world_size, local_rank, master_port=master_port)
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.cuda = use_cuda()
@@ -192,7 +186,7 @@ class DeepSpeedLearner:
             raise ValueError(f"which must be 'policy' or 'ref', got {which!r}")
         if which == "ref" and self.ref is None:
             raise KardiaError("no reference model: it is loaded only when algo.kl_beta > 0")
-        temp = float(self.cfg.rollout.temperature)
+        temp = self.loss.temperature
         b = _to(batch, self.device)
         out = torch.zeros(b["response_mask"].shape, dtype=torch.float32)
         micro = self._synced(B.rollout_micro_batches(b, self.micro_batch_size, self.max_tokens), "response_mask")
@@ -216,11 +210,11 @@ class DeepSpeedLearner:
         (default: the current policy's, detached: on-policy ratio 1), ref_logprobs (computed here when the
         KL term needs them), engine_logprobs (for algo.importance_correction), keep (rows to train on).
         """
-        ac = self.cfg.algo
+        ls = self.loss
         for k in ("input_ids", "attention_mask", "position_ids", "response_mask", "advantages"):
             if k not in batch:
                 raise KardiaError(f"train_step batch lacks {k!r} (see kardia_rl.learner.batching)")
-        tis = importance_correction_on(self.cfg, self.dtype)
+        tis = ls.importance_correction_on(engine_fp32=self.dtype == torch.float32)
         if tis and "engine_logprobs" not in batch:
             raise KardiaError("algo.importance_correction is on but the batch has no engine_logprobs")
         b = _to(batch, self.device)
@@ -231,9 +225,8 @@ class DeepSpeedLearner:
         if n_tok == 0:  # every group dropped (or empty responses): nothing to learn, nothing to step
             return {"train/empty_batch": 1.0, "train/tokens": 0.0, "train/lr": self.lr(),
                     "train/skipped_steps": float(self.skipped_steps)}
-        beta_loss = float(ac.kl_beta) if ac.kl_in == "loss" else 0.0
         self._begin_update()
-        temp = float(self.cfg.rollout.temperature)
+        temp = ls.temperature
         micro = self._synced(B.rollout_micro_batches(b, self.micro_batch_size, self.max_tokens), "response_mask")
         sums = dict.fromkeys(("loss", "policy_loss", "kl", "entropy", "clip_frac", "clip_frac_low",
                               "clip_frac_high", "diff_sum", "mismatch_kl_sum"), 0.0)
@@ -249,10 +242,10 @@ class DeepSpeedLearner:
             if "engine_logprobs" in mb:  # engine/learner mismatch on the sampled tokens (pre-update learner)
                 mismatch_sums(sums, mb.get("old_logprobs", logp.detach()), mb["engine_logprobs"], m)
             loss, met = policy_loss(
-                logp, old, mb["advantages"], m, clip_eps=ac.clip_eps, clip_eps_high=ac.clip_eps_high or None,
-                beta=beta_loss, ref_logp=ref, kl_kind=ac.kl_estimator, agg=ac.loss_agg, num_tokens=n_tok,
-                num_seqs=n_seq, max_len=self.cfg.model.max_new_tokens, engine_logp=eng,
-                is_cap=ac.is_cap if eng is not None else None)
+                logp, old, mb["advantages"], m, clip_eps=ls.clip_eps, clip_eps_high=ls.clip_eps_high,
+                beta=ls.beta_in_loss, ref_logp=ref, kl_kind=ls.kl_estimator, agg=ls.loss_agg, num_tokens=n_tok,
+                num_seqs=n_seq, max_len=ls.max_new_tokens, engine_logp=eng,
+                is_cap=ls.is_cap if eng is not None else None)
             finite = bool(torch.isfinite(loss))
             bad += float(not finite)
             # NaN poison: makes the (rank-agreed) gradient check discard the whole step.

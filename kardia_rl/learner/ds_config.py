@@ -14,48 +14,15 @@ Choices and why:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
 
 from kardia_rl.config.schema import LR_SCHEDULES, MODEL_DTYPES, OPTIMIZERS
+from kardia_rl.config.specs import OptimSpec  # noqa: F401  (defined beside LossSpec; learner code imports it here)
 from kardia_rl.errors import ConfigError
 from kardia_rl.learner.export import full_shape
 from kardia_rl.utils.hardware import auto_dtype
-
-
-@dataclass(frozen=True)
-class OptimSpec:
-    """What a learner optimises and how, so the learner itself reads no role-specific config section.
-
-    `grpo(cfg)` reads cfg.learner (and a frozen reference iff algo.kl_beta > 0), `sft(cfg, total_steps)`
-    reads cfg.sft's rate, micro-batch and schedule; both share cfg.learner's optimizer, weight decay and
-    clipping. `total_steps` is the horizon of a decaying schedule (0: none known).
-    """
-    lr: float
-    micro_batch_size: int
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    total_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    optimizer: str = "torch_adamw"
-    reference: bool = False  # load a frozen reference model (the objective has a KL term to it)
-
-    @classmethod
-    def grpo(cls, cfg) -> "OptimSpec":
-        lc = cfg.learner
-        return cls(lr=lc.lr, micro_batch_size=lc.micro_batch_size, warmup_steps=lc.warmup_steps,
-                   weight_decay=lc.weight_decay, max_grad_norm=lc.max_grad_norm, optimizer=lc.optimizer,
-                   reference=cfg.algo.kl_beta > 0)
-
-    @classmethod
-    def sft(cls, cfg, total_steps: int = 0) -> "OptimSpec":
-        lc, sc = cfg.learner, cfg.sft
-        return cls(lr=sc.lr, micro_batch_size=sc.micro_batch_size, warmup_steps=sc.warmup_steps,
-                   schedule=sc.lr_schedule, total_steps=total_steps, weight_decay=lc.weight_decay,
-                   max_grad_norm=lc.max_grad_norm, optimizer=lc.optimizer)
 
 
 def torch_dtype(name: str, cuda: bool) -> torch.dtype:

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from kardia_rl.config.specs import LossSpec
 from kardia_rl.errors import KardiaError
 
 NON_DETERMINISTIC_PREFIXES = ("timing/", "perf/", "judge/latency")  # wall-clock numbers
@@ -24,6 +25,7 @@ class GRPOTrainer:
         if not samples:
             raise KardiaError("GRPO needs at least one training prompt (the hard split is empty?)")
         self.cfg, self.samples, self.policy_path = cfg, list(samples), policy_path
+        self.loss = LossSpec.from_config(cfg)  # the objective, as the learner reads it
         self.start_step = 1
         self.stop, self.abandoned = None, False  # the SIGTERM handler (train) and whether it abandoned a step
 
@@ -163,10 +165,11 @@ class GRPOTrainer:
         truncated, penalty = self.overlong(rollout)
         if penalty is not None:  # DAPO's soft overlong penalty is part of the reward the group is ranked on
             rewards = rewards + penalty
-        if ac.kl_in == "reward" and ac.kl_beta > 0:
+        if self.loss.kl_in_reward:
             logp = self.learner.compute_logprobs(batch, "policy")
             ref = self.learner.compute_logprobs(batch, "ref")
-            rewards = apply_kl_to_rewards(rewards, logp, ref, batch["response_mask"], ac.kl_beta, ac.kl_estimator)
+            rewards = apply_kl_to_rewards(rewards, logp, ref, batch["response_mask"], self.loss.kl_beta,
+                                          self.loss.kl_estimator)
             # Handed on, so the learner logs its KL from these instead of running the reference again, and
             # the pre-update policy is not run twice either (same weights, same numbers).
             batch["ref_logprobs"] = ref

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 GPU_DTYPE = "bfloat16"  # auto on a GPU: half the memory of fp32 and fp32's exponent range
 CPU_DTYPE = "float32"  # auto on CPU: CPU bf16 kernels are slow or missing, and fp32 keeps engine and learner equal
-CPU_KV_CACHE_BYTES = 1 << 30  # KV cache of a CPU vLLM engine given 0 (vLLM's default reservation fails on small machines)
+CPU_KV_CACHE_BYTES = 1 << 30  # KV cache of a CPU vLLM engine given 0 (vLLM's default reservation fails on small hosts)
 
 
 def auto_dtype(dtype: str, gpu: bool) -> str:

@@ -92,7 +92,7 @@ def test_wrong_type_and_override_errors_all_reported(tmp_path):
     (["rollout.top_p=0.9"], "rollout.top_p: must be 1 for GRPO, got 0.9"),
     (["model.lora.span_rows_lr_scale=0"], "model.lora.span_rows_lr_scale: must be > 0, got 0"),
     (["synth.pool=cluster"], "synth.pool: 'cluster' is not one of"),
-    (["algo.val_every=-1"], "algo.val_every: must be >= 0 (0 = no validation during GRPO), got -1"),
+    (["algo.val_every=-1"], "algo.val_every: must be >= 0, got -1"),
     (["algo.val_samples=0"], "algo.val_samples: must be >= 1, got 0"),
     (["data.val_fraction=0"], "algo.val_every=5 needs a validation split: data.val_fraction must be > 0, got 0"),
     (["algo.val_every=0"], "checkpoint.keep_best=true needs validation during GRPO: set algo.val_every > 0"),
@@ -225,3 +225,25 @@ def test_loss_spec_places_the_kl_and_says_what_reference_it_needs(overrides, bet
     assert (spec.temperature, spec.max_new_tokens) == (0.9, 77)
     assert spec.kl_estimator == ("k1" if "algo.kl_in=reward" in overrides else "k3")  # resolved by the preset
     assert OptimSpec.grpo(cfg).reference == reference and not OptimSpec.sft(cfg).reference
+
+
+def test_every_bounded_key_names_itself_and_its_bound():
+    """Bounds stand beside their keys in schema.py; a value just outside each one is refused naming the key and
+    the bound (and nothing crashes on it, e.g. a zero batch size in the divisibility rules)."""
+    from kardia_rl.config.validate import _declared
+
+    bounded = {key: meta["bounds"] for key, _, meta in _declared(load_config(TINY)) if "bounds" in meta}
+    assert {"algo.group_size", "rollout.temperature", "algo.clip_eps", "learner.zero_stage", "split.tau",
+            "synth.min_user_safety", "judge.kv_cache_bytes"} <= set(bounded)
+    want = {"ge": ">= {}", "gt": "> {}", "le": "<= {}", "lt": "< {}"}
+    for key, bounds in bounded.items():
+        for name, b in bounds.items():
+            bad = {"ge": b - 1, "gt": b, "le": b + 1, "lt": b}[name]
+            rule = f"in {'[' if 'ge' in bounds else '('}" if len(bounds) == 2 else want[name].format(b)
+            with pytest.raises(ConfigError, match=re.escape(f"{key}: must be {rule}")) as e:
+                load_config(TINY, [f"{key}={bad}"])
+            assert f"got {bad}" in str(e.value), (key, str(e.value))
+    with pytest.raises(ConfigError, match=re.escape("algo.clip_eps: must be in [0, 1), got 1")):
+        load_config(TINY, ["algo.clip_eps=1"])
+    with pytest.raises(ConfigError, match=re.escape("judge.dtype: 'fp32' is not one of ['auto', 'float32', 'bfloat16']")):
+        load_config(TINY, ["judge.dtype=fp32"])

@@ -167,7 +167,7 @@ def test_a_dropped_record_does_not_shadow_its_near_duplicate(clean):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("synth.max_emotion_jump=3", "synth.max_emotion_jump: must be 0, 1 or 2"),
+    ("synth.max_emotion_jump=3", "synth.max_emotion_jump: must be in [0, 2], got 3"),
     ("synth.min_user_safety=0.5", "synth.min_user_safety: must be in [1, 5]"),
     ("synth.identity_age_tolerance=-1", "synth.identity_age_tolerance: must be >= 0"),
 ])

@@ -1,9 +1,12 @@
-"""Cross-field validation: the one place where rules that involve several keys are checked.
+"""Validation: each key's own choices and bounds, declared beside the key in schema.py (`doc(..., choices)`,
+`doc(..., ge=, gt=, le=, lt=)`) and checked here; and the cross-field rules, the one place where rules that
+involve several keys are checked.
 
-Each rule yields a message naming the keys and values involved; all failures are reported together.
+Each problem is a message naming the keys and values involved; all failures are reported together.
 """
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import fields, is_dataclass
 
@@ -11,14 +14,32 @@ from kardia_rl.config.schema import RUBRIC_DIMENSIONS, KardiaConfig
 from kardia_rl.errors import ConfigError
 
 
-def _choice_keys(obj, prefix: str = ""):
-    """(dotted key, allowed values) of every config field declared with `choices` in schema.py."""
+_BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
+
+
+def _declared(obj, prefix: str = ""):
+    """(dotted key, value, field metadata) of every leaf config field."""
     for f in fields(obj):
         value = getattr(obj, f.name)
         if is_dataclass(value):
-            yield from _choice_keys(value, f"{prefix}{f.name}.")
-        elif "choices" in f.metadata:
-            yield f"{prefix}{f.name}", f.metadata["choices"]
+            yield from _declared(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value, f.metadata
+
+
+def bound_problem(key: str, value, bounds: dict):
+    """The message for `value` outside `bounds` ({"ge": 0, "lt": 1} reads "in [0, 1)"), or None."""
+    if value is None or all(_BOUNDS[name][1](value, b) for name, b in bounds.items()):
+        return None
+    low = [n for n in ("ge", "gt") if n in bounds]
+    high = [n for n in ("le", "lt") if n in bounds]
+    if low and high:
+        want = (f"in {'[' if low[0] == 'ge' else '('}{bounds[low[0]]}, {bounds[high[0]]}"
+                f"{']' if high[0] == 'le' else ')'}")
+    else:
+        name = (low or high)[0]
+        want = f"{_BOUNDS[name][0]} {bounds[name]}"
+    return f"{key}: must be {want}, got {value}"
 
 
 def _get(cfg, dotted: str):
@@ -30,30 +51,11 @@ def _get(cfg, dotted: str):
 
 def config_problems(cfg: KardiaConfig) -> list[str]:
     p: list[str] = []
-    for key, choices in _choice_keys(cfg):
-        v = _get(cfg, key)
-        if v not in choices:
-            p.append(f"{key}: {v!r} is not one of {list(choices)}")
-    positive_ints = ["algo.group_size", "algo.prompts_per_step", "algo.num_steps", "algo.updates_per_step",
-                     "rollout.num_actors", "judge.num_actors", "judge.max_in_flight", "judge.pool_max_attempts",
-                     "learner.num_workers",
-                     "learner.micro_batch_size", "sft.batch_size", "sft.micro_batch_size", "sft.max_seq_len",
-                     "model.max_prompt_tokens", "model.max_new_tokens", "split.k", "logging.log_every"]
-    for key in positive_ints:
-        if _get(cfg, key) < 1:
-            p.append(f"{key}: must be >= 1, got {_get(cfg, key)}")
-    for key in ("rollout.temperature", "split.temperature", "eval.temperature", "learner.lr", "sft.lr",
-                "judge.timeout_s", "rollout.sync_check_threshold", "rollout.sync_check_mean_low_precision",
-                "rollout.sync_bucket_mb", "rollout.sync_timeout_s", "rollout.actor_timeout_s"):
-        if not _get(cfg, key) > 0:
-            p.append(f"{key}: must be > 0, got {_get(cfg, key)}")
-    if cfg.rollout.verify_every < 0:
-        p.append(f"rollout.verify_every: must be >= 0, got {cfg.rollout.verify_every}")
-    for key in ("judge.max_retries", "judge.backoff_s"):
-        if _get(cfg, key) < 0:
-            p.append(f"{key}: must be >= 0, got {_get(cfg, key)}")
-    if cfg.rollout.max_restarts_per_step < 0:
-        p.append(f"rollout.max_restarts_per_step: must be >= 0, got {cfg.rollout.max_restarts_per_step}")
+    for key, v, meta in _declared(cfg):
+        if "choices" in meta and v not in meta["choices"]:
+            p.append(f"{key}: {v!r} is not one of {list(meta['choices'])}")
+        elif "bounds" in meta and (problem := bound_problem(key, v, meta["bounds"])):
+            p.append(problem)
     if cfg.rollout.weight_sync == "collective" and cfg.rollout.engine == "hf":
         p.append("rollout.weight_sync: collective needs rollout.engine=vllm (the transformers engine cannot join "
                  "the weight-transfer group); use auto or object_store")
@@ -64,9 +66,6 @@ def config_problems(cfg: KardiaConfig) -> list[str]:
         p.append(f"rollout.top_p: must be 1 for GRPO, got {cfg.rollout.top_p}: the learner's log-probs use the full "
                  "softmax(logits / rollout.temperature); lower rollout.temperature to sample more narrowly")
     w = {k: _get(cfg, f"reward.{k}_weight") for k in ("format", "emotion", "rubric")}
-    for k, v in w.items():
-        if v < 0:
-            p.append(f"reward.{k}_weight: must be >= 0, got {v}")
     if all(v == 0 for v in w.values()):
         p.append("reward: format_weight, emotion_weight and rubric_weight are all 0; nothing to learn from")
     dims = cfg.judge.dimension_weights
@@ -79,64 +78,36 @@ def config_problems(cfg: KardiaConfig) -> list[str]:
         p.append("judge.dimension_weights: all weights are 0")
     rollout_batch = cfg.algo.prompts_per_step * cfg.algo.group_size
     per_pass = cfg.learner.micro_batch_size * cfg.learner.num_workers
-    if rollout_batch % per_pass:
+    if per_pass > 0 and rollout_batch % per_pass:  # (a zero batch size is out of its bounds above)
         p.append(f"algo.prompts_per_step * algo.group_size = {cfg.algo.prompts_per_step} * {cfg.algo.group_size} = "
                  f"{rollout_batch} is not divisible by learner.micro_batch_size * learner.num_workers = "
                  f"{cfg.learner.micro_batch_size} * {cfg.learner.num_workers} = {per_pass}")
-    if cfg.sft.batch_size % cfg.sft.micro_batch_size:
+    if cfg.sft.micro_batch_size > 0 and cfg.sft.batch_size % cfg.sft.micro_batch_size:
         p.append(f"sft.batch_size ({cfg.sft.batch_size}) must be a multiple of sft.micro_batch_size "
                  f"({cfg.sft.micro_batch_size})")
     if cfg.algo.group_size < 2 and cfg.algo.advantage != "batch_std":
         p.append(f"algo.group_size = {cfg.algo.group_size}: group-normalised advantages need at least 2 candidates")
-    if not 0 <= cfg.algo.clip_eps < 1 or cfg.algo.clip_eps_high < 0:
-        p.append(f"algo.clip_eps ({cfg.algo.clip_eps}) must be in [0,1) and clip_eps_high ({cfg.algo.clip_eps_high}) >= 0")
     ac = cfg.algo
     if (ac.advantage == "drgrpo") != (ac.loss_agg == "seq_mean_token_sum_norm"):
         p.append(f"algo.advantage={ac.advantage!r} with algo.loss_agg={ac.loss_agg!r} is half of Dr. GRPO (it "
                  "needs both the mean-only advantage and the constant normaliser seq_mean_token_sum_norm); "
                  "use algo.preset=drgrpo, or change both keys")
-    if not ac.adv_eps > 0:
-        p.append(f"algo.adv_eps: must be > 0 (a tied group would divide 0 by 0), got {ac.adv_eps}")
-    if not 0 < ac.overlong_buffer <= 1:
-        p.append(f"algo.overlong_buffer: must be in (0, 1] (a fraction of model.max_new_tokens), got {ac.overlong_buffer}")
-    if ac.overlong_penalty < 0:
-        p.append(f"algo.overlong_penalty: must be >= 0, got {ac.overlong_penalty}")
-    if cfg.algo.kl_beta < 0:
-        p.append(f"algo.kl_beta: must be >= 0, got {cfg.algo.kl_beta}")
-    if cfg.learner.zero_stage not in (0, 1, 2, 3):
-        p.append(f"learner.zero_stage: must be 0-3, got {cfg.learner.zero_stage}")
-    if not 0 <= cfg.split.tau <= 1:
-        p.append(f"split.tau: must be in [0, 1], got {cfg.split.tau}")
     if cfg.split.reference == "warmup" and cfg.split.folds < 2:  # K=1 would rate the turns it trained on
         p.append(f"split.folds: must be >= 2 with split.reference=warmup (each warm-up rates only a held-out fold), "
                  f"got {cfg.split.folds}")
     if cfg.split.reference == "warmup" and not cfg.split.warmup_epochs > 0:
         p.append(f"split.warmup_epochs: must be > 0 with split.reference=warmup, got {cfg.split.warmup_epochs}")
-    if not (0 <= cfg.data.val_fraction < 1 and 0 <= cfg.data.test_fraction < 1
-            and cfg.data.val_fraction + cfg.data.test_fraction < 1):
+    if not cfg.data.val_fraction + cfg.data.test_fraction < 1:
         p.append(f"data.val_fraction ({cfg.data.val_fraction}) + data.test_fraction ({cfg.data.test_fraction}) "
-                 "must each be in [0,1) and sum below 1")
+                 "must sum below 1")
     if cfg.data.system_template and ("{person}" not in cfg.data.system_template):
         p.append("data.system_template: must contain {person} (the user's profile)")
-    for key in ("rollout.kv_cache_bytes", "judge.kv_cache_bytes"):  # 0 = automatic (see the key's doc)
-        if _get(cfg, key) < 0:
-            p.append(f"{key}: must be >= 0 (0 = sized automatically), got {_get(cfg, key)}")
-    if cfg.checkpoint.keep_last < 1:
-        p.append(f"checkpoint.keep_last: must be >= 1, got {cfg.checkpoint.keep_last}")
-    if cfg.checkpoint.auto_resume < 0:
-        p.append(f"checkpoint.auto_resume: must be >= 0, got {cfg.checkpoint.auto_resume}")
-    if cfg.algo.val_every < 0:
-        p.append(f"algo.val_every: must be >= 0 (0 = no validation during GRPO), got {cfg.algo.val_every}")
-    if cfg.algo.val_samples < 1:
-        p.append(f"algo.val_samples: must be >= 1, got {cfg.algo.val_samples}")
     if cfg.algo.val_every > 0 and cfg.data.val_fraction <= 0:  # validation prompts come from that split
         p.append(f"algo.val_every={cfg.algo.val_every} needs a validation split: data.val_fraction must be > 0, got "
                  f"{cfg.data.val_fraction} (or set algo.val_every=0)")
     if cfg.checkpoint.keep_best and cfg.algo.val_every <= 0:  # the best is chosen by the validation reward
         p.append("checkpoint.keep_best=true needs validation during GRPO: set algo.val_every > 0 (or "
                  "checkpoint.keep_best=false)")
-    if cfg.model.lora.span_rows_lr_scale <= 0:
-        p.append(f"model.lora.span_rows_lr_scale: must be > 0, got {cfg.model.lora.span_rows_lr_scale}")
     if cfg.model.lora.enabled and cfg.model.lora.r < 1:
         p.append(f"model.lora.r: must be >= 1, got {cfg.model.lora.r}")
     if cfg.judge.calibration and cfg.judge.backend != "embedding":
@@ -150,26 +121,8 @@ def config_problems(cfg: KardiaConfig) -> list[str]:
 
 
 def _synth_problems(cfg: KardiaConfig) -> list[str]:
-    """`synth.*`: counts, and an endpoint for every role that goes to one."""
+    """`synth.*`: an endpoint for every role that goes to one."""
     p, sy = [], cfg.synth
-    for key in ("num_engines", "max_exchanges", "max_concurrent_dialogues", "user_max_tokens", "evaluator_max_tokens",
-                "shard_size"):
-        if getattr(sy, key) < 1:
-            p.append(f"synth.{key}: must be >= 1, got {getattr(sy, key)}")
-    for key in ("max_revisions", "evaluator_retries", "max_dialogues", "responder_max_tokens"):
-        if getattr(sy, key) < 0:
-            p.append(f"synth.{key}: must be >= 0, got {getattr(sy, key)}")
-    for key in ("user_temperature", "responder_temperature", "evaluator_temperature"):
-        if getattr(sy, key) < 0:
-            p.append(f"synth.{key}: must be >= 0 (0 = greedy), got {getattr(sy, key)}")
-    if not 0 < sy.near_dup_threshold <= 1:
-        p.append(f"synth.near_dup_threshold: must be in (0, 1], got {sy.near_dup_threshold}")
-    if sy.max_emotion_jump not in (0, 1, 2):
-        p.append(f"synth.max_emotion_jump: must be 0, 1 or 2, got {sy.max_emotion_jump}")
-    if not 1 <= sy.min_user_safety <= 5:
-        p.append(f"synth.min_user_safety: must be in [1, 5] (the judge's safety scale), got {sy.min_user_safety}")
-    if sy.identity_age_tolerance < 0:
-        p.append(f"synth.identity_age_tolerance: must be >= 0, got {sy.identity_age_tolerance}")
     for role in ("user", "responder", "evaluator"):
         url = getattr(sy, f"{role}_base_url")
         if getattr(sy, f"{role}_backend") == "openai" and not url.startswith(("http://", "https://")):

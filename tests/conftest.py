@@ -208,7 +208,7 @@ import re  # noqa: E402
 from kardia_rl.format.spans import render_spans  # noqa: E402
 from kardia_rl.rewards.judge.base import DIMENSIONS, ChatBackend, JudgeBackend, Judgment, JudgeRequest  # noqa: E402
 
-# The rubric prompt quotes each candidate between nonce-tagged fences (rewards/rubric_prompt.py).
+# The rubric prompt quotes each candidate between nonce-tagged fences (rewards/judge/rubric_prompt.py).
 JUDGE_NONCE = re.compile(r'"id": "(j[0-9a-f]{9})"')
 JUDGE_CANDIDATE = re.compile(r"<<<CANDIDATE_RESPONSE(?: (\d+))? id=(j[0-9a-f]{9})>>>\n(.*?)\n<<<END_", re.S)
 

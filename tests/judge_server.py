@@ -10,7 +10,7 @@ answers HTTP 500 twice and then a valid judgment; `#r1` only makes the key uniqu
 by the whole marker. No marker means `ok`. Steps:
 
     ok | ok=N      200 with a valid judgment (all five scores N, default 4) as message content; when the
-                   prompt quotes the candidate with an `id=NONCE` marker (rubric_prompt.py), the
+                   prompt quotes the candidate with an `id=NONCE` marker (rewards/judge/rubric_prompt.py), the
                    judgment carries `"id": NONCE` as RubricJudge's injection-proof parser requires
     garbage        200 whose content is text no rubric parser can read
     null           200 whose message content is null (a reasoning model that ran out of tokens)

@@ -16,8 +16,8 @@ from kardia_rl.evaluation.agreement import (
 )
 from kardia_rl.rewards import make_judge
 from kardia_rl.rewards.judge.base import DIMENSIONS, ChatBackend
-from kardia_rl.rewards.rubric import RubricJudge
-from kardia_rl.rewards.rubric_prompt import sanitize_untrusted
+from kardia_rl.rewards.judge.rubric import RubricJudge
+from kardia_rl.rewards.judge.rubric_prompt import sanitize_untrusted
 
 
 

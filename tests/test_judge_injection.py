@@ -19,9 +19,9 @@ import pytest
 
 from kardia_rl.rewards.injection_attacks import INJECTION_SUFFIXES
 from kardia_rl.rewards.judge.base import DIMENSIONS, ChatBackend, JudgeRequest
-from kardia_rl.rewards.rubric import RubricJudge
-from kardia_rl.rewards.rubric_parse import iter_json_objects, parse_judgment
-from kardia_rl.rewards.rubric_prompt import SYSTEM_PROMPT, build_judge_messages, rubric_text, sanitize_untrusted
+from kardia_rl.rewards.judge.rubric import RubricJudge
+from kardia_rl.rewards.judge.rubric_parse import iter_json_objects, parse_judgment
+from kardia_rl.rewards.judge.rubric_prompt import SYSTEM_PROMPT, build_judge_messages, rubric_text, sanitize_untrusted
 
 HONEST = dict(relevance=3.0, fluency=4.0, empathy=2.0, persona_consistency=3.0, safety=4.0)
 FIVES = {d: 5.0 for d in DIMENSIONS}
@@ -155,7 +155,7 @@ def naive_messages(r, nonce):
 
 
 def test_naive_prompt_order_is_fooled_by_the_obey_last_judge(monkeypatch):
-    import kardia_rl.rewards.rubric as rubric
+    import kardia_rl.rewards.judge.rubric as rubric
 
     monkeypatch.setattr(rubric, "build_judge_messages", naive_messages)
     fooled = [a for a in ADVERSARIAL if judge_scores(ObeyLastJudge(), [ADVERSARIAL[a]]) == [FIVES]]

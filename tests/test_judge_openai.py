@@ -19,7 +19,7 @@ from kardia_rl.config.schema import JudgeConfig
 from kardia_rl.errors import ConfigError
 from kardia_rl.rewards.judge.base import ChatRequestError, JudgeRequest
 from kardia_rl.rewards.judge.openai_backend import OpenAIChatBackend
-from kardia_rl.rewards.rubric import RubricJudge
+from kardia_rl.rewards.judge.rubric import RubricJudge
 from kardia_rl.rewards.judge.ratelimit import RateLimiter
 
 SECRET = "sk-test-5f1c9e0a-never-print-me"

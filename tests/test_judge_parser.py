@@ -5,7 +5,7 @@ import math
 import pytest
 
 from kardia_rl.rewards.judge.base import DIMENSIONS
-from kardia_rl.rewards.rubric_parse import (
+from kardia_rl.rewards.judge.rubric_parse import (
     canonical_dimension, coerce_score, iter_json_objects, parse_group_judgment, parse_judgment,
 )
 

@@ -10,7 +10,7 @@ import json
 from conftest import quoted_candidates
 
 from kardia_rl.rewards.judge.base import DIMENSIONS, ChatBackend, JudgeRequest
-from kardia_rl.rewards.rubric import RubricJudge
+from kardia_rl.rewards.judge.rubric import RubricJudge
 
 class PromptHashChat(ChatBackend):
     """A sampling-judge stand-in: every score is a hash of the whole prompt and the sampling seed (any change

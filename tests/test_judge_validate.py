@@ -12,7 +12,7 @@ from test_human_data import EPITOME, ESCONV, _write
 from kardia_rl.evaluation.human_data import HumanItem
 from kardia_rl.evaluation.judge_probes import BUDGETS, FILLER, run_probes
 from kardia_rl.rewards.judge.base import DIMENSIONS, JudgeBackend, Judgment
-from kardia_rl.rewards.rubric import RubricJudge
+from kardia_rl.rewards.judge.rubric import RubricJudge
 
 CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf", "tiny.yaml")
 

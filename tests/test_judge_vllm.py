@@ -101,7 +101,7 @@ def test_a_prompt_too_long_fails_alone(engine):
 
 @pytest.mark.ray
 def test_rubric_judge_turns_garbage_into_failed_judgments(engine):
-    from kardia_rl.rewards.rubric import RubricJudge
+    from kardia_rl.rewards.judge.rubric import RubricJudge
 
     judge = RubricJudge(engine, max_retries=1, max_tokens=24, temperature=0.7, backoff_s=0.0,
                         cache_size=0, seed=0)

@@ -1,5 +1,6 @@
-"""RubricJudge (rewards/rubric.py) behind a scripted chat backend: score aggregation, bounded concurrency, re-asks,
-failures/timeouts/backoff counted and never raised, one retry budget per request, group-wise judging. No model."""
+"""RubricJudge (rewards/judge/rubric.py) behind a scripted chat backend: score aggregation, bounded concurrency,
+re-asks, failures/timeouts/backoff counted and never raised, one retry budget per request, group-wise judging. No
+model."""
 import asyncio
 import re
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from kardia_rl.cli import main
-from kardia_rl.rewards.rubric_parse import iter_json_objects
+from kardia_rl.rewards.judge.rubric_parse import iter_json_objects
 from kardia_rl.synth import roles
 from synth_server import INJECTION, SynthServer
 

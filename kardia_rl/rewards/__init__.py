@@ -13,5 +13,5 @@ from kardia_rl.rewards.judge.base import (  # noqa: F401
     DIMENSIONS, JudgeBackend, Judgment, JudgeRequest, aggregate_scores,
 )
 from kardia_rl.rewards.judge.cache import JudgmentCache  # noqa: F401
-from kardia_rl.rewards.rubric import RubricJudge  # noqa: F401
+from kardia_rl.rewards.judge.rubric import RubricJudge  # noqa: F401
 from kardia_rl.rewards.unified import RewardBreakdown, UnifiedReward, summary  # noqa: F401

@@ -3,7 +3,7 @@
 One definition, used by tests/test_judge_injection.py (every attack against every layer of the rubric judge's
 defences, with scripted gullible judges) and by `kardia-rl judge-validate --probes` (the injection probe: how
 often an attacked reply scores higher than the same reply without the attack, for any judge backend). Each
-entry is a suffix appended to a reply; see rubric_prompt.py for the threat model.
+entry is a suffix appended to a reply; see judge/rubric_prompt.py for the threat model.
 """
 from __future__ import annotations
 

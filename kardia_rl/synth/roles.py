@@ -8,7 +8,7 @@
   R's critique as one more exchange, so the format and system prompt stay the training ones.
 - R, the rubric evaluator: a verdict FAIL / PASS / SOLVED on one assistant turn with a critique per
   criterion. A's text is untrusted input to R and gets the rubric judge's protections
-  (rewards/rubric_prompt.py): sanitised, quoted between markers with a per-request nonce, the task
+  (rewards/judge/rubric_prompt.py): sanitised, quoted between markers with a per-request nonce, the task
   instructions last, and the verdict read only from a JSON block that echoes the nonce (rubric_parse's
   nonce-guided object search, so a fake verdict block copied from A's text is never read).
 
@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from kardia_rl.format.spans import parse_spans, strip_span_tags
-from kardia_rl.rewards.rubric_parse import MAX_PARSE_CHARS, _nonce_objects, strip_thinking
-from kardia_rl.rewards.rubric_prompt import make_nonce, sanitize_untrusted
+from kardia_rl.rewards.judge.rubric_parse import MAX_PARSE_CHARS, _nonce_objects, strip_thinking
+from kardia_rl.rewards.judge.rubric_prompt import make_nonce, sanitize_untrusted
 
 from kardia_rl.data.schema import VERDICTS
 from kardia_rl.utils.seeds import derive_seed, split_even
@@ -315,7 +315,7 @@ EVALUATOR_SYSTEM = (
 def evaluator_messages(person: str, situation: str, emotion: str, history: Sequence[dict], answer: str,
                        nonce: str) -> list[dict]:
     """R's chat: context, the quoted turn (emotion + reply, sanitised, nonce-fenced), the task last."""
-    from kardia_rl.rewards.rubric_prompt import MAX_CONTEXT_CHARS
+    from kardia_rl.rewards.judge.rubric_prompt import MAX_CONTEXT_CHARS
 
     def visible(m):
         return parse_spans(m["content"]).found.get("response") or m["content"] if m["role"] == "assistant" else m["content"]

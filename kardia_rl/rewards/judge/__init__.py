@@ -1,7 +1,7 @@
 """Judge backends behind one interface (base.py): `make_judge(cfg.judge)` (factory.py) picks one.
 
 - embedding: EmbeddingJudge, an offline MiniLM proxy (NOT the paper's judge; see embedding.py);
-- vllm / openai / hf: RubricJudge (rewards/rubric.py) around a ChatBackend from the sibling module.
+- vllm / openai / hf: RubricJudge (rewards/judge/rubric.py) around a ChatBackend from the sibling module.
 The judgment cache (cache.py) serves both.
 """
 from __future__ import annotations

@@ -40,7 +40,7 @@ def make_judge(cfg_judge, seed: int = 0) -> JudgeBackend:
 
         return EmbeddingJudge.from_config(cfg_judge, seed)
     if backend in _CHAT_BACKENDS:
-        from kardia_rl.rewards.rubric import RubricJudge
+        from kardia_rl.rewards.judge.rubric import RubricJudge
 
         policy = RetryPolicy.from_config(cfg_judge)
         return RubricJudge.from_config(make_chat_backend(cfg_judge, policy), cfg_judge, policy, seed)

@@ -20,7 +20,7 @@ JUDGE_FILE = "judge.json"
 def judge_identity(cfg_judge) -> dict:
     """{backend, model, prompt_hash, rubric_version, note | temperature + group_wise, calibration} of the
     configured judge (`cfg_judge`: the config's judge section)."""
-    from kardia_rl.rewards.rubric_prompt import RUBRIC_VERSION, rubric_version_hash
+    from kardia_rl.rewards.judge.rubric_prompt import RUBRIC_VERSION, rubric_version_hash
 
     backend = cfg_judge.backend
     calibration: Optional[dict] = None
@@ -41,7 +41,7 @@ def judge_identity(cfg_judge) -> dict:
         prompt_hash = rubric_version_hash()
         if not cfg_judge.defences:  # judge.defences=false asks with another prompt: its text goes into the hash
             from kardia_rl.rewards.judge.base import JudgeRequest
-            from kardia_rl.rewards.rubric_prompt import build_undefended_messages
+            from kardia_rl.rewards.judge.rubric_prompt import build_undefended_messages
 
             probe = JudgeRequest("P", "S", (("user", "U"),), "R", "g")
             prompt_hash = rubric_version_hash(repr(build_undefended_messages(probe, "jN")))

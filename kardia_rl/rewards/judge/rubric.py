@@ -50,8 +50,8 @@ from kardia_rl.rewards.judge.base import (
     retry_delay,
 )
 from kardia_rl.rewards.judge.cache import JudgmentCache
-from kardia_rl.rewards.rubric_parse import parse_group_judgment, parse_judgment
-from kardia_rl.rewards.rubric_prompt import (
+from kardia_rl.rewards.judge.rubric_parse import parse_group_judgment, parse_judgment
+from kardia_rl.rewards.judge.rubric_prompt import (
     build_group_messages, build_judge_messages, build_undefended_messages, make_nonce, reask_message,
     rubric_version_hash,
 )

@@ -73,7 +73,7 @@ def stage_split(cfg: KardiaConfig, state: dict) -> dict:
 
 def _read_samples(path: str) -> list:
     from kardia_rl.data import TurnSample
-    from kardia_rl.utils.io import read_jsonl
+    from kardia_rl.data.sources import read_jsonl
 
     return [TurnSample.from_record(r) for r in read_jsonl(path)]
 

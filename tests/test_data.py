@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -161,3 +162,17 @@ def test_custom_label_set():
     assert normalize_emotion("sad", labels) == "sad" and normalize_emotion("anxious", labels) is None
     with pytest.raises(ValueError):
         label_set(["sad", "Sad "])
+
+
+def test_one_jsonl_reader_names_the_file_and_line(tmp_path):
+    from kardia_rl.data.sources import iter_jsonl, read_jsonl
+
+    p = tmp_path / "rows.jsonl"
+    p.write_text('{"a": 1}\n\n{"a": 2}\n')
+    assert list(iter_jsonl(str(p))) == [(1, {"a": 1}), (3, {"a": 2})]  # blank lines skipped, numbers kept
+    p.write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(DataError, match=re.escape(f"{p}:2: invalid JSON")):
+        read_jsonl(str(p))
+    p.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(DataError, match=re.escape(f"{p}:2: sample: expected a JSON object, got list")):
+        read_jsonl(str(p), "sample")

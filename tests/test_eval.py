@@ -21,7 +21,7 @@ from kardia_rl.evaluation.report import main_table, render_eval_markdown
 from kardia_rl.format.spans import parse_spans, render_spans
 from kardia_rl.rewards.judge.base import DIMENSIONS
 from kardia_rl.rewards.unified import UnifiedReward
-from kardia_rl.utils.io import read_jsonl
+from kardia_rl.data.sources import read_jsonl
 
 FAST = ["rollout.engine=hf", "eval.max_samples=8", "model.max_new_tokens=24", "model.max_prompt_tokens=384"]
 

@@ -21,7 +21,7 @@ from kardia_rl.curriculum.split import (
 from kardia_rl.cli import main
 from kardia_rl.data import TurnSample
 from kardia_rl.errors import ConfigError, DataError, KardiaError
-from kardia_rl.utils.io import read_jsonl
+from kardia_rl.data.sources import read_jsonl
 
 SETTINGS = ["rollout.engine=hf", "split.k=4", "model.max_new_tokens=24", "model.max_prompt_tokens=384",
             "reward.format_weight=0", "reward.emotion_weight=0", "reward.rubric_weight=1", "judge.judge_malformed=true",

@@ -51,8 +51,8 @@ def _iter_jsonl(path: str) -> Iterator[Row]:
 
 
 def iter_jsonl(path: str, field: str = "") -> Iterator[tuple[int, dict]]:
-    """(line number, object) per non-empty line of a user's JSONL file (human labels, synthesis inputs), read by
-    the same loop as the dialogue sources; invalid JSON or a line that is not a JSON object is a DataError naming
+    """(line number, object) per non-empty line of a JSONL file (human labels, synthesis inputs, model outputs to
+    score, per-turn sample files, run records), read by the same loop as the dialogue sources; invalid JSON or a line that is not a JSON object is a DataError naming
     PATH:LINE (and `field`, e.g. "record", when given)."""
     where = f"{field}: " if field else ""
     for n, obj, problem in _iter_jsonl(path):
@@ -61,6 +61,11 @@ def iter_jsonl(path: str, field: str = "") -> Iterator[tuple[int, dict]]:
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{n}: {where}expected a JSON object, got {type(obj).__name__}")
         yield n, obj
+
+
+def read_jsonl(path: str, field: str = "") -> list[dict]:
+    """Every object of a JSONL file, checked as iter_jsonl checks them (PATH:LINE on a bad line)."""
+    return [obj for _, obj in iter_jsonl(path, field)]
 
 
 def _iter_json(path: str) -> Iterator[Row]:

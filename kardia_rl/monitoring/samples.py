@@ -14,10 +14,11 @@ import re
 from typing import Any, Mapping, Optional, Sequence
 
 from kardia_rl.config.schema import RUBRIC_DIMENSIONS
+from kardia_rl.data.sources import read_jsonl
 from kardia_rl.errors import KardiaError
 from kardia_rl.format.spans import SPAN_NAMES, parse_spans
 from kardia_rl.monitoring.stats import get_field
-from kardia_rl.utils.io import atomic_write_jsonl, read_jsonl
+from kardia_rl.utils.io import atomic_write_jsonl
 
 
 #: Column order of the table (JSONL rows carry exactly these keys).

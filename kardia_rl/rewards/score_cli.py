@@ -20,6 +20,7 @@ import os
 
 from kardia_rl.config.cli import add_config_args, config_from_args
 from kardia_rl.config.schema import JUDGE_BACKENDS
+from kardia_rl.data.sources import iter_jsonl
 from kardia_rl.errors import DataError
 
 
@@ -38,25 +39,15 @@ def read_responses(path: str) -> list[tuple[int, str, str]]:
     if not os.path.isfile(path):
         raise DataError(f"{path}: responses file not found")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object with 'id' and 'completion', got "
-                                f"{type(rec).__name__}")
-            if "id" not in rec:
-                raise DataError(f"{path}:{n}: missing 'id' (the sample id, e.g. 'abc123def456/t0')")
-            text = rec.get("completion", rec.get("response"))
-            if text is None:
-                raise DataError(f"{path}:{n}: missing 'completion' (or 'response') for id {rec['id']!r}")
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{n}: 'completion' must be a string, got {type(text).__name__}")
-            out.append((n, str(rec["id"]), text))
+    for n, rec in iter_jsonl(path):
+        if "id" not in rec:
+            raise DataError(f"{path}:{n}: missing 'id' (the sample id, e.g. 'abc123def456/t0')")
+        text = rec.get("completion", rec.get("response"))
+        if text is None:
+            raise DataError(f"{path}:{n}: missing 'completion' (or 'response') for id {rec['id']!r}")
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{n}: 'completion' must be a string, got {type(text).__name__}")
+        out.append((n, str(rec["id"]), text))
     if not out:
         raise DataError(f"{path}: no responses found")
     return out

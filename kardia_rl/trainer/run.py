@@ -13,7 +13,7 @@ def load_train_samples(cfg) -> list:
     from kardia_rl.errors import DataError
 
     if cfg.algo.train_samples:
-        from kardia_rl.utils.io import read_jsonl
+        from kardia_rl.data.sources import read_jsonl
 
         path = cfg.algo.train_samples
         if not os.path.isfile(path):

@@ -66,11 +66,6 @@ def atomic_write_jsonl(path: str, rows: Iterable[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def write_json(path: str, obj) -> None:
     """Strict JSON (no NaN: a mean over nothing is null), atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")

@@ -156,3 +156,22 @@ def test_validation_metrics_are_the_eval_tables_numbers():
     assert v["val/format_rate"] == m["format_valid_rate"] == 0.5 and v["val/emotion_acc"] == 0.5
     assert v["val/empathy_mean"] == m["dims"]["empathy"]["mean"] == 2.5  # the unjudged answer at the floor 1
     assert v["val/response_len_mean"] == m["response_len_mean"] > 0
+
+
+def test_rollout_group_and_reward_satisfy_the_protocols_generate_and_score_names():
+    """generate_and_score is typed by ChunkGenerator / ChunkScorer; the real RolloutGroup and UnifiedReward
+    provide every method with the parameters those protocols call them with."""
+    import inspect
+
+    from kardia_rl.cluster.rollout import ChunkGenerator, ChunkScorer
+    from kardia_rl.cluster.rollout_group import RolloutGroup
+    from kardia_rl.rewards.unified import UnifiedReward
+
+    for proto, real in ((ChunkGenerator, RolloutGroup), (ChunkScorer, UnifiedReward)):
+        for name, fn in vars(proto).items():
+            if name.startswith("_") or not callable(fn):
+                continue
+            want = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
+            have = inspect.signature(getattr(real, name)).parameters
+            assert [p.name for p in want] == [p for p in have][:len(want)], (real.__name__, name)
+            assert inspect.iscoroutinefunction(fn) == inspect.iscoroutinefunction(getattr(real, name)), name

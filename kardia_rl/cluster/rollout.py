@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Optional, Protocol, Sequence
 
 from ray.exceptions import RayActorError
 
@@ -28,6 +28,25 @@ from kardia_rl.engines.base import Completion
 from kardia_rl.cluster.preemption import ActorLost
 from kardia_rl.rewards.unified import RewardBreakdown
 from kardia_rl.utils.seeds import derive_seed, split_even
+
+
+class ChunkGenerator(Protocol):
+    """What generate_and_score needs of the rollout group (cluster/rollout_group.RolloutGroup; tests' fakes)."""
+    actors: Sequence[Any]  # one chunk per actor
+
+    def submit(self, prompts: list[list[int]], n: int, *, seed: int, **sampling: Any) -> tuple[int, Awaitable]:
+        """Send a chunk to an idle actor: (its index, an awaitable of n Completions per prompt)."""
+
+    def done(self, index: int) -> None:
+        """The chunk sent to actor `index` has returned (or failed): the actor is idle again."""
+
+
+class ChunkScorer(Protocol):
+    """What generate_and_score needs of the reward (rewards/unified.UnifiedReward; tests' fakes)."""
+
+    async def score(self, samples: Sequence[Any], completions: Sequence[str],
+                    group_ids: Optional[Sequence[Any]] = None) -> list[RewardBreakdown]:
+        """One breakdown per completion; `group_ids` groups a prompt's N candidates (group-wise judging)."""
 
 
 def chunk_seed(seed: int, step: int, chunk: int) -> int:
@@ -54,9 +73,9 @@ class Rollout:
         return len(self.completions) // len(self.samples)
 
 
-def generate_and_score(rollout_group: Any, reward: Any, samples: Sequence[Any], prompt_ids: Sequence[list[int]],
-                       *, n: int, seed: int, step: int, recover: Optional[Callable[[int, BaseException], None]] = None,
-                       max_restarts: int = 0, sampling: Optional[dict] = None) -> Rollout:
+def generate_and_score(rollout_group: ChunkGenerator, reward: ChunkScorer, samples: Sequence[Any],
+                       prompt_ids: Sequence[list[int]], *, n: int, seed: int, step: int,
+                       recover: Optional[Callable[[int, BaseException], None]] = None, max_restarts: int = 0, sampling: Optional[dict] = None) -> Rollout:
     """`sampling`: decoding overrides for RolloutGroup.submit (greedy, temperature; validation uses eval's)."""
     chunks = contiguous_chunks(len(samples), len(rollout_group.actors))
     comps: list = [None] * len(samples)

@@ -10,8 +10,8 @@ seconds and synthesis seconds (summary.json: startup_s, seconds_this_run), dialo
 calls and calls/s, the verdicts before the filters, and the machine load (the CPUs are shared with other
 work: compare runs taken back to back).
 
-    python bench/bench_synth.py [--model smollm2|tiny] [--engines 1,2] [--dialogues 8] [--engine-kind hf] [--pool local|ray]
-    python bench/bench_synth.py --smoke [--pool ray]    # does it still run? (tiny, 1 dialogue, no timing)
+    python bench/bench_synth.py [--model smollm2|tiny] [--engines 1,2] [--dialogues 8] [--engine-kind hf]
+    python bench/bench_synth.py --smoke    # does it still run? (tiny, 1 dialogue, no timing)
 """
 from __future__ import annotations
 
@@ -90,7 +90,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
     ap.add_argument("--engine-kind", default="hf", choices=["hf", "vllm"])
     ap.add_argument("--engines", default="1,2")
-    ap.add_argument("--pool", default="local", choices=["local", "ray"], help="synth.pool")
+    ap.add_argument("--pool", default="ray", choices=["ray"], help="synth.pool (engine roles run on the rollout group "
+                                                                     "only)")
     ap.add_argument("--dialogues", type=int, default=8)
     ap.add_argument("--exchanges", type=int, default=2)
     ap.add_argument("--revisions", type=int, default=1)

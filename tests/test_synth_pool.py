@@ -68,21 +68,21 @@ def test_synthesize_with_evaluator_on_the_pool_equals_local(server, ray_cluster,
         assert len([json.loads(line) for line in f]) == len(MODES)
 
 
-def test_every_role_on_ray_pools_equals_local(server, ray_cluster, tiny_model_dir, tmp_path, monkeypatch):
-    """U and A on two rollout-group actors (hf engines, the tiny model), R on two judge-pool actors: the same
-    dialogues as with everything in the command's process (each chunk's seed comes from its requests' seeds,
-    so which process served it does not matter)."""
+def test_every_role_on_ray_pools_repeats_exactly(server, ray_cluster, tiny_model_dir, tmp_path, monkeypatch):
+    """U and A on two rollout-group actors (hf engines, the tiny model), R on two judge-pool actors: the same seed
+    gives the same dialogues (each chunk's seed comes from its requests' seeds, so which actor served it does not
+    matter). The engine roles run on the pools only: synth.pool=local refuses them (tests/test_synth.py)."""
     monkeypatch.setenv("KARDIA_SYNTH_SALT", "one-salt")
     engines = {"synth.user_backend": "engine", "synth.responder_backend": "engine", "synth.model": tiny_model_dir,
                "synth.num_engines": 2, "rollout.engine": "hf", "synth.max_exchanges": 1, "synth.max_revisions": 1,
                "synth.user_max_tokens": 8, "synth.responder_max_tokens": 16, "model.max_prompt_tokens": 256}
     modes = ["pass", "solved", "always_fail"]
     runs = {}
-    for pool in ("local", "ray"):
-        _, summary, out = synthesize(tmp_path, server.url, modes, out=pool, **engines, **_judge_on(server.url, pool))
+    for name in ("a", "b"):
+        _, summary, out = synthesize(tmp_path, server.url, modes, out=name, **engines, **_judge_on(server.url, "ray"))
         shards = sorted(os.listdir(os.path.join(out, "shards")))
-        runs[pool] = summary, [json.loads(line) for f in shards for line in open(os.path.join(out, "shards", f))]
+        runs[name] = summary, [json.loads(line) for f in shards for line in open(os.path.join(out, "shards", f))]
     # every finished dialogue (the random tiny A's, kept or dropped) is in the shards: compare those
-    assert runs["ray"][1] == runs["local"][1] and len(runs["ray"][1]) == len(modes)
-    assert runs["ray"][0]["role_calls_this_run"] == runs["local"][0]["role_calls_this_run"]
-    assert runs["ray"][0]["role_calls_this_run"]["responder"] >= len(modes)
+    assert runs["a"][1] == runs["b"][1] and len(runs["a"][1]) == len(modes)
+    assert runs["a"][0]["role_calls_this_run"] == runs["b"][0]["role_calls_this_run"]
+    assert runs["a"][0]["role_calls_this_run"]["responder"] >= len(modes)

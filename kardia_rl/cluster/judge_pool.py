@@ -26,6 +26,7 @@ from kardia_rl.rewards.judge.base import (
     ChatRequestError, JudgeBackend, JudgeRequest, Judgment, RetryPolicy, failed_judgment, retry_delay,
 )
 from kardia_rl.cluster.balance import least_loaded
+from kardia_rl.utils.construction_log import record
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -35,6 +36,7 @@ class JudgeActor:
 
         cfg = from_dict(cfg_dict)
         self.index = index
+        self.model = cfg.judge.model if cfg.judge.backend != "embedding" else "embedding"
         # Every actor gets the same judge seed: a request's nonce and sampling seed are derived from (seed,
         # request) alone (RubricJudge.request_seed), so its reward does not depend on which actor served it.
         self.backend = make_judge(cfg.judge, seed=cfg.seed)
@@ -44,12 +46,14 @@ class JudgeActor:
 
     async def judge(self, requests: list[JudgeRequest]) -> list[Judgment]:
         _maybe_inject_crash()
+        record("call", "judge", self.model, requests=len(requests))
         return await self.backend.judge(requests)
 
     async def complete(self, conversations: list, temperature: float, max_tokens: int, seed) -> list:
         """Raw chat on this actor's judge model, without the rubric (synthesis' evaluator R writes its own
         prompt): one attempt per conversation, results or the exceptions they failed with, in order."""
         _maybe_inject_crash()
+        record("call", "complete", self.model, requests=len(conversations))
         chat = getattr(self.backend, "chat", None)
         if chat is None:  # the embedding judge has no chat model; the synth config check also says so
             return [ChatRequestError(f"judge actor {self.index}: judge.backend {self.backend.name!r} is not a chat "

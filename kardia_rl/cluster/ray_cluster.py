@@ -28,7 +28,7 @@ def init_ray(address: str = "", num_cpus: int = 0, runtime_env: dict | None = No
     # Workers inherit the CPU/loopback settings the project relies on (DeepSpeed CPU accelerator, vLLM CPU).
     env_vars = {k: os.environ[k] for k in ("DS_ACCELERATOR", "WANDB_MODE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM",
                                            "KARDIA_FAULT_JUDGE_CRASH_FILE", "KARDIA_FAULT_ROLLOUT_KILL_FILE",
-                                           "VLLM_LOGGING_LEVEL",
+                                           "VLLM_LOGGING_LEVEL", "KARDIA_CONSTRUCTION_LOG", "KARDIA_STAGE",
                                            *LOOPBACK_ENV) if k in os.environ}
     renv = {"env_vars": env_vars, **(runtime_env or {})}
     if address:

@@ -39,6 +39,7 @@ from kardia_rl.config import from_dict
 from kardia_rl.errors import KardiaError
 from kardia_rl.cluster.balance import least_loaded
 from kardia_rl.cluster.preemption import ActorLost
+from kardia_rl.utils.construction_log import record
 
 FAULT_FILE_ENV = "KARDIA_FAULT_ROLLOUT_FILE"
 # phase -> the actor call it fires in (None: the group fires it itself, the actor being idle then)
@@ -56,7 +57,7 @@ class RolloutActor:
         from kardia_rl.engines import engine_from_config
 
         cfg = from_dict(cfg_dict)
-        self.index, self.armed = index, {}  # armed: actor call -> "kill" | (fault file, "hold") (tests only)
+        self.index, self.armed, self.model_path = index, {}, model_path  # armed: actor call -> "kill" | (fault file, "hold") (tests only)
         self.update_open = False  # a weight update started and not finished (see weight_transfer)
         # verified against the learner's own forward: no CPU model copy here
         self.engine = engine_from_config(cfg, model_path, seed_offset=index, verify_reference=False)
@@ -85,6 +86,7 @@ class RolloutActor:
                  seed: int, greedy: bool = False):
         if self.armed:
             self._fault("generate")
+        record("call", "generate", self.model_path, n=n, prompts=len(prompts), greedy=bool(greedy))
         return self.engine.generate(prompts, n, temperature=temperature, top_p=top_p,
                                     max_new_tokens=max_new_tokens, seed=seed, greedy=greedy)
 

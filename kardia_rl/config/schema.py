@@ -294,7 +294,7 @@ class SynthConfig:
     evaluator_backend: str = doc("engine", "rubric evaluator R: judge (the judge section's vllm/hf/openai chat model; on the judge pool's actors with synth.pool=ray) | engine | openai (synth.evaluator_base_url)", SYNTH_EVALUATORS)
     model: str = doc("", "model of the engine roles: HF name or save_pretrained dir; empty = model.path")
     num_engines: int = doc(1, "engines serving the engine roles; a role's batch is split across them", ge=1)
-    pool: str = doc("local", "where the roles' models run: local (in this process) | ray (engine roles on rollout-group actors, one process each; evaluator_backend=judge on judge.num_actors judge-pool actors; ray.* settings)", SYNTH_POOLS)
+    pool: str = doc("ray", "where the roles' models run: ray (engine roles on rollout-group actors, one process each; evaluator_backend=judge on judge.num_actors judge-pool actors; ray.* settings) | local (HTTP roles only: a role that loads a model is refused)", SYNTH_POOLS)
     user_base_url: str = doc("", "OpenAI-compatible endpoint of U when user_backend=openai")
     user_model: str = doc("gpt-4o", "model name sent to U's endpoint")
     responder_base_url: str = doc("", "OpenAI-compatible endpoint of A when responder_backend=openai")

@@ -8,7 +8,8 @@ fold i, so every resolution rate comes from a policy that never saw the sample's
 Each warm-up validates on its held-out fold, so sft_result.json carries a true held-out loss.
 
 Cost: K warm-ups of (K-1)/K of the data each, i.e. K-1 times the SFT steps of one in-sample warm-up at the
-same epochs, plus one engine start per fold; generation and scoring stay one pass over the samples.
+same epochs, plus one rollout-group start per fold (one judge pool serves every fold); generation and scoring
+stay one pass over the samples.
 
 Fold models live in WORK_DIR/fold{i}/ with fold.json (the grouping keys it trained on and its epochs); a
 re-run reuses a fold model only when fold.json matches, so an interrupted split continues without retraining.
@@ -61,28 +62,27 @@ def _fold_ready(fold_dir: str, spec: dict) -> bool:
 
 
 def crossfit_rewards(cfg, samples: Sequence[TurnSample], work_dir: str, *, progress: bool = True,
-                     judge=None) -> tuple[dict, dict]:
-    """(id -> k rewards, in the order of `samples`; info for split.json) from K cross-fitted warm-ups."""
-    from kardia_rl.curriculum import rating
-    from kardia_rl.rewards.judge import make_judge
-    from kardia_rl.rewards.offline import close_judge
+                     pools=None) -> tuple[dict, dict]:
+    """(id -> k rewards, in the order of `samples`; info for split.json) from K cross-fitted warm-ups.
+
+    `pools` (cluster.stage_pools.StagePools): fold i is rated on a rollout group for fold i's model, every fold
+    on the one judge pool; the caller's pools are left open, this call's own are released when it returns."""
     from kardia_rl.cluster.learner_group import run_sft_on_group
+    from kardia_rl.cluster.stage_pools import StagePools
+    from kardia_rl.curriculum import rating
 
     k, by, epochs = cfg.split.folds, cfg.data.split_by, cfg.split.warmup_epochs
     folds = assign_folds(samples, k, by, cfg.seed)
     warm_cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, epochs=epochs))
-    own = judge is None
-    if own:  # one judge for all folds (the embedding judge loads its model once)
-        judge = make_judge(cfg.judge, seed=cfg.seed)
+    own = pools is None
     rewards: dict[str, list[float]] = {}
     info: list[dict] = []
     held = [[s for s in samples if folds[fold_key(s, by)] == i] for i in range(k)]
     dirs = [os.path.join(work_dir, f"fold{i}") for i in range(k)]
     try:
-        # Every warm-up first, then every rating pass: the rating engines run in this process, and an in-process
-        # vLLM engine tears down the torch.distributed group DeepSpeed caches, so a DeepSpeed start in this process
-        # after an engine fails (seen with learner.sft.run_sft; the warm-ups now run on Ray ranks, and the order
-        # keeps either way safe).
+        # Every warm-up first, then every rating pass: the learner group holds its GPUs only while it trains, and
+        # the rating pools (a rollout group per fold model, one judge pool for all folds) start after the last
+        # warm-up released them, so the two never compete for the same GPUs.
         for i in range(k):
             train = [s for s in samples if folds[fold_key(s, by)] != i]
             spec = {"fold": i, "folds": k, "by": by, "epochs": epochs, "seed": cfg.seed,
@@ -94,8 +94,10 @@ def crossfit_rewards(cfg, samples: Sequence[TurnSample], work_dir: str, *, progr
                 # on the learner group (learner.num_workers Ray ranks, ZeRO), like the pipeline's SFT stage
                 run_sft_on_group(warm_cfg, dirs[i], train, held[i], generate_eval=False, progress=progress)
                 atomic_write_text(os.path.join(dirs[i], "fold.json"), json.dumps(spec, indent=1))
+        if own:
+            pools = StagePools(cfg, "split")
         for i in range(k):
-            got, timing = rating.sample_rewards(cfg, held[i], dirs[i], progress=progress, judge=judge)
+            got, timing = rating.sample_rewards(cfg, held[i], dirs[i], progress=progress, pools=pools)
             rewards.update(got)
             with open(os.path.join(dirs[i], "sft_result.json")) as f:
                 trained = json.load(f)
@@ -105,7 +107,7 @@ def crossfit_rewards(cfg, samples: Sequence[TurnSample], work_dir: str, *, progr
                          f"rated_{by}s": sorted({fold_key(s, by) for s in held[i]}),
                          "heldout_val_loss": trained.get("val_loss_final"), "timing": timing})
     finally:
-        if own:
-            close_judge(judge)
+        if own and pools is not None:
+            pools.close()
     return {s.id: rewards[s.id] for s in samples}, {"folds": k, "fold_by": by, "warmup_epochs": epochs,
                                                      "fold_models": info}

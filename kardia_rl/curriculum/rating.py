@@ -10,42 +10,40 @@ from kardia_rl.data import TurnSample
 
 
 def sample_rewards(cfg, samples: Sequence[TurnSample], model_path: str, *, progress: bool = True,
-                   judge=None) -> tuple[dict[str, list[float]], dict]:
-    """id -> the unified rewards of k sampled answers of the reference policy, and timing info."""
+                   pools=None) -> tuple[dict[str, list[float]], dict]:
+    """id -> the unified rewards of k sampled answers of the reference policy, and timing info.
+
+    Generated on a rollout group for `model_path` (divided over every rollout actor) and judged on the judge
+    pool, both from `pools` (cluster.stage_pools.StagePools: the caller's, reused across folds; else this
+    call's own, released before it returns)."""
+    from kardia_rl.cluster.stage_pools import StagePools, generate_scored, load_tokenizer
     from kardia_rl.data.encoding import encode_prompt
-    from kardia_rl.engines import engine_from_config
-    from kardia_rl.engines.generate import generate_chunked
-    from kardia_rl.rewards.offline import close_judge, score_chunked
     from kardia_rl.rewards.unified import UnifiedReward
 
     k = cfg.split.k
     t0 = time.perf_counter()
-    engine = engine_from_config(cfg, model_path)
+    own = pools is None
+    pools = pools or StagePools(cfg, "split")
     try:
-        prompts = [encode_prompt(s, engine.tokenizer, cfg) for s in samples]
+        tokenizer = load_tokenizer(model_path)
+        prompts = [encode_prompt(s, tokenizer, cfg) for s in samples]
+        group = pools.rollout(model_path)
+        reward = UnifiedReward.from_config(cfg, pools.judge)
         t1 = time.perf_counter()
-        groups = generate_chunked(engine, prompts, k, temperature=cfg.split.temperature, top_p=cfg.rollout.top_p,
-                                  max_new_tokens=cfg.model.max_new_tokens, seed=cfg.seed, greedy=False,
-                                  progress=progress, desc=f"split: sample k={k}")
-        gen_s = time.perf_counter() - t1
-    finally:
-        engine.shutdown()
-    flat_samples = [s for s in samples for _ in range(k)]
-    texts = [c.text for g in groups for c in g]
-    own = judge is None
-    reward = UnifiedReward.from_config(cfg, judge)
-    judge = reward.judge
-    try:
-        t2 = time.perf_counter()
-        breakdowns = score_chunked(reward, flat_samples, texts, [s.id for s in flat_samples], progress=progress,
-                                   desc="split: score")
-        score_s = time.perf_counter() - t2
+        res = generate_scored(group, reward, list(samples), prompts, n=k, seed=cfg.seed,
+                              sampling={"temperature": cfg.split.temperature, "greedy": False}, progress=progress,
+                              desc=f"split: sample k={k} on {model_path}")
+        rate_s = time.perf_counter() - t1
     finally:
         if own:
-            close_judge(judge)
+            pools.close()
+    breakdowns = res.rewards
     rewards = {s.id: [float(b.total) for b in breakdowns[i * k:(i + 1) * k]] for i, s in enumerate(samples)}
-    tokens = sum(len(c.token_ids) for g in groups for c in g)
-    timing = {"engine": cfg.rollout.engine, "generation_s": round(gen_s, 3), "scoring_s": round(score_s, 3),
+    tokens = sum(len(c.token_ids) for c in res.completions)
+    gen_s = res.timing["timing/generation"]
+    timing = {"engine": cfg.rollout.engine, "rollout_actors": cfg.rollout.num_actors,
+              "judge_actors": cfg.judge.num_actors, "generation_s": round(gen_s, 3),
+              "scoring_s": round(res.timing["timing/judge"], 3), "rating_s": round(rate_s, 3),
               "total_s": round(time.perf_counter() - t0, 3), "generated_tokens": tokens,
               "tokens_per_s": round(tokens / gen_s, 1) if gen_s > 0 else None,
               "malformed_rate": sum(b.parse_error is not None for b in breakdowns) / len(breakdowns),

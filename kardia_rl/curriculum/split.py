@@ -192,12 +192,14 @@ def write_split(out_dir: str, samples: Sequence[TurnSample], rates: dict[str, fl
 
 
 def split_samples(cfg, samples: Sequence[TurnSample], model_path: Optional[str], out_dir: str, *,
-                  progress: bool = True, sources: Optional[dict] = None, data: str = "", judge=None,
+                  progress: bool = True, sources: Optional[dict] = None, data: str = "", pools=None,
                   work_dir: Optional[str] = None) -> dict:
     """The split of `samples` written into out_dir (see the module docstring); returns split.json's dict.
 
     The rater: `model_path` when given; else split.reference: base = model.path, warmup = K cross-fitted
     warm-ups (crossfit.py) whose models go to work_dir (default OUT_DIR/reference_models).
+    The rating runs on Ray pools (cluster.stage_pools): `pools` when given (left open), else the split's own,
+    released before this returns.
     """
     samples = list(samples)
     if not samples:
@@ -219,13 +221,13 @@ def split_samples(cfg, samples: Sequence[TurnSample], model_path: Optional[str],
             from kardia_rl.curriculum.crossfit import crossfit_rewards
 
             rewards, info = crossfit_rewards(cfg, samples, work_dir or os.path.join(out_dir, "reference_models"),
-                                             progress=progress, judge=judge)
+                                             progress=progress, pools=pools)
             timing = {"folds": [f.pop("timing") for f in info["fold_models"]]}
             timing["total_s"] = round(sum(t["total_s"] for t in timing["folds"]), 3)
             how = {"method": "crossfit", **info}
         else:
             model_path = model_path or cfg.model.path
-            rewards, timing = sample_rewards(cfg, samples, model_path, progress=progress, judge=judge)
+            rewards, timing = sample_rewards(cfg, samples, model_path, progress=progress, pools=pools)
             how = {"method": "sampled", "model": model_path}
         rates = rates_from_rewards(rewards, cfg.split.reward_threshold)
         meta = {**how, "data": data, "k": cfg.split.k,

@@ -25,6 +25,10 @@ def make_engine(kind: str, model_path: str, *, seed: int = 0, dtype: str = "auto
 
     if not os.path.isfile(os.path.join(model_path, "config.json")):
         raise KardiaError(f"{model_path}: not a model directory (no config.json)")
+    if kind in ENGINES:  # the placement audit (utils/construction_log.py): where this engine is built
+        from kardia_rl.utils.construction_log import record
+
+        record("construct", f"engine:{kind}", model_path)
     if kind == "vllm":
         try:
             import importlib.util

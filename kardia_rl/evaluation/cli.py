@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 
 from kardia_rl.config.cli import add_config_args, config_from_args, config_source, is_override
 from kardia_rl.errors import KardiaError
 from kardia_rl.config.schema import JUDGE_BACKENDS
+
+GPU_JUDGES = ("vllm", "hf")  # judge backends that load a language model: served by a judge pool
 
 
 def _positional(p: argparse.ArgumentParser) -> None:
@@ -120,12 +123,19 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
     breakdowns, meta = {}, {}
     for spec in specs:  # one judge at a time: LLM judges are released before the next one loads
         cfg_j = load_config(config, overrides + [f"judge.backend={spec.backend}"] + spec.overrides)
-        judge = make_judge(cfg_j.judge, seed=spec.seed)
+        if spec.backend in GPU_JUDGES:  # a GPU model: on a judge pool (judge.num_actors actors), never in here
+            from kardia_rl.cluster.stage_pools import StagePools
+
+            pools = StagePools(replace(cfg_j, seed=spec.seed), "judge-agreement")
+            judge, close = pools.judge, pools.close
+        else:  # the embedding proxy (CPU) or an HTTP judge (openai): nothing to place
+            judge = make_judge(cfg_j.judge, seed=spec.seed)
+            close = lambda judge=judge: close_judge(judge)  # noqa: E731
         try:
             breakdowns.update(score_with_judges({spec.name: cfg_j}, {spec.name: judge}, samples, completions,
                                                 progress=not args.no_progress))
         finally:
-            close_judge(judge)
+            close()
         meta[spec.name] = {"backend": spec.backend, "seed": spec.seed, "overrides": spec.overrides,
                            "model": cfg_j.judge.model if spec.backend != "embedding" else "all-MiniLM-L6-v2 (proxy)"}
     rep = {"data": args.data, "responses": args.responses, "n_responses": len(completions),

@@ -2,15 +2,17 @@
 
     run_eval(cfg, [(name, model_dir), ...], data="test", out_dir=...) -> metrics document
 
-Per model: build the generation engine (cfg.rollout.engine), encode every prompt with the SFT/GRPO prompt
-encoder (data.encoding.encode_prompt, so the model sees exactly the prompts it was trained on),
-generate ONE answer per sample (greedy unless cfg.eval.greedy is false), shut the engine down (always,
-so the next checkpoint or the judge gets the memory), then score the answers with UnifiedReward and write
-samples_<name>.jsonl. The numbers come from rewards.answer_metrics.recompute_metrics over those very rows, and
-report.py writes metrics.json, report.md and the plots after every model (partial results survive a crash).
+Placement (cluster/stage_pools.py): nothing is loaded in this process but tokenizers. Per model: start a
+rollout group on it (rollout.num_actors Ray actors with cfg.rollout.engine; a model named twice in a row
+reuses it), encode every prompt with the SFT/GRPO prompt encoder (data.encoding.encode_prompt, so the model
+sees exactly the prompts it was trained on), generate ONE answer per sample (greedy unless cfg.eval.greedy is
+false) while the judge pool scores each chunk as it arrives, and write samples_<name>.jsonl; the group is shut
+down before the next model's starts. The numbers come from rewards.answer_metrics.recompute_metrics over
+those very rows, and report.py writes metrics.json, report.md and the plots after every model (partial
+results survive a crash).
 
-The same judge instance scores every model (its cache is content-keyed, so identical answers of two
-checkpoints are judged once); its counters are reset per model.
+One judge pool scores every model (each actor's cache is content-keyed); the reward's counters are reset per
+model. Both pools are released before run_eval returns.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from kardia_rl.data import TurnSample, expand_turns, label_set, load_dialogues, 
 from kardia_rl.data.splits import select_subset  # the eval subset (also GRPO's validation prompts)
 from kardia_rl.errors import KardiaError
 from kardia_rl.rewards.answer_metrics import recompute_metrics, sample_row
-from kardia_rl.rewards.offline import close_judge, score_chunked
+from kardia_rl.rewards.offline import score_chunked
 
 SPLITS = ("test", "validation", "train")
 
@@ -69,33 +71,31 @@ def score_rows(cfg, name: str, samples: Sequence[TurnSample], prompt_texts: Sequ
 
 
 # ------------------------------------------------------------------------------------------ driver
-def evaluate_model(cfg, name: str, model_path: str, samples: Sequence[TurnSample], reward, *,
+def evaluate_model(cfg, name: str, model_path: str, samples: Sequence[TurnSample], reward, pools, *,
                    progress: bool = True) -> tuple[list[dict], dict]:
-    """(sample rows, timing/throughput info) for one checkpoint. The engine is shut down before scoring."""
+    """(sample rows, timing/throughput info) for one checkpoint: answered on `pools`' rollout group for it,
+    scored by `reward` (on the judge pool) chunk by chunk."""
+    from kardia_rl.cluster.stage_pools import generate_scored, load_tokenizer
     from kardia_rl.data.encoding import encode_prompt
-    from kardia_rl.engines import engine_from_config
-    from kardia_rl.engines.generate import generate_chunked
 
+    tokenizer = load_tokenizer(model_path)
+    prompts = [encode_prompt(s, tokenizer, cfg) for s in samples]
+    prompt_texts = [tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
     t0 = time.perf_counter()
-    engine = engine_from_config(cfg, model_path)
-    try:
-        startup = time.perf_counter() - t0
-        prompts = [encode_prompt(s, engine.tokenizer, cfg) for s in samples]
-        prompt_texts = [engine.tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
-        t1 = time.perf_counter()
-        groups = generate_chunked(engine, prompts, 1, temperature=cfg.eval.temperature, top_p=cfg.rollout.top_p,
-                                  max_new_tokens=cfg.model.max_new_tokens, seed=cfg.seed, greedy=cfg.eval.greedy,
-                                  progress=progress, desc=f"generate [{name}]")
-        gen_s = time.perf_counter() - t1
-    finally:
-        engine.shutdown()
-    completions = [g[0] for g in groups]
+    group = pools.rollout(model_path)
+    startup = time.perf_counter() - t0
     reward.reset_stats()
-    t2 = time.perf_counter()
-    rows = score_rows(cfg, name, samples, prompt_texts, completions, reward, progress=progress)
-    score_s = time.perf_counter() - t2
-    tokens = sum(len(c.token_ids) for c in completions)
-    info = {"engine": cfg.rollout.engine, "engine_startup_s": round(startup, 3), "generation_s": round(gen_s, 3),
+    # the group stays up: the next model reuses it when it is the same checkpoint, else replaces it (StagePools)
+    res = generate_scored(group, reward, list(samples), prompts, n=1, seed=cfg.seed,
+                          sampling={"greedy": cfg.eval.greedy, "temperature": cfg.eval.temperature},
+                          progress=progress, desc=f"eval [{name}]")
+    labels = label_set(cfg.data.emotion_labels or None)
+    rows = [sample_row(s, p, c, b, name, cfg.data.span_notation, labels)
+            for s, p, c, b in zip(samples, prompt_texts, res.completions, res.rewards)]
+    gen_s, score_s = res.timing["timing/generation"], res.timing["timing/judge"]
+    tokens = sum(len(c.token_ids) for c in res.completions)
+    info = {"engine": cfg.rollout.engine, "rollout_actors": len(group.actors), "judge_actors": cfg.judge.num_actors,
+            "engine_startup_s": round(startup, 3), "generation_s": round(gen_s, 3),
             "generated_tokens": tokens, "tokens_per_s": round(tokens / gen_s, 1) if gen_s > 0 else None,
             "samples_per_s": round(len(samples) / gen_s, 2) if gen_s > 0 else None, "scoring_s": round(score_s, 3),
             "judge_stats": reward.stats_summary()}
@@ -120,8 +120,9 @@ def safe_name(name: str) -> str:
 
 
 def run_eval(cfg, models: Sequence[tuple[str, str]], data: str, out_dir: str, *, progress: bool = True,
-             judge=None, samples: Optional[Sequence[TurnSample]] = None) -> dict:
-    """Evaluate every (name, model_dir) on `data`; write the outputs into out_dir; return metrics.json's dict."""
+             pools=None, samples: Optional[Sequence[TurnSample]] = None) -> dict:
+    """Evaluate every (name, model_dir) on `data`; write the outputs into out_dir; return metrics.json's dict.
+    `pools` (cluster.stage_pools.StagePools): the caller's, left open; else eval's own, released at the end."""
     from kardia_rl.evaluation import report
     from kardia_rl.utils.io import atomic_write_jsonl
 
@@ -145,9 +146,10 @@ def run_eval(cfg, models: Sequence[tuple[str, str]], data: str, out_dir: str, *,
     from kardia_rl.rewards.judge.identity import judge_identity
 
     identity = judge_identity(cfg.judge)  # before the judge starts: a bad judge.calibration head is one line here
-    own_judge = judge is None
-    reward = UnifiedReward.from_config(cfg, judge)
-    judge = reward.judge
+    from kardia_rl.cluster.stage_pools import StagePools
+
+    own = pools is None
+    pools = pools or StagePools(cfg, "eval")
     doc = {"data": data, "data_source": source, "n_samples": len(chosen), "n_available": len(all_samples),
            "judge": cfg.judge.backend, "judge_identity": identity,
            "judge_is_proxy": cfg.judge.backend == "embedding",
@@ -159,8 +161,9 @@ def run_eval(cfg, models: Sequence[tuple[str, str]], data: str, out_dir: str, *,
                               "rubric": cfg.reward.rubric_weight},
            "models": {}}
     try:
+        reward = UnifiedReward.from_config(cfg, pools.judge)
         for name, path in models:
-            rows, info = evaluate_model(cfg, name, path, chosen, reward, progress=progress)
+            rows, info = evaluate_model(cfg, name, path, chosen, reward, pools, progress=progress)
             samples_file = f"samples_{safe_name(name)}.jsonl"
             atomic_write_jsonl(os.path.join(out_dir, samples_file), rows)
             doc["models"][name] = {"model_path": path, "selection": policy_selection(path),
@@ -172,6 +175,6 @@ def run_eval(cfg, models: Sequence[tuple[str, str]], data: str, out_dir: str, *,
                   f"reward {m['reward_mean']:.3f}  ({info['tokens_per_s']} tok/s, {info['samples_per_s']} samples/s "
                   f"with {info['engine']})")
     finally:
-        if own_judge:
-            close_judge(judge)
+        if own:
+            pools.close()
     return doc

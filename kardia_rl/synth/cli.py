@@ -27,12 +27,21 @@ def _salt(cfg, out_dir: str) -> str:
 
 
 def build_roles(cfg, labels, secret: str):
-    """The three clients from synth.*: engine roles share one engine pool (synth.num_engines engines)."""
+    """The three clients from synth.*: engine roles share one rollout group (synth.num_engines Ray actors); a
+    judge evaluator runs on the judge pool. A model is never loaded in this process (synth.pool=local is for
+    HTTP roles only and refuses the others)."""
     from kardia_rl.synth import roles
     from kardia_rl.synth.loop import Roles
 
     sy = cfg.synth
     kinds = {"user": sy.user_backend, "responder": sy.responder_backend, "evaluator": sy.evaluator_backend}
+    local_models = [f"synth.{role}_backend=engine" for role, kind in kinds.items() if kind == "engine"]
+    if sy.evaluator_backend == "judge" and cfg.judge.backend in ("vllm", "hf"):
+        local_models.append(f"synth.evaluator_backend=judge with judge.backend={cfg.judge.backend}")
+    if sy.pool == "local" and local_models:
+        raise KardiaError(f"synth.pool=local: {', '.join(local_models)} would load a model in this process; model roles "
+                          "run on the Ray pools (rollout group, judge pool): set synth.pool=ray, or send the role to an "
+                          "endpoint (synth.<role>_backend=openai)")
     engine_client = None
     if "engine" in kinds.values():
         path = sy.model or cfg.model.path
@@ -48,13 +57,7 @@ def build_roles(cfg, labels, secret: str):
                       sy.evaluator_max_tokens if sy.evaluator_backend == "engine" else 0)
         ecfg = replace(cfg, model=replace(cfg.model, max_new_tokens=longest),
                        rollout=replace(cfg.rollout, num_actors=sy.num_engines))
-        if sy.pool == "ray":
-            engine_client = roles.RayEngineClient(ecfg, path)
-        else:
-            from kardia_rl.engines import engine_from_config
-
-            engine_client = roles.EngineClient([engine_from_config(ecfg, path, seed_offset=i, verify_reference=False)
-                                                for i in range(sy.num_engines)], cfg)
+        engine_client = roles.RayEngineClient(ecfg, path)
     judge_client = None
     if sy.evaluator_backend == "judge":
         judge_client = roles.judge_client(cfg)

@@ -20,6 +20,15 @@ _CHAT_BACKENDS = {
     "vllm": ("kardia_rl.rewards.judge.vllm_backend", "VLLMChatBackend"),
     "hf": ("kardia_rl.rewards.judge.hf_backend", "HFChatBackend"),
 }
+# Backends that load a model into the process that builds them (openai only sends HTTP requests).
+MODEL_BACKENDS = ("vllm", "hf", "embedding")
+
+
+def _audit(backend: str, model: str) -> None:
+    """The placement audit (utils/construction_log.py): where a judge model is loaded."""
+    from kardia_rl.utils.construction_log import record
+
+    record("construct", f"judge:{backend}", model)
 
 
 def make_chat_backend(cfg_judge, policy: Optional[RetryPolicy] = None) -> ChatBackend:
@@ -28,6 +37,8 @@ def make_chat_backend(cfg_judge, policy: Optional[RetryPolicy] = None) -> ChatBa
         raise ConfigError(f"judge.backend: {cfg_judge.backend!r} is not an LLM chat backend; "
                           f"expected one of {sorted(_CHAT_BACKENDS)}")
     policy = policy or RetryPolicy.from_config(cfg_judge)
+    if cfg_judge.backend in MODEL_BACKENDS:
+        _audit(cfg_judge.backend, cfg_judge.model)
     module, cls = _CHAT_BACKENDS[cfg_judge.backend]
     return getattr(importlib.import_module(module), cls).from_config(cfg_judge, timeout_s=policy.timeout_s)
 
@@ -37,6 +48,8 @@ def make_judge(cfg_judge, seed: int = 0) -> JudgeBackend:
     backend = cfg_judge.backend
     if backend == "embedding":
         from kardia_rl.rewards.judge.embedding import EmbeddingJudge
+
+        _audit(backend, "all-MiniLM-L6-v2")
 
         return EmbeddingJudge.from_config(cfg_judge, seed)
     if backend in _CHAT_BACKENDS:

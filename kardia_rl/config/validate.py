@@ -47,6 +47,8 @@ def config_problems(cfg: KardiaConfig) -> list[str]:
                 "rollout.sync_bucket_mb", "rollout.sync_timeout_s", "rollout.actor_timeout_s"):
         if not _get(cfg, key) > 0:
             p.append(f"{key}: must be > 0, got {_get(cfg, key)}")
+    if cfg.sft.max_val_samples < 0:
+        p.append(f"sft.max_val_samples: must be >= 0 (0 = all), got {cfg.sft.max_val_samples}")
     if cfg.rollout.verify_every < 0:
         p.append(f"rollout.verify_every: must be >= 0, got {cfg.rollout.verify_every}")
     for key in ("judge.max_retries", "judge.backoff_s"):

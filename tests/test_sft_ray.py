@@ -1,7 +1,7 @@
 """SFT on the learner group (Ray ranks, gloo): world size 2 follows world size 1's loss curve; the validation
 sample is capped (sft.max_val_samples=1: one validation turn for 2 ranks, so rank 1 scores only padding yet makes
 the same collective calls); the W=2 run's format check generates on a real vLLM rollout actor that loads the
-exported folder, and the export is rank 0's alone.
+exported folder (written by rank 0 alone; its memory: bench/bench_export_memory.py).
 
 Both runs see the same step plan (every batch has >= 2 rows, so none is dropped for W=2); each step's loss is the
 GLOBAL token mean (deepspeed_learner normalises by all-reduced counts), so the curves differ only by float

@@ -56,7 +56,7 @@ COMMANDS: dict[str, Command] = {
                               "Spearman, weighted kappa, ties; --probes for bias probes"),
     "split": Command("kardia_rl.curriculum.cli", "cmd_split",
                      "difficulty-aware split by resolution rate: easy (SFT) and hard (GRPO) samples"),
-    "sft": Command("kardia_rl.learner.sft_cli", "cmd_sft",
+    "sft": Command("kardia_rl.cluster.sft_cli", "cmd_sft",
                    "supervised fine-tuning on four-span targets (prompt masked); save_pretrained output"),
     "synthesize": Command("kardia_rl.synth.cli", "cmd_synthesize",
                           "KardiaBench construction: user simulator, responder and rubric evaluator with refinement; "

@@ -23,6 +23,7 @@ from kardia_rl.plan_estimate import (CUDA_CONTEXT_BYTES, FRAGMENTATION, JUDGE_PR
                                      activation_bytes, ceil_div, dtype_bytes, gib, human, kv_bytes_per_token,
                                      learner_state_bytes, logits_bytes, loss_temporary_bytes, resolve_model)
 from kardia_rl.utils.hardware import CPU_KV_CACHE_BYTES
+from kardia_rl.plan_placement import check_placement, report_sft_validation
 
 VLLM_DEFAULT_UTIL = 0.9  # vLLM's gpu_memory_utilization when the judge leaves it at 0
 VLLM_RUNTIME_BYTES = 2 << 30  # vLLM's profiled activation peak + sampler buffers besides weights and KV
@@ -250,14 +251,9 @@ def build_plan(cfg, cluster: Cluster, mode: str = "pipeline") -> Plan:
              (f", host RAM {human(c.host_mem)}" if c.host_mem else "") + (f", /dev/shm {human(c.shm)}" if c.shm else ""))
     lc, rc, jc = cfg.learner, cfg.rollout, cfg.judge
     judge_llm = jc.backend in ("vllm", "hf")
-    asks = [("learner.num_workers x learner.gpus_per_worker", lc.num_workers * lc.gpus_per_worker),
-            ("rollout.num_actors x rollout.gpus_per_actor", rc.num_actors * rc.gpus_per_actor),
-            ("judge.num_actors x judge.gpus_per_actor", jc.num_actors * jc.gpus_per_actor)]
-    wanted = sum(n for _, n in asks)
-    plan.say("GPUs requested: " + " + ".join(f"{k} = {n:g}" for k, n in asks) + f" = {wanted:g}")
-    if wanted > c.gpus:
-        plan.problems.append(" + ".join(f"{k} = {n:g}" for k, n in asks) + f": {wanted:g} GPUs requested, the "
-                             f"cluster ({c.source}) has {c.gpus:g}")
+    check_placement(cfg, plan, mode)  # per stage: its pools' GPUs, and every GPU model on a GPU of its own
+    if mode == "pipeline":
+        report_sft_validation(cfg, plan)
     problems = plan.problems
     model = resolve_model("model.path", cfg.model.path, problems)
     if model.arch:
@@ -283,7 +279,11 @@ def build_plan(cfg, cluster: Cluster, mode: str = "pipeline") -> Plan:
             startup = lc.num_workers * bl * a.params() * models
             plan.say(f"host RAM at learner start-up: {lc.num_workers} ranks x full model"
                      f"{' + reference copy' if ref_copy else ''} on CPU = {human(startup)} (transient)")
-        host = max(host, startup) + (0 if l_gpu else lc.num_workers * l_total)
+        # an export (SFT, warm-ups, policy): learner rank 0 holds one safetensors shard (<= 5 GB) on CPU at a time,
+        # the other ranks only join the gathers (learner/export.py)
+        export = min(dtype_bytes(cfg.model.dtype, l_gpu) * a.params(), 5e9)
+        plan.say(f"host RAM at an export: learner rank 0 holds one shard = {human(export)} (other ranks: none)")
+        host = max(host, startup, export) + (0 if l_gpu else lc.num_workers * l_total)
         r_gpu = rc.gpus_per_actor > 0
         tp = max(1, int(rc.gpus_per_actor))
         seqs = ceil_div(cfg.algo.prompts_per_step * cfg.algo.group_size, rc.num_actors)
@@ -341,7 +341,7 @@ def build_plan(cfg, cluster: Cluster, mode: str = "pipeline") -> Plan:
         if not os.environ.get(jc.api_key_env):
             plan.warnings.append(f"judge.backend=openai: ${jc.api_key_env} is not set here (judge.api_key_env)")
     if host:
-        plan.say(f"host RAM (peak of start-up, CPU-placed roles, weight-sync copy): ~{human(host)}")
+        plan.say(f"host RAM (peak of start-up or an export, CPU-placed roles, weight-sync copy): ~{human(host)}")
     _fits(plan, "host RAM", host, c.host_mem, "fewer CPU-placed roles or learner ranks per node")
     check_data(cfg, plan, mode)
     return plan

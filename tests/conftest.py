@@ -123,7 +123,7 @@ def sft_model_dir(tmp_path_factory, tiny_model_dir) -> str:
     resolved = to_dict(load_config(conf, overrides))  # the settings SFT reads, defaults of conf/tiny.yaml included
     out = _cache_dir(tmp_path_factory, "sft", {k: resolved[k] for k in ("data", "model", "sft", "learner")})
     code = ("import sys; from kardia_rl.config import load_config; from kardia_rl.learner.sft import run_sft; "
-            "run_sft(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2], generate_eval=False, progress=False)")
+            "run_sft(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2], progress=False)")
     with _build_lock(out):
         if not os.path.isfile(os.path.join(out, "sft_result.json")):
             # without the MASTER_PORT an earlier in-process learner of this session set: its store still listens

@@ -35,7 +35,7 @@ TIERS: list[set[str]] = [
     {"cli"},                                     # the command line
 ]
 # Top-level modules that belong to a room of another name.
-ROOM_ALIASES = {"commands": "cli", "plan_estimate": "plan"}
+ROOM_ALIASES = {"commands": "cli", "plan_estimate": "plan", "plan_placement": "plan"}
 
 
 @dataclass(frozen=True)

@@ -280,3 +280,45 @@ def test_unreachable_judge_endpoint_is_one_problem_before_anything_starts(capsys
         code, text = run(capsys, [os.path.join(ROOT, "conf", "tiny.yaml"), "judge.backend=openai",
                                   f"judge.api_base={url}", f"run_dir={tmp_path}"])
     assert code == 0 and not problems(text), text
+
+
+def test_cluster_yaml_prints_each_stage_placement_and_a_bounded_sft_validation(capsys, cluster_args, tmp_path):
+    """Every stage names the actors that hold its GPUs (one pool set at a time, never more than the 8 GPUs), and
+    SFT validation (the capped sample every sft.eval_every steps) is at most 10% of SFT training compute."""
+    args = [a for a in cluster_args if a not in ("--mode", "train")]
+    code, text = run(capsys, args + [f"--json={tmp_path / 'plan.json'}"])
+    assert code == 0, text
+    placed = {line.split(": ", 1)[0][len("[plan] placement "):]: line for line in text.splitlines()
+              if line.startswith("[plan] placement ")}
+    assert list(placed) == ["split warm-up SFT", "split rating", "SFT", "SFT format check", "GRPO", "eval"]
+    assert placed["GRPO"].endswith("learner ranks 4 x 1 GPU + rollout actors (vllm) 2 x 1 GPU + judge actors (vllm) "
+                                   "2 x 1 GPU = 8 GPUs of 8")
+    assert placed["SFT format check"].endswith("rollout actors (vllm) 2 x 1 GPU = 2 GPUs of 8")
+    v = json.loads((tmp_path / "plan.json").read_text())["estimates_gib"]["sft_validation"]
+    assert v["n_val"] == 256 and v["eval_every"] == 20
+    assert v["share"] == pytest.approx(256 / (3 * 128 * 20)) and v["share"] <= 0.10
+    assert "% of SFT training compute" in text
+    # the whole validation set every 20 steps (the uncapped ~15.6k turns) is flagged
+    code, text = run(capsys, args + ["sft.max_val_samples=15600"])
+    assert code == 0 and "warning: SFT validation costs 203% of SFT training compute" in text
+
+
+@pytest.mark.parametrize("override,stages,says", [
+    ("rollout.gpus_per_actor=0", "split rating, SFT format check, GRPO, eval", "hold no GPU in Ray's accounting"),
+    ("judge.gpus_per_actor=0.5", "split rating, GRPO, eval", "two engines on one GPU"),
+    ("learner.gpus_per_worker=0.5", "split warm-up SFT, SFT, GRPO", "two learner ranks on one GPU")])
+def test_a_gpu_model_outside_ray_or_sharing_a_gpu_is_refused(capsys, cluster_args, override, stages, says):
+    args = [a for a in cluster_args if a not in ("--mode", "train")]
+    code, text = run(capsys, args + [override])
+    assert code == 2
+    key, value = override.split("=")
+    (p,) = [x for x in problems(text) if says in x]
+    assert p.startswith(f"[plan] PROBLEM: {key}={float(value):g} ({stages}):"), p
+
+
+def test_a_stage_with_more_gpus_than_the_cluster_is_named(capsys, cluster_args):
+    """Synthesis on the pools (synth.pool=ray): 10 engine actors of 1 GPU each, more than the 8 GPUs."""
+    code, text = run(capsys, cluster_args + ["synth.pool=ray", "synth.num_engines=10"])
+    assert code == 2
+    (p,) = problems(text)
+    assert p.startswith("[plan] PROBLEM: synthesis: synth.num_engines x rollout.gpus_per_actor = 10") and "has 8" in p

@@ -1,4 +1,7 @@
-"""SFT on the learner group (Ray ranks, gloo): world size 2 follows world size 1's loss curve.
+"""SFT on the learner group (Ray ranks, gloo): world size 2 follows world size 1's loss curve; the validation
+sample is capped (sft.max_val_samples=1: one validation turn for 2 ranks, so rank 1 scores only padding yet makes
+the same collective calls); the W=2 run's format check generates on a real vLLM rollout actor that loads the
+exported folder (written by rank 0 alone; its memory: bench/bench_export_memory.py).
 
 Both runs see the same step plan (every batch has >= 2 rows, so none is dropped for W=2); each step's loss is the
 GLOBAL token mean (deepspeed_learner normalises by all-reduced counts), so the curves differ only by float
@@ -33,7 +36,8 @@ def _cfg(run_dir, model, workers, stage):
         f"run_dir={run_dir}", f"model.path={model}", "data.max_history_turns=1", "sft.max_seq_len=384",
         "sft.batch_size=4", "sft.micro_batch_size=1", "sft.max_steps=4", "sft.eval_every=2", "sft.lr=2e-3",
         "sft.warmup_steps=1", f"learner.num_workers={workers}", f"learner.zero_stage={stage}",
-        "logging.wandb_mode=disabled"])
+        "sft.max_val_samples=1", "rollout.num_actors=1", "rollout.kv_cache_bytes=67108864",
+        "model.max_new_tokens=24", "logging.wandb_mode=disabled"])
 
 
 def _losses(out_dir):
@@ -53,9 +57,23 @@ def test_sft_world_size_2_matches_world_size_1(ray_local, tiny_model_dir, tmp_pa
     for w in (1, 2):
         out = str(tmp_path / f"w{w}" / "sft_model")
         res[w] = run_sft_on_group(_cfg(tmp_path / f"w{w}", tiny_model_dir, w, stage), out, train, val,
-                                  generate_eval=False, progress=False)
+                                  generate_eval=w == 2, progress=False)
         assert res[w]["world_size"] == w  # really w ranks (the old pipeline ran SFT in one process)
+        assert (res[w]["val_examples"], res[w]["val_turns_total"]) == (1, 6)  # capped: fewer turns than ranks
         assert os.path.exists(os.path.join(out, "model.safetensors"))
+    # the format check: greedy answers from the rollout actor on the exported model, counted by score_answers
+    after = res[2]["after"]
+    assert after["n"] == 1 and after["actors"] == 1 and len(after["examples"]) == 1
+    from kardia_rl.learner.sft import score_answers, val_sample
+
+    capped = val_sample(val, _cfg(tmp_path, tiny_model_dir, 2, stage))
+    assert after["examples"][0]["id"] == capped[0].id
+    recount = score_answers(capped, [after["examples"][0]["output"]], _cfg(tmp_path, tiny_model_dir, 2, stage))
+    assert (res[2]["format_valid_rate"], res[2]["emotion_accuracy"]) == (recount["format_valid_rate"],
+                                                                         recount["emotion_accuracy"])
+    with open(tmp_path / "w2" / "sft_model" / "sft_result.json") as f:
+        saved = json.load(f)
+    assert saved["format_valid_rate"] == res[2]["format_valid_rate"] and saved["after"]["n"] == 1
     l1, l2 = _losses(tmp_path / "w1" / "sft_model"), _losses(tmp_path / "w2" / "sft_model")
     assert len(l1) == len(l2) == 4
     assert l1[-1] < l1[0]  # it trains

@@ -65,8 +65,7 @@ def test_a_few_lora_sft_steps_lower_the_loss_and_train_the_span_rows(smollm2_dir
     cfg = _cfg(tmp_path, smollm2_dir, "sft.max_steps=3", "sft.batch_size=2", "sft.micro_batch_size=2",
                "sft.lr=1e-3", "sft.warmup_steps=0", "sft.lr_schedule=constant", "learner.zero_stage=0")
     train = _samples(cfg, 2)
-    res = run_sft(cfg, str(tmp_path / "sft"), train_samples=train, val_samples=train, generate_eval=False,
-                  progress=False)
+    res = run_sft(cfg, str(tmp_path / "sft"), train_samples=train, val_samples=train, progress=False)
     assert res["val_loss_final"] < res["val_loss_initial"] - 0.1, res
     with safe_open(os.path.join(tmp_path, "sft", "model.safetensors"), "pt") as f:
         emb = f.get_tensor("model.embed_tokens.weight")

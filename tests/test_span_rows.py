@@ -128,7 +128,8 @@ def _untied_lora_sft(model_dir: str, work: str, dtype: str, stage: int) -> dict:
     from kardia_rl.data.encoding import load_training_turns
     from kardia_rl.learner.deepspeed_learner import DeepSpeedLearner
     from kardia_rl.learner.ds_config import OptimSpec
-    from kardia_rl.learner.sft import _collate, generate_answers
+    from kardia_rl.data.encoding import encode_prompt
+    from kardia_rl.learner.sft import _collate
     from kardia_rl.learner.sft_data import build_examples
 
     path = _mean_initialised(model_dir, os.path.join(work, "model"))
@@ -156,7 +157,16 @@ def _untied_lora_sft(model_dir: str, work: str, dtype: str, stage: int) -> dict:
     for _ in range(steps):
         learner.sft_step(batch)
     after = spread(learner.module)
-    answers = generate_answers(learner, samples, cfg)
+    answers = []  # greedy, one process (world size 1): the model itself, not a rollout engine
+    learner.module.eval()
+    with torch.no_grad():
+        for s in samples:
+            ids = torch.tensor([encode_prompt(s, learner.tokenizer, cfg)])
+            out = learner.module.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                          max_new_tokens=cfg.model.max_new_tokens,
+                                          eos_token_id=learner.tokenizer.eos_token_id,
+                                          pad_token_id=learner.tokenizer.pad_token_id)
+            answers.append(learner.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False))
     exported = AutoModelForCausalLM.from_pretrained(learner.save_pretrained(os.path.join(work, "out"))).eval()
     return {"before": before, "after": after, "answers": answers, "exported": spread(exported)}
 

@@ -201,5 +201,5 @@ def test_synthesize_validate_split_and_sft(smollm2_dir, sft_model_dir, tmp_path,
     monkeypatch.delenv("MASTER_PORT", raising=False)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         res = pool.submit(run_sft, sft_cfg, str(tmp_path / "sft"), train_samples=easy, val_samples=easy[:1],
-                          generate_eval=False, progress=False).result()
+                          progress=False).result()
     assert math.isfinite(res["val_loss_final"]) and os.path.isfile(os.path.join(tmp_path, "sft", "model.safetensors"))

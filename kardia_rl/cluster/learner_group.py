@@ -54,14 +54,14 @@ class LearnerActor:
         return self.rank
 
     def run_sft(self, master_addr: str, master_port: int, out_dir: str, train_samples: list, val_samples: list,
-                kwargs: dict) -> dict:
+                progress: bool) -> dict:
         """The whole SFT run on this rank (collective: every rank of the group calls it at once)."""
         from kardia_rl.learner.sft import run_sft
 
         self._prepare(master_addr)
         return run_sft(self.cfg, out_dir, train_samples=train_samples, val_samples=val_samples, rank=self.rank,
                        world_size=self.world_size, local_rank=0, master_port=master_port,
-                       progress=kwargs.pop("progress", True) and self.rank == 0, **kwargs)
+                       progress=progress and self.rank == 0)
 
     def train_step(self, batch: dict) -> dict:
         return self.learner.train_step(batch)
@@ -70,7 +70,8 @@ class LearnerActor:
         return self.learner.compute_logprobs(batch, which)
 
     def hf_state_dict(self) -> Optional[dict]:
-        sd = self.learner.hf_state_dict()  # collective under ZeRO-3
+        # collective under ZeRO-3; only rank 0 keeps a copy (the others only join the gathers)
+        sd = self.learner.hf_state_dict(keep=self.rank == 0)
         return sd if self.rank == 0 else None
 
     def init_weight_sync(self, rollout_handles: list, host: str, port: int, bucket_bytes: int, timeout_s: float,
@@ -150,9 +151,9 @@ class LearnerGroup:
             addr, port = ray.get(self.actors[0].address.remote())
             ray.get([a.setup.remote(addr, port) for a in self.actors])
 
-    def run_sft(self, out_dir: str, train_samples: list, val_samples: list, **kwargs) -> dict:
+    def run_sft(self, out_dir: str, train_samples: list, val_samples: list, progress: bool = True) -> dict:
         addr, port = ray.get(self.actors[0].address.remote())
-        refs = [a.run_sft.remote(addr, port, out_dir, list(train_samples), list(val_samples), dict(kwargs))
+        refs = [a.run_sft.remote(addr, port, out_dir, list(train_samples), list(val_samples), progress)
                 for a in self.actors]
         return ray.get(refs)[0]  # rank 0 wrote the model and sft_result.json
 
@@ -207,16 +208,22 @@ class LearnerGroup:
         ray.util.remove_placement_group(self.pg)
 
 
-def run_sft_on_group(cfg, out_dir: str, train_samples, val_samples, **kwargs) -> dict:
-    """SFT with learner.num_workers Ray ranks (ZeRO stage, placement and GPUs of the GRPO learner group).
+def run_sft_on_group(cfg, out_dir: str, train_samples, val_samples, *, generate_eval: bool = True,
+                     eval_before: bool = False, progress: bool = True) -> dict:
+    """SFT with learner.num_workers Ray ranks (ZeRO stage, placement and GPUs of the GRPO learner group), then
+    (generate_eval) the format check on a rollout group (cluster.sft_check); eval_before: the same check on the
+    untrained model first.
 
     Joins the cluster of ray.address / RAY_ADDRESS (else starts a local one). The model is prepared here first,
-    once, so the ranks never race to build or prepare it. kwargs go to `learner.sft.run_sft`.
+    once, so the ranks never race to build or prepare it. Both the validation loss and the check see the same
+    capped sample (sft.max_val_samples, learner.sft.val_sample). One pool at a time: the check's engines start
+    after the learner group is gone.
     """
     from dataclasses import replace
 
-    from kardia_rl.learner.sft import ensure_model
+    from kardia_rl.learner.sft import ensure_model, val_sample
     from kardia_rl.cluster.ray_cluster import init_ray
+    from kardia_rl.cluster.sft_check import add_format_check, format_check
 
     cfg = replace(cfg, model=replace(cfg.model, path=ensure_model(cfg)))
     if train_samples is None or val_samples is None:
@@ -226,8 +233,11 @@ def run_sft_on_group(cfg, out_dir: str, train_samples, val_samples, **kwargs) ->
         train_samples = tr if train_samples is None else train_samples
         val_samples = va if val_samples is None else val_samples
     init_ray(cfg.ray.address, cfg.ray.num_cpus, log_level=cfg.logging.engine_log_level)
+    checked = val_sample(val_samples, cfg) if generate_eval else []
+    before = format_check(cfg, cfg.model.path, checked) if eval_before and checked else None
     group = LearnerGroup(cfg, cfg.model.path, cfg.ray.cpus_per_actor, role="sft")
     try:
-        return group.run_sft(out_dir, train_samples, val_samples, **kwargs)
+        result = group.run_sft(out_dir, train_samples, val_samples, progress=progress)
     finally:
         group.shutdown()
+    return add_format_check(cfg, out_dir, result, checked, before) if checked else result

@@ -224,6 +224,7 @@ class SFTConfig:
     max_seq_len: int = doc(768, "truncate training sequences to this many tokens", ge=1)
     packing: bool = doc(False, "pack several samples into one sequence (else length-grouped batches)")
     eval_every: int = doc(50, "validation loss every N optimizer steps (0 = only at the end)")
+    max_val_samples: int = doc(256, "validation turns scored by the validation loss and the format check: a fixed seeded subset (0 = all); caps the split's warm-ups too", ge=0)
     max_steps: int = doc(0, "stop after this many optimizer steps (0 = run all epochs)")
     warmup_steps: int = doc(10, "linear learning-rate warm-up steps")
     lr_schedule: str = doc("linear", "learning rate after warm-up: constant | linear (decay to 0 at the last step)", LR_SCHEDULES)

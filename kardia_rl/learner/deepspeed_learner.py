@@ -25,7 +25,7 @@ from kardia_rl.learner import batching as B
 from kardia_rl.learner.distributed import all_reduce_, barrier, init_distributed, use_cuda
 from kardia_rl.learner.ds_config import (ds_config, make_client_optimizer, param_groups,
                                          torch_dtype, warmup_lambda)
-from kardia_rl.learner.export import hf_metadata, hf_state_dict, iter_hf_tensors, save_hf_folder, unwrap_peft
+from kardia_rl.learner.export import hf_metadata, hf_state_dict, iter_hf_tensors, unwrap_peft, write_hf_folder
 from kardia_rl.learner.logprobs import mismatch_sums, response_logprobs, sft_loss_sum
 from kardia_rl.learner.model_init import count_checkpointed_calls, load_models
 from kardia_rl.learner.span_rows import attach_span_rows, initial_span_rows
@@ -315,9 +315,10 @@ class DeepSpeedLearner:
         return s, n
 
     # --- export / checkpoints -------------------------------------------------------------------------
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full weights in HF naming on CPU (LoRA merged; gathered under ZeRO-3, so collective)."""
-        return hf_state_dict(self.engine.module, zero3=self.zero_stage == 3)
+    def hf_state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """Full weights in HF naming on CPU (LoRA merged; gathered under ZeRO-3, so collective). keep=False: only
+        join the gathers, return {} (the ranks whose copy nobody reads)."""
+        return hf_state_dict(self.engine.module, zero3=self.zero_stage == 3, keep=keep)
 
     def weight_metadata(self) -> list[tuple[str, str, list[int]]]:
         """(HF name, dtype, full shape) of every exported tensor, in `iter_weights` order."""
@@ -343,11 +344,16 @@ class DeepSpeedLearner:
         return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0].cpu().tolist()
 
     def save_pretrained(self, out_dir: str) -> str:
-        """An HF folder (weights, config, generation config, tokenizer) written atomically by rank 0."""
-        sd = self.hf_state_dict()
+        """An HF folder (weights, config, generation config, tokenizer) written atomically by rank 0, one shard at
+        a time as the tensors arrive; under ZeRO-3 the other ranks only join the gathers (no copy). Collective."""
+        module = self.engine.module
+        tensors = iter_hf_tensors(module, zero3=self.zero_stage == 3, keep=self.rank == 0)
         if self.rank == 0:
-            save_hf_folder(sd, out_dir, self.hf_config, generation_config=self.generation_config,
-                           tokenizer=self.tokenizer)
+            write_hf_folder(tensors, hf_metadata(module), out_dir, self.hf_config,
+                            generation_config=self.generation_config, tokenizer=self.tokenizer)
+        else:
+            for _ in tensors:  # the gathers are collective: walk them in lockstep with rank 0
+                pass
         barrier()
         return out_dir
 

@@ -1,7 +1,10 @@
 """Exporting the learner's weights in Hugging Face form: a state dict for the rollout engines, and a
 save_pretrained folder that AutoModelForCausalLM and vLLM load.
 
-Three complications handled here and nowhere else:
+Exports are written by one rank (learner rank 0) as the tensors arrive, shard by shard (`write_hf_folder`);
+under ZeRO-3 the other ranks only join the gathers (`keep=False`), so no rank but the writer holds a copy.
+
+Complications handled here and nowhere else:
   * ZeRO-3 shards every parameter across ranks: they are gathered (collectively, so every rank must call
     these functions) one bucket at a time, which bounds the extra memory to one bucket (or one tensor);
   * LoRA (peft) renames the wrapped layers (`q_proj.base_layer.weight`, `q_proj.lora_A.default.weight`):
@@ -17,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Any, Iterator, Optional
+import os
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
@@ -99,11 +103,14 @@ def hf_metadata(module: torch.nn.Module, dtype: Optional[torch.dtype] = None) ->
 
 @torch.no_grad()
 def iter_hf_tensors(module: torch.nn.Module, *, zero3: bool = False, dtype: Optional[torch.dtype] = None,
-                    device: Any = "cpu", bucket_bytes: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+                    device: Any = "cpu", bucket_bytes: int = 0, keep: bool = True
+                    ) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
     """Stream (HF name, tensor copy on `device`) pairs: LoRA merged, ZeRO-3 gathered ONE BUCKET AT A TIME.
 
     Under ZeRO-3 the gather is collective: every rank must iterate in lockstep; the extra memory is one
     bucket of gathered parameters (`bucket_bytes`, or one unit when 0) plus the copies being consumed.
+    keep=False (the ranks whose copy nobody reads: all but the writer of an export): the rank only joins the
+    gathers and yields (name, None), making no copy and no LoRA merge.
     """
     units = _units(module)
     groups: list[list] = []
@@ -118,25 +125,70 @@ def iter_hf_tensors(module: torch.nn.Module, *, zero3: bool = False, dtype: Opti
     for group in groups:
         with _gathered([p for u in group for p in u[1]], zero3):
             for name, _, produce, _, _ in group:
+                if not keep:
+                    yield name, None
+                    continue
                 t = produce().detach()
                 yield name, (t.to(dtype) if dtype is not None else t).to(device, copy=True).contiguous()
 
 
-def hf_state_dict(module: torch.nn.Module, *, zero3: bool = False, dtype: Optional[torch.dtype] = None
-                  ) -> dict[str, torch.Tensor]:
-    """CPU tensors keyed by HF names (LoRA merged, ZeRO-3 gathered). Collective under ZeRO-3."""
-    return dict(iter_hf_tensors(module, zero3=zero3, dtype=dtype))
+def hf_state_dict(module: torch.nn.Module, *, zero3: bool = False, dtype: Optional[torch.dtype] = None,
+                  keep: bool = True) -> dict[str, torch.Tensor]:
+    """CPU tensors keyed by HF names (LoRA merged, ZeRO-3 gathered). Collective under ZeRO-3; keep=False joins
+    the gathers and returns {} (see iter_hf_tensors)."""
+    return {k: v for k, v in iter_hf_tensors(module, zero3=zero3, dtype=dtype, keep=keep) if v is not None}
 
 
-def save_hf_folder(state_dict: dict[str, torch.Tensor], out_dir: str, config: Any, *,
-                   generation_config: Any = None, tokenizer: Any = None, max_shard_size: str = "5GB") -> str:
-    """Write an HF model folder atomically: everything goes to a temporary sibling folder that is renamed
-    over `out_dir` at the end, so a crash never leaves a half-written model where a loader looks."""
-    from huggingface_hub import save_torch_state_dict
+def shard_plan(meta: list[tuple[str, str, list[int]]], max_shard_bytes: int) -> tuple[dict[str, int], list[int]]:
+    """{name: shard index} in export order, a new shard when the next tensor would pass `max_shard_bytes`;
+    and the number of tensors in each shard (a shard is written when its last tensor arrived)."""
+    where: dict[str, int] = {}
+    counts: list[int] = []
+    size = 0
+    for name, dt, shape in meta:
+        nbytes = math.prod(shape) * getattr(torch, dt).itemsize
+        if not counts or (size + nbytes > max_shard_bytes and counts[-1]):
+            counts.append(0)
+            size = 0
+        where[name] = len(counts) - 1
+        counts[-1] += 1
+        size += nbytes
+    return where, counts
 
+
+def write_hf_folder(tensors: Iterable[tuple[str, torch.Tensor]], meta: list[tuple[str, str, list[int]]],
+                    out_dir: str, config: Any, *, generation_config: Any = None, tokenizer: Any = None,
+                    max_shard_bytes: int = 5 * 10**9) -> str:
+    """Write an HF model folder atomically from a STREAM of tensors (`meta`: hf_metadata, same order): each
+    safetensors shard is written as soon as its last tensor arrived and then dropped, so the writer holds one
+    shard, never the whole model. Files as save_pretrained names them (model.safetensors, or
+    model-0000i-of-0000N.safetensors with model.safetensors.index.json). Everything goes to a temporary
+    sibling folder renamed over `out_dir` at the end: a crash never leaves a half-written model."""
+    import json
+
+    from safetensors.torch import save_file
+
+    where, counts = shard_plan(meta, max_shard_bytes)
+    n = len(counts)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    pending: dict[int, dict[str, torch.Tensor]] = {}
+    total = 0
+    dtypes = set()
     with atomic_dir(out_dir) as tmp:
-        save_torch_state_dict(state_dict, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
-        dtypes = {t.dtype for t in state_dict.values() if t.is_floating_point()}
+        for name, t in tensors:
+            i = where[name]
+            pending.setdefault(i, {})[name] = t
+            total += t.numel() * t.element_size()
+            if t.is_floating_point():
+                dtypes.add(t.dtype)
+            if len(pending[i]) == counts[i]:
+                save_file(pending.pop(i), os.path.join(tmp, names[i]), metadata={"format": "pt"})
+        if pending or len(where) != sum(counts):
+            raise RuntimeError(f"export of {out_dir}: the tensor stream ended before shards {sorted(pending)}")
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in where.items()}}
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
         config = copy.deepcopy(config)  # do not touch the live model's config
         if len(dtypes) == 1:
             config.dtype = next(iter(dtypes))
@@ -146,3 +198,9 @@ def save_hf_folder(state_dict: dict[str, torch.Tensor], out_dir: str, config: An
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return out_dir
+
+
+def save_hf_folder(state_dict: dict[str, torch.Tensor], out_dir: str, config: Any, **kw) -> str:
+    """`write_hf_folder` of a state dict already in memory."""
+    meta = [(k, str(v.dtype).split(".")[-1], list(v.shape)) for k, v in state_dict.items()]
+    return write_hf_folder(state_dict.items(), meta, out_dir, config, **kw)

@@ -1,5 +1,7 @@
 """The SFT stage: cross-entropy on the four-span answers (prompt masked), on the same DeepSpeed learner as
-GRPO, then greedy generation on the validation turns to measure the format-valid rate.
+GRPO, with a validation loss on a capped, seeded sample of the validation turns (sft.max_val_samples). The
+format check (greedy answers on that sample) runs after training on a rollout group, outside the ranks:
+cluster.sft_check.
 
 Batching: length-grouped batches by default (similar lengths per step, little padding). With
 cfg.sft.packing several examples share one sequence, with position ids restarting per example and labels
@@ -9,6 +11,8 @@ default sdpa/eager kernels a packed example also sees the examples before it (cr
 a documented trade-off (packing is off by default, and length grouping already removes most padding).
 
 Every rank runs `run_sft` (collective); rank 0 writes the model (atomically) and the result JSON.
+Validation loss under W ranks: every rank makes the same number of collective calls, also a rank that has no
+validation turn (W > turns): it runs all-ignored batches that add nothing to the sums.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from kardia_rl.errors import KardiaError
 from kardia_rl.format.spans import parse_spans
 from kardia_rl.learner import batching as B
 from kardia_rl.learner.distributed import all_reduce_
-from kardia_rl.data.encoding import encode_prompt, load_training_turns
+from kardia_rl.data.encoding import load_training_turns
+from kardia_rl.data.splits import select_subset
 from kardia_rl.learner.sft_data import SFTExample, build_examples
 from kardia_rl.rewards.emotion_reward import credited_emotion
 from kardia_rl.utils.io import atomic_write_jsonl, atomic_write_text
@@ -108,64 +113,25 @@ def validation_loss(learner, examples: Sequence[SFTExample], batch_size: int) ->
     return s / max(n, 1.0)
 
 
-@torch.no_grad()
-def generate_answers(learner, samples: Sequence[TurnSample], cfg, batch_size: int = 16) -> list[str]:
-    """Greedy answers (stop at EOS or <|response_end|>) for this rank's `samples`; special tokens kept."""
-    tok, model = learner.tokenizer, learner.module
-    stop = [tok.eos_token_id]
-    resp_end = tok.convert_tokens_to_ids("<|response_end|>")
-    if isinstance(resp_end, int) and resp_end != tok.unk_token_id:
-        stop.append(resp_end)
-    sync = learner.zero_stage == 3 and learner.world_size > 1
-    n_batches = math.ceil(len(samples) / batch_size)
-    if learner.world_size > 1:
-        n_batches = int(all_reduce_(torch.tensor([n_batches], device=learner.device), "max").item())
-    was_training = model.training
-    model.eval()
-    texts: list[str] = []
-    try:
-        for i in range(n_batches):
-            chunk = list(samples[i * batch_size:(i + 1) * batch_size])
-            real = len(chunk)
-            chunk = chunk or list(samples[:1])  # keeps ZeRO-3 ranks stepping together
-            if not chunk:
-                continue
-            prompts = [encode_prompt(s, tok, cfg) for s in chunk]
-            batch = B.collate_rollout(prompts, [[]] * len(prompts), tok.pad_token_id)
-            P = max(len(p) for p in prompts)
-            out = model.generate(input_ids=batch["input_ids"][:, :P].to(learner.device),
-                                 attention_mask=batch["attention_mask"][:, :P].to(learner.device),
-                                 max_new_tokens=cfg.model.max_new_tokens, do_sample=False, eos_token_id=stop,
-                                 pad_token_id=tok.pad_token_id, synced_gpus=sync)
-            for row in out[:real, P:].tolist():
-                while row and row[-1] in (tok.pad_token_id, tok.eos_token_id):
-                    row.pop()
-                texts.append(tok.decode(row, skip_special_tokens=False))
-    finally:
-        model.train(was_training)
-    return texts
-
-
-def format_eval(learner, samples: Sequence[TurnSample], cfg, keep_examples: int = 3) -> dict:
-    """Format-valid rate and emotion accuracy of greedy answers on `samples` (sharded over ranks)."""
+def score_answers(samples: Sequence[TurnSample], texts: Sequence[str], cfg, keep_examples: int = 3) -> dict:
+    """Format-valid rate and emotion accuracy of `texts` (one answer per sample, special tokens kept): a label
+    counts only in a well-formed answer, the eval's rule. The answers come from a rollout group
+    (cluster.sft_check), never from the learner ranks."""
     labels = label_set(cfg.data.emotion_labels or None)
-    mine = list(samples)[learner.rank::learner.world_size]
-    texts = generate_answers(learner, mine, cfg)
     ok = emo = 0
-    for s, t in zip(mine, texts):
+    for s, t in zip(samples, texts):
         res = parse_spans(t, cfg.data.span_notation)
         ok += int(res.ok)
-        emo += int(credited_emotion(res, labels, "strict") == s.emotion)  # the eval's rule: well-formed answers only
-    counts = torch.tensor([ok, emo, len(mine)], dtype=torch.float64, device=learner.device)
-    ok, emo, n = (float(x) for x in all_reduce_(counts, "sum").cpu())
-    return {"format_valid_rate": ok / max(n, 1.0), "emotion_accuracy": emo / max(n, 1.0), "n": int(n),
-            "examples": [{"id": s.id, "output": t} for s, t in list(zip(mine, texts))[:keep_examples]]}
+        emo += int(credited_emotion(res, labels, "strict") == s.emotion)
+    n = len(samples)
+    return {"format_valid_rate": ok / max(n, 1), "emotion_accuracy": emo / max(n, 1), "n": n,
+            "examples": [{"id": s.id, "output": t} for s, t in list(zip(samples, texts))[:keep_examples]]}
 
 
 class SFTTrainer:
     """The SFT stage as named phases, like `GRPOTrainer`: `setup` (model, examples, step plan, learner) ->
-    `validate` / `evaluate` -> `train` (one optimizer step per planned batch, validation every
-    sft.eval_every) -> `save` -> `evaluate` -> `finish` (rank 0 writes the metrics and the result).
+    `validate` -> `train` (one optimizer step per planned batch, validation every sft.eval_every) -> `save` ->
+    `finish` (rank 0 writes the metrics and the result).
     Every phase that runs the model is collective: all ranks call it in the same order."""
 
     def __init__(self, cfg, out_dir: Optional[str] = None, *, train_samples: Optional[Sequence[TurnSample]] = None,
@@ -195,6 +161,8 @@ class SFTTrainer:
             tr, va = load_training_turns(cfg)
             self.train_samples = tr if self.train_samples is None else self.train_samples
             self.val_samples = va if self.val_samples is None else self.val_samples
+        self.val_total = len(self.val_samples)
+        self.val_samples = val_sample(self.val_samples, cfg)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.train_ex, cut, prompts_cut = build_examples(self.train_samples, tokenizer, cfg)
         self.val_ex, _, _ = build_examples(self.val_samples, tokenizer, cfg)
@@ -209,17 +177,13 @@ class SFTTrainer:
                                         local_rank=self.local_rank, master_port=self.master_port)
         self.result: dict[str, Any] = {
             "model_path": model_path, "out_dir": self.out_dir, "train_examples": len(self.train_ex),
-            "val_examples": len(self.val_ex), "targets_truncated": cut, "prompts_truncated": prompts_cut,
+            "val_examples": len(self.val_ex), "val_turns_total": self.val_total, "targets_truncated": cut, "prompts_truncated": prompts_cut,
             "steps": len(self.plan), "world_size": self.learner.world_size, "val_loss_history": []}
         return self
 
     # --- the phases -------------------------------------------------------------------------------------
     def validate(self) -> float:
         return validation_loss(self.learner, self.val_ex, self.cfg.sft.micro_batch_size)
-
-    def evaluate(self) -> dict:
-        """Greedy format-valid rate and emotion accuracy on the validation turns."""
-        return format_eval(self.learner, self.val_samples, self.cfg)
 
     def train(self) -> list[dict]:
         from tqdm.auto import tqdm
@@ -268,10 +232,15 @@ class SFTTrainer:
         return self.result
 
 
+def val_sample(samples: Sequence[TurnSample], cfg) -> list[TurnSample]:
+    """The validation turns SFT scores: at most sft.max_val_samples (0 = all), a seeded subset spread over the
+    dialogues, the same for the loss, the format check and every run of the same config."""
+    return select_subset(samples, cfg.sft.max_val_samples, cfg.seed)
+
+
 def run_sft(cfg, out_dir: Optional[str] = None, *, train_samples: Optional[Sequence[TurnSample]] = None,
             val_samples: Optional[Sequence[TurnSample]] = None, rank: Optional[int] = None,
-            world_size: Optional[int] = None, eval_before: bool = False, generate_eval: bool = True,
-            progress: bool = True, local_rank: Optional[int] = None,
+            world_size: Optional[int] = None, progress: bool = True, local_rank: Optional[int] = None,
             master_port: Optional[int] = None) -> dict[str, Any]:
     """Train, validate, save; returns (and rank 0 writes to `out_dir/sft_result.json`) the result dict.
 
@@ -281,16 +250,7 @@ def run_sft(cfg, out_dir: Optional[str] = None, *, train_samples: Optional[Seque
     """
     t = SFTTrainer(cfg, out_dir, train_samples=train_samples, val_samples=val_samples, rank=rank,
                    world_size=world_size, local_rank=local_rank, master_port=master_port, progress=progress).setup()
-    generate = generate_eval and bool(t.val_samples)
-    if eval_before and generate:
-        t.result["before"] = {k: v for k, v in t.evaluate().items() if k != "examples"}
     t.result["val_loss_initial"] = t.validate()
     t.train()
     t.save()
-    if generate:
-        t_eval = time.time()
-        after = t.result["after"] = t.evaluate()
-        t.result["format_valid_rate"] = after["format_valid_rate"]
-        t.result["emotion_accuracy"] = after["emotion_accuracy"]
-        t.result["eval_seconds"] = round(time.time() - t_eval, 2)
     return t.finish()

@@ -2,7 +2,9 @@
 
 Runs as one process (world size 1) by default; under torchrun (`torchrun --nproc_per_node N -m
 kardia_rl.cli sft ...`) every rank runs it and RANK/WORLD_SIZE come from the launcher. Prepares model.path first
-(a builtin:tiny model is built under run_dir; see kardia_rl.model.prepare).
+(a builtin:tiny model is built under run_dir; see kardia_rl.model.prepare). The format check (greedy answers on
+the capped validation sample) runs afterwards from rank 0 on a rollout group (cluster.sft_check), in the Ray
+cluster of ray.address / RAY_ADDRESS or a local one.
 """
 from __future__ import annotations
 
@@ -24,15 +26,30 @@ def configure_sft(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from kardia_rl.learner.sft import run_sft
+    import os
+    from dataclasses import replace
+
+    from kardia_rl.cluster.ray_cluster import init_ray
+    from kardia_rl.cluster.sft_check import add_format_check, format_check
+    from kardia_rl.data.encoding import load_training_turns
+    from kardia_rl.learner.sft import ensure_model, run_sft, val_sample
 
     cfg = config_from_args(args)
     if args.threads > 0:
         import torch
 
         torch.set_num_threads(args.threads)
-    res = run_sft(cfg, args.out, eval_before=args.eval_before, generate_eval=not args.no_generate_eval,
-                  progress=not args.no_progress)
+    check = not args.no_generate_eval and int(os.environ.get("RANK", 0)) == 0
+    cfg = replace(cfg, model=replace(cfg.model, path=ensure_model(cfg)))
+    train, val = load_training_turns(cfg)
+    checked = val_sample(val, cfg) if check else []
+    if checked:
+        init_ray(cfg.ray.address, cfg.ray.num_cpus, log_level=cfg.logging.engine_log_level)
+    before = format_check(cfg, cfg.model.path, checked) if args.eval_before and checked else None
+    out = args.out or os.path.join(cfg.run_dir, "sft_model")
+    res = run_sft(cfg, out, train_samples=train, val_samples=val, progress=not args.no_progress)
+    if checked:
+        res = add_format_check(cfg, out, res, checked, before)
     summary = {k: res.get(k) for k in ("steps", "train_seconds", "seconds", "train_loss_first", "train_loss_last",
                                        "val_loss_initial", "val_loss_final", "format_valid_rate",
                                        "emotion_accuracy", "out_dir")}

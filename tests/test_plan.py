@@ -290,7 +290,8 @@ def test_cluster_yaml_prints_each_stage_placement_and_a_bounded_sft_validation(c
     assert code == 0, text
     placed = {line.split(": ", 1)[0][len("[plan] placement "):]: line for line in text.splitlines()
               if line.startswith("[plan] placement ")}
-    assert list(placed) == ["split warm-up SFT", "split rating", "SFT", "SFT format check", "GRPO", "eval"]
+    assert list(placed) == ["split warm-up SFT", "split rating", "SFT", "SFT format check", "GRPO", "eval",
+                            "synthesis"]  # `kardia-rl synthesize`, a job of its own, on the same pools
     assert placed["GRPO"].endswith("learner ranks 4 x 1 GPU + rollout actors (vllm) 2 x 1 GPU + judge actors (vllm) "
                                    "2 x 1 GPU = 8 GPUs of 8")
     assert placed["SFT format check"].endswith("rollout actors (vllm) 2 x 1 GPU = 2 GPUs of 8")

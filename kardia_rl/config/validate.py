@@ -101,6 +101,17 @@ def config_problems(cfg: KardiaConfig) -> list[str]:
         p.append(f"algo.overlong_buffer: must be in (0, 1] (a fraction of model.max_new_tokens), got {ac.overlong_buffer}")
     if ac.overlong_penalty < 0:
         p.append(f"algo.overlong_penalty: must be >= 0, got {ac.overlong_penalty}")
+    if ac.max_staleness not in (0, 1):
+        p.append(f"algo.max_staleness: must be 0 (synchronous) or 1 (one-step-off), got {ac.max_staleness}")
+    elif ac.max_staleness == 1 and not ac.behaviour_logprobs:
+        p.append("algo.max_staleness=1 needs algo.behaviour_logprobs: recompute (the learner's log-probs with the "
+                 "truncated IS weight against the engine's) or engine (the engine's log-probs as the old policy)")
+    elif ac.max_staleness == 1 and ac.behaviour_logprobs == "recompute" and ac.importance_correction is False:
+        p.append("algo.behaviour_logprobs=recompute at algo.max_staleness=1 corrects the staleness with the truncated "
+                 "IS weight: algo.importance_correction must be true or null, got false")
+    elif ac.max_staleness == 0 and ac.behaviour_logprobs:
+        p.append(f"algo.behaviour_logprobs={ac.behaviour_logprobs!r} only applies at algo.max_staleness=1 (at 0 every "
+                 "sample is on-policy): leave it empty")
     if cfg.algo.kl_beta < 0:
         p.append(f"algo.kl_beta: must be >= 0, got {cfg.algo.kl_beta}")
     if cfg.learner.zero_stage not in (0, 1, 2, 3):

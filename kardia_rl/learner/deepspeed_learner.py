@@ -37,6 +37,8 @@ def importance_correction_on(cfg, dtype: torch.dtype) -> bool:
     """algo.importance_correction: true/false, or null (auto) = on when the engines do not sample in fp32
     (bf16/fp16 kernels give the engine a measurably different distribution; fp32 matches to ~1e-5)."""
     value = cfg.algo.importance_correction
+    if value is None and cfg.algo.max_staleness > 0 and cfg.algo.behaviour_logprobs == "recompute":
+        return True  # one-step-off: the IS weight is what corrects for the one-update-old behaviour policy
     return dtype != torch.float32 if value is None else bool(value)
 
 
@@ -221,6 +223,9 @@ class DeepSpeedLearner:
             if k not in batch:
                 raise KardiaError(f"train_step batch lacks {k!r} (see kardia_rl.learner.batching)")
         tis = importance_correction_on(self.cfg, self.dtype)
+        # one-step-off with behaviour_logprobs=engine: old_logprobs ARE the engine's, so the mismatch is measured
+        # against this pass's own forward instead
+        engine_old = ac.max_staleness > 0 and ac.behaviour_logprobs == "engine"
         if tis and "engine_logprobs" not in batch:
             raise KardiaError("algo.importance_correction is on but the batch has no engine_logprobs")
         b = _to(batch, self.device)
@@ -236,7 +241,7 @@ class DeepSpeedLearner:
         temp = float(self.cfg.rollout.temperature)
         micro = self._synced(B.rollout_micro_batches(b, self.micro_batch_size, self.max_tokens), "response_mask")
         sums = dict.fromkeys(("loss", "policy_loss", "kl", "entropy", "clip_frac", "clip_frac_low",
-                              "clip_frac_high", "diff_sum", "mismatch_kl_sum"), 0.0)
+                              "clip_frac_high", "is_clip_frac", "diff_sum", "mismatch_kl_sum"), 0.0)
         bad = 0.0
         for mb in micro:
             m = mb["response_mask"]
@@ -247,7 +252,8 @@ class DeepSpeedLearner:
             old = mb.get("old_logprobs", logp.detach())
             eng = mb.get("engine_logprobs") if tis else None
             if "engine_logprobs" in mb:  # engine/learner mismatch on the sampled tokens (pre-update learner)
-                mismatch_sums(sums, mb.get("old_logprobs", logp.detach()), mb["engine_logprobs"], m)
+                learner_old = logp.detach() if engine_old else mb.get("old_logprobs", logp.detach())
+                mismatch_sums(sums, learner_old, mb["engine_logprobs"], m)
             loss, met = policy_loss(
                 logp, old, mb["advantages"], m, clip_eps=ac.clip_eps, clip_eps_high=ac.clip_eps_high or None,
                 beta=beta_loss, ref_logp=ref, kl_kind=ac.kl_estimator, agg=ac.loss_agg, num_tokens=n_tok,
@@ -261,7 +267,7 @@ class DeepSpeedLearner:
             k = float(m.sum())
             sums["loss"] += float(loss.detach())
             sums["policy_loss"] += met["policy_loss"]
-            for name in ("kl", "clip_frac", "clip_frac_low", "clip_frac_high"):
+            for name in ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "is_clip_frac"):
                 sums[name] += met[name] * k
             sums["entropy"] += float((ent * m).sum())
         diff_max = sums.pop("diff_max", 0.0)

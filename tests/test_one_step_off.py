@@ -173,9 +173,9 @@ def test_one_step_off_job_killed_with_9_resumes_every_prompt_once(sft_model_dir,
 @pytest.mark.ray
 @pytest.mark.slow
 def test_rollout_actor_killed_during_overlapped_generation_fails_the_step_and_auto_resumes(sft_model_dir, tmp_path):
-    """kill -9 of a rollout actor during step 3's generation, which overlaps step 2's update: the step fails at
-    once (no in-place restart while the learner changes the weights), checkpoint.auto_resume restarts from step
-    2's checkpoint, which regenerates step 3's prompts."""
+    """kill -9 of a rollout actor during step 3's generation, which overlaps step 2's update: step 2 fails at its
+    wait before the sync, as soon as Ray reports the death (no in-place restart while the learner changes the
+    weights); checkpoint.auto_resume restarts from step 1's checkpoint, which names step 2's drawn prompts."""
     from kardia_rl.cluster.rollout_group import FAULT_FILE_ENV
 
     fault = tmp_path / "faults"

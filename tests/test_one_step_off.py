@@ -49,6 +49,20 @@ def test_mismatch_growth_alert_fires_once_against_the_first_steps():
                    enumerate([1e-6] * 3 + [1e-4] * 3, 1)), "float32 noise under the floor is not growth"
 
 
+def test_is_clip_frac_counts_the_tokens_whose_weight_the_cap_cut():
+    import torch
+
+    from kardia_rl.algo import policy_loss
+
+    old = torch.zeros(1, 4)
+    engine = torch.tensor([[0.0, -0.5, -1.0, -2.0]])  # weights exp(old - engine): 1, 1.65, 2.72, 7.39
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last token is padding: never counted
+    _, m = policy_loss(old.clone(), old, torch.ones(1), mask, engine_logp=engine, is_cap=2.0)
+    assert m["is_clip_frac"] == pytest.approx(1 / 3)
+    _, m = policy_loss(old.clone(), old, torch.ones(1), mask)
+    assert m["is_clip_frac"] == 0.0
+
+
 def test_queue_records_the_prompts_drawn_ahead_and_a_resume_regenerates_them():
     """Without actors: at staleness 1 the checkpoint state names step t+1's prompts; a queue loaded from it
     starts step t+1 with exactly those and draws on from the restored stream."""

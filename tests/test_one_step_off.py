@@ -140,11 +140,14 @@ def test_queue_at_staleness_0_equals_the_loop_without_it(sft_model_dir, tmp_path
     def run(cls, name):
         cfg = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), fault_overrides(
             tmp_path / name, sft_model_dir, "rollout.num_actors=1", "algo.num_steps=8", "checkpoint.every=0",
-            "model.max_new_tokens=48"))
+            "model.max_new_tokens=160", "judge.judge_malformed=true"))  # every answer judged: rewards vary
         tr = cls(cfg, load_train_samples(cfg), cfg.model.path).setup()
         try:
+            first = tr.learner.hf_state_dict()
             rows = [tr.step(s) for s in range(1, 9)]
-            return rows, tr.learner.hf_state_dict()
+            last = tr.learner.hf_state_dict()
+            assert sum(not (first[k] == last[k]).all() for k in first) > len(first) // 2, "the updates changed weights"
+            return rows, last
         finally:
             tr.shutdown()
 
@@ -157,6 +160,7 @@ def test_queue_at_staleness_0_equals_the_loop_without_it(sft_model_dir, tmp_path
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, f"step {s}"
         assert a["async/staleness_max"] == 0.0
     assert len({r["rollout/prompt_ids"] for r in queued}) == 8
+    assert any(r["rollout/reward_std"] > 0 for r in queued), "rewards vary, so the losses carry a signal"
     assert all((w_queued[k] == w_plain[k]).all() for k in w_plain), "identical weights after 8 steps"
 
 

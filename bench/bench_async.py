@@ -63,7 +63,8 @@ def make_cfg(args, model: str, run_dir: str, seed: int, staleness: int):
     over = [f"run_dir={run_dir}", f"model.path={model}", f"seed={seed}", f"model.max_new_tokens={args.max_new_tokens}",
             f"algo.num_steps={args.warmup + args.steps}", "checkpoint.every=0", "logging.wandb_mode=disabled",
             "rollout.num_actors=1", "judge.num_actors=1", "learner.num_workers=1", "learner.cpu_threads=1",
-            "ray.cpus_per_actor=0", "algo.val_every=0", f"algo.max_staleness={staleness}"]
+            "ray.cpus_per_actor=0", "algo.val_every=0", "checkpoint.keep_best=false",
+            f"algo.max_staleness={staleness}"]
     if staleness:
         over.append("algo.behaviour_logprobs=recompute")
     if args.model == "tiny":

@@ -61,7 +61,8 @@ def make_cfg(args, model: str, run_dir: str, seed: int, staleness: int):
 
     base = "tiny.yaml" if args.model == "tiny" else "smollm2.yaml"
     over = [f"run_dir={run_dir}", f"model.path={model}", f"seed={seed}", f"model.max_new_tokens={args.max_new_tokens}",
-            f"algo.num_steps={args.warmup + args.steps}", "checkpoint.every=0", "logging.wandb_mode=disabled",
+            f"algo.num_steps={args.warmup + args.steps + 1}", "checkpoint.every=0",
+            "logging.wandb_mode=disabled",
             "rollout.num_actors=1", "judge.num_actors=1", "learner.num_workers=1", "learner.cpu_threads=1",
             "ray.cpus_per_actor=0", "algo.val_every=0", "checkpoint.keep_best=false",
             f"algo.max_staleness={staleness}"]
@@ -80,7 +81,8 @@ def run_one(args, model: str, work: str, seed: int, staleness: int) -> dict:
     out = {"seed": seed, "staleness": staleness, "load_start": load_line(), "steps": []}
     tr = GRPOTrainer(cfg, load_train_samples(cfg), model).setup()
     try:
-        for step in range(1, cfg.algo.num_steps + 1):
+        for step in range(1, args.warmup + args.steps + 1):  # one step short of num_steps: every step timed
+            # here starts the next one's rollout at staleness 1, as all but a run's last step do
             t = time.perf_counter()
             m = tr.step(step)
             row = {k: v for k, v in m.items() if k.startswith(("timing/", "async/"))}

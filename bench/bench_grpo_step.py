@@ -145,7 +145,7 @@ def diagnose_ours(tr, args) -> dict:
     asyncio.run(tr.reward.score([s for s in samples for _ in range(n)], texts,
                                 [f"diag:{i // n}" for i in range(len(texts))]))
     d["judge_all_candidates_s"] = time.perf_counter() - t
-    rollout = tr.generate_and_score(samples, step=10 ** 6)
+    rollout = tr.start_rollout(10 ** 6, samples, None)
     t = time.perf_counter()
     batch, _ = tr.build_batch(rollout)
     d["build_batch_s"] = time.perf_counter() - t

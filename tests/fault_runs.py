@@ -99,7 +99,10 @@ class LengthReward:
         return [RewardBreakdown(total=len(t) / 10, format=1.0, emotion=0.0, rubric=0.0) for t in texts]
 
 
-DETERMINISTIC = lambda k: not k.startswith(("timing/", "perf/", "judge/latency"))  # noqa: E731
+def DETERMINISTIC(key: str) -> bool:
+    from kardia_rl.trainer.driver import NON_DETERMINISTIC_PREFIXES  # wall-clock keys, the driver's one list
+
+    return not key.startswith(NON_DETERMINISTIC_PREFIXES)
 
 
 def fault_overrides(run_dir, model, *extra):

@@ -26,6 +26,7 @@ SMOKE_RUNS = {
     "measure_sync_tolerance.py": [["--smoke"]],
     "bench_checkpoint.py": [["--smoke"], ["--files-only"]],
     "bench_loss_memory.py": [["--smoke"]],
+    "bench_async.py": [["--smoke"]],  # staleness 0 vs 1 on the tiny model, 1 warm-up + 1 step each
     "bench_export_memory.py": [["--smoke"]],
     "gpu_check.sh": None,  # tests/test_plan.py::test_gpu_check_runs_on_cpu runs `bash bench/gpu_check.sh --cpu`
 }

@@ -245,3 +245,9 @@ def test_truncated_is_defaults_on_for_low_precision_engines():
     assert not LossSpec.from_config(off).importance_correction_on(engine_fp32=False)
     on = load_config(os.path.join(ROOT, "conf", "tiny.yaml"), ["algo.importance_correction=true"])
     assert LossSpec.from_config(on).importance_correction_on(engine_fp32=True)
+    stale = load_config(os.path.join(ROOT, "conf", "tiny.yaml"),
+                        ["algo.max_staleness=1", "algo.behaviour_logprobs=recompute"])
+    assert LossSpec.from_config(stale).importance_correction_on(engine_fp32=True)  # corrects the staleness
+    engine_old = load_config(os.path.join(ROOT, "conf", "tiny.yaml"),
+                             ["algo.max_staleness=1", "algo.behaviour_logprobs=engine"])
+    assert LossSpec.from_config(engine_old).engine_old and not LossSpec.from_config(stale).engine_old

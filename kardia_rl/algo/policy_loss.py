@@ -124,7 +124,7 @@ def _check_args(logp, old_logp, advantages, mask, *, clip_eps, clip_eps_high, be
 
 def _metrics(pg_loss: torch.Tensor, ratio: torch.Tensor, adv: torch.Tensor, m: torch.Tensor,
              kl: Optional[torch.Tensor], is_w: Optional[torch.Tensor], eps_low: float,
-             eps_high: float) -> Dict[str, float]:
+             eps_high: float, is_clipped: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """The logged numbers (python floats); fractions and means are over this call's masked tokens."""
     with torch.no_grad():
         valid = m != 0
@@ -142,6 +142,8 @@ def _metrics(pg_loss: torch.Tensor, ratio: torch.Tensor, adv: torch.Tensor, m: t
             "ratio_mean": float(masked_mean(ratio.detach(), m)) if n_tok > 0 else 0.0,
             "ratio_max": float(ratio.masked_fill(~valid, float("-inf")).max()) if n_tok > 0 else 0.0,
             "is_weight_mean": float(masked_mean(is_w, m)) if (is_w is not None and n_tok > 0) else 1.0,
+            "is_clip_frac": float(masked_mean(is_clipped.to(m.dtype), m)) if (is_clipped is not None and n_tok > 0)
+            else 0.0,
         }
 
 
@@ -190,7 +192,8 @@ def policy_loss(
     Metrics (python floats, no grad): ``policy_loss`` (the pg term under the same aggregation, so it also
     sums over micro-batches), ``kl`` (masked mean per-token KL, 0.0 without ``ref_logp``),
     ``clip_frac_low`` (ratio < 1-eps with A < 0), ``clip_frac_high`` (ratio > 1+eps_high with A > 0),
-    ``clip_frac`` (their sum), ``ratio_mean``, ``ratio_max``, ``is_weight_mean`` (1.0 without TIS); the
+    ``clip_frac`` (their sum), ``ratio_mean``, ``ratio_max``, ``is_weight_mean`` (1.0 without TIS), ``is_clip_frac`` (tokens whose IS
+    weight the cap cut; 0.0 without TIS); the
     fractions/means are over this call's masked tokens.
 
     Raises:
@@ -217,10 +220,12 @@ def policy_loss(
     ratio = torch.exp(lp - old)
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     pg = -torch.min(ratio * adv, clipped * adv)
-    is_w = None
+    is_w = is_clipped = None
     if engine_logp is not None:
         eng = clean(engine_logp.detach().to(logp.dtype))
-        is_w = torch.clamp(torch.exp(old - eng), max=2.0 if is_cap is None else float(is_cap))
+        raw_w = torch.exp(old - eng)
+        is_w = torch.clamp(raw_w, max=2.0 if is_cap is None else float(is_cap))
+        is_clipped = raw_w > is_w  # tokens whose weight the cap cut (train/is_clip_frac)
         pg = pg * is_w
 
     # ---- KL to the reference (in the loss when beta > 0, else only logged) ---------------------------------
@@ -238,4 +243,4 @@ def policy_loss(
     norms = dict(num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
     loss = agg_loss(per_token, m, agg, **norms)
     pg_loss = agg_loss(pg.detach(), m, agg, **norms)
-    return loss, _metrics(pg_loss, ratio, adv, m, kl, is_w, eps_low, eps_high)
+    return loss, _metrics(pg_loss, ratio, adv, m, kl, is_w, eps_low, eps_high, is_clipped)

@@ -67,6 +67,8 @@ class Rollout:
     rewards: list[RewardBreakdown]  # one per candidate
     timing: dict = field(default_factory=dict)
     actor_restarts: int = 0  # rollout actors that died during this step's generation and were replaced
+    policy_versions: list = field(default_factory=list)  # per candidate: the update its weights held (0 = initial)
+    reward_stats: dict = field(default_factory=dict)  # the reward's counters over this rollout's scoring
 
     @property
     def group_size(self) -> int:
@@ -75,13 +77,17 @@ class Rollout:
 
 def generate_and_score(rollout_group: ChunkGenerator, reward: ChunkScorer, samples: Sequence[Any],
                        prompt_ids: Sequence[list[int]], *, n: int, seed: int, step: int,
-                       recover: Optional[Callable[[int, BaseException], None]] = None, max_restarts: int = 0, sampling: Optional[dict] = None) -> Rollout:
-    """`sampling`: decoding overrides for RolloutGroup.submit (greedy, temperature; validation uses eval's)."""
+                       recover: Optional[Callable[[int, BaseException], None]] = None, max_restarts: int = 0,
+                       sampling: Optional[dict] = None, on_generated: Optional[Callable[[], None]] = None) -> Rollout:
+    """`sampling`: decoding overrides for RolloutGroup.submit (greedy, temperature; validation uses eval's).
+    `on_generated()` is called once the last chunk is generated (its judging may go on): the one-step-off driver
+    waits for that, not for the judging, before it syncs new weights (trainer/one_step_off.py)."""
     chunks = contiguous_chunks(len(samples), len(rollout_group.actors))
     comps: list = [None] * len(samples)
     rewards: list = [None] * len(samples)
     marks: dict[str, float] = {}
     restarts: list[int] = []
+    left = [len(chunks)]  # chunks still generating
 
     async def generate(c: int, idx: list[int]):
         while True:
@@ -107,6 +113,9 @@ def generate_and_score(rollout_group: ChunkGenerator, reward: ChunkScorer, sampl
     async def one_chunk(c: int, idx: list[int]) -> None:
         out = await generate(c, idx)
         marks["generated"] = time.perf_counter()
+        left[0] -= 1
+        if left[0] == 0 and on_generated is not None:
+            on_generated()
         flat_samples = [samples[j] for j in idx for _ in range(n)]
         texts = [c.text for per in out for c in per]
         groups = [f"{step}:{j}" for j in idx for _ in range(n)]

@@ -22,6 +22,8 @@ class LossSpec:
     temperature: float  # rollout.temperature: the learner's logprobs are of the same tempered softmax
     max_new_tokens: int  # model.max_new_tokens: the length limit (loss normalisation, overlong answers)
     lora: bool  # model.lora.enabled: the reference is the base model with the adapter switched off
+    max_staleness: int = 0  # algo.max_staleness: 1 = one-step-off (samples from weights 0 or 1 update old)
+    behaviour_logprobs: str = ""  # algo.behaviour_logprobs at max_staleness 1: recompute | engine
 
     @classmethod
     def from_config(cls, cfg) -> "LossSpec":
@@ -30,7 +32,8 @@ class LossSpec:
                    clip_eps=ac.clip_eps, clip_eps_high=ac.clip_eps_high or None, loss_agg=ac.loss_agg,
                    is_cap=ac.is_cap, importance_correction=ac.importance_correction,
                    temperature=float(cfg.rollout.temperature), max_new_tokens=int(cfg.model.max_new_tokens),
-                   lora=bool(cfg.model.lora.enabled))
+                   lora=bool(cfg.model.lora.enabled), max_staleness=int(ac.max_staleness),
+                   behaviour_logprobs=ac.behaviour_logprobs)
 
     @property
     def beta_in_loss(self) -> float:
@@ -52,9 +55,17 @@ class LossSpec:
         """A frozen copy of the weights is held (its memory in the plan); LoRA's reference is the base itself."""
         return self.reference and not self.lora
 
+    @property
+    def engine_old(self) -> bool:
+        """One-step-off with behaviour_logprobs=engine: the loss's old log-probs are the engine's sampling ones."""
+        return self.max_staleness > 0 and self.behaviour_logprobs == "engine"
+
     def importance_correction_on(self, engine_fp32: bool) -> bool:
         """algo.importance_correction, with null (auto) = on when the engines do not sample in fp32 (bf16/fp16
-        kernels give the engine a measurably different distribution; fp32 matches to ~1e-5)."""
+        kernels give the engine a measurably different distribution; fp32 matches to ~1e-5), and always at
+        one-step-off with recomputed old log-probs: there the IS weight corrects for the one-update-old behaviour."""
+        if self.importance_correction is None and self.max_staleness > 0 and self.behaviour_logprobs == "recompute":
+            return True
         return not engine_fp32 if self.importance_correction is None else bool(self.importance_correction)
 
 

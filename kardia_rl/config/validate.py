@@ -92,6 +92,15 @@ def config_problems(cfg: KardiaConfig) -> list[str]:
         p.append(f"algo.advantage={ac.advantage!r} with algo.loss_agg={ac.loss_agg!r} is half of Dr. GRPO (it "
                  "needs both the mean-only advantage and the constant normaliser seq_mean_token_sum_norm); "
                  "use algo.preset=drgrpo, or change both keys")
+    if ac.max_staleness == 1 and not ac.behaviour_logprobs:
+        p.append("algo.max_staleness=1 needs algo.behaviour_logprobs: recompute (the learner's log-probs with the "
+                 "truncated IS weight against the engine's) or engine (the engine's log-probs as the old policy)")
+    elif ac.max_staleness == 1 and ac.behaviour_logprobs == "recompute" and ac.importance_correction is False:
+        p.append("algo.behaviour_logprobs=recompute at algo.max_staleness=1 corrects the staleness with the truncated "
+                 "IS weight: algo.importance_correction must be true or null, got false")
+    elif ac.max_staleness == 0 and ac.behaviour_logprobs:
+        p.append(f"algo.behaviour_logprobs={ac.behaviour_logprobs!r} only applies at algo.max_staleness=1 (at 0 every "
+                 "sample is on-policy): leave it empty")
     if cfg.split.reference == "warmup" and cfg.split.folds < 2:  # K=1 would rate the turns it trained on
         p.append(f"split.folds: must be >= 2 with split.reference=warmup (each warm-up rates only a held-out fold), "
                  f"got {cfg.split.folds}")

@@ -215,6 +215,9 @@ class DeepSpeedLearner:
             if k not in batch:
                 raise KardiaError(f"train_step batch lacks {k!r} (see kardia_rl.learner.batching)")
         tis = ls.importance_correction_on(engine_fp32=self.dtype == torch.float32)
+        # one-step-off with behaviour_logprobs=engine: old_logprobs ARE the engine's, so the mismatch is measured
+        # against this pass's own forward instead
+        engine_old = ls.engine_old
         if tis and "engine_logprobs" not in batch:
             raise KardiaError("algo.importance_correction is on but the batch has no engine_logprobs")
         b = _to(batch, self.device)
@@ -229,7 +232,7 @@ class DeepSpeedLearner:
         temp = ls.temperature
         micro = self._synced(B.rollout_micro_batches(b, self.micro_batch_size, self.max_tokens), "response_mask")
         sums = dict.fromkeys(("loss", "policy_loss", "kl", "entropy", "clip_frac", "clip_frac_low",
-                              "clip_frac_high", "diff_sum", "mismatch_kl_sum"), 0.0)
+                              "clip_frac_high", "is_clip_frac", "diff_sum", "mismatch_kl_sum"), 0.0)
         bad = 0.0
         for mb in micro:
             m = mb["response_mask"]
@@ -240,7 +243,8 @@ class DeepSpeedLearner:
             old = mb.get("old_logprobs", logp.detach())
             eng = mb.get("engine_logprobs") if tis else None
             if "engine_logprobs" in mb:  # engine/learner mismatch on the sampled tokens (pre-update learner)
-                mismatch_sums(sums, mb.get("old_logprobs", logp.detach()), mb["engine_logprobs"], m)
+                learner_old = logp.detach() if engine_old else mb.get("old_logprobs", logp.detach())
+                mismatch_sums(sums, learner_old, mb["engine_logprobs"], m)
             loss, met = policy_loss(
                 logp, old, mb["advantages"], m, clip_eps=ls.clip_eps, clip_eps_high=ls.clip_eps_high,
                 beta=ls.beta_in_loss, ref_logp=ref, kl_kind=ls.kl_estimator, agg=ls.loss_agg, num_tokens=n_tok,
@@ -254,7 +258,7 @@ class DeepSpeedLearner:
             k = float(m.sum())
             sums["loss"] += float(loss.detach())
             sums["policy_loss"] += met["policy_loss"]
-            for name in ("kl", "clip_frac", "clip_frac_low", "clip_frac_high"):
+            for name in ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "is_clip_frac"):
                 sums[name] += met[name] * k
             sums["entropy"] += float((ent * m).sum())
         diff_max = sums.pop("diff_max", 0.0)

@@ -12,6 +12,10 @@ the step's metrics (key names from stats.rollout_metrics and the learner):
 - length_collapse / length_explosion (rollout/response_len_mean): current / baseline < 1 / length_ratio,
   or > length_ratio.
 - kl_high (train/kl): the raw step value > max_kl (KL blow-ups are sudden; no smoothing).
+- mismatch_growth (rollout/mismatch_kl, engine vs learner log-probs): rolling mean > mismatch_growth x the
+  baseline (floored at MISMATCH_FLOOR, so a float32 run's ~1e-6 noise does not count as growth). One-step-off
+  training (algo.max_staleness=1) puts the staleness into this number; a growing one means the behaviour policy
+  drifts from the learner faster than the truncated IS weight can correct.
 
 "Rolling mean" = the mean over the last `window` steps (3 by default), so one noisy batch of 32 answers
 does not raise an alarm; "baseline" = the mean of the first `window` steps the metric was seen; trend
@@ -31,12 +35,13 @@ from typing import Any, Mapping, Optional
 from kardia_rl.errors import ConfigError, KardiaError
 
 ALERT_CODES: tuple[str, ...] = ("format_drop", "emotion_up_empathy_down", "safety_drop", "judge_no_spread",
-                                "length_collapse", "length_explosion", "kl_high")
+                                "length_collapse", "length_explosion", "kl_high", "mismatch_growth")
 
 #: Metrics the rules read (tracked with baseline / rolling windows).
 TRACKED = {"format": "rollout/format_rate", "emotion": "rollout/emotion_acc",
            "empathy": "judge/empathy_mean", "safety": "judge/safety_mean",
-           "length": "rollout/response_len_mean"}
+           "length": "rollout/response_len_mean", "mismatch": "rollout/mismatch_kl"}
+MISMATCH_FLOOR = 1e-3  # KL(engine || learner) below this is kernel noise, whatever its growth factor
 SPREAD_KEY = "judge/rubric_group_std_mean"
 KL_KEY = "train/kl"
 
@@ -122,8 +127,10 @@ class HackingMonitor:
         self.emotion_rise = float(cfg.emotion_rise)
         self.empathy_fall = float(cfg.empathy_fall)
         self.spread_steps = int(cfg.spread_steps)
+        self.mismatch_growth = float(cfg.mismatch_growth)
         bad = [f"monitor.{k}={v!r}: must be > 0" for k, v in
                [("format_drop", self.format_drop), ("safety_drop", self.safety_drop),
+                ("mismatch_growth", self.mismatch_growth),
                 ("max_kl", self.max_kl), ("emotion_rise", self.emotion_rise), ("empathy_fall", self.empathy_fall)]
                if not v > 0]
         if self.min_judge_spread < 0:
@@ -193,6 +200,16 @@ class HackingMonitor:
                 f"KL to the reference {kl:.3f} > {self.max_kl} — the policy is drifting far from the reference; "
                 f"raise algo.kl_beta or lower learner.lr")
 
+    def _mismatch(self):
+        s = self.series["mismatch"]
+        if not s.trend_ready():
+            return None
+        b, c = s.baseline(), s.current()
+        return (c > self.mismatch_growth * max(b, MISMATCH_FLOOR),
+                f"engine/learner mismatch KL {b:.2e} -> {c:.2e} (over x{self.mismatch_growth:g} its first "
+                f"{self.window} steps) — stale or drifting rollout log-probs; with algo.max_staleness=1 try 0, "
+                f"or check the weight sync")
+
     def update(self, step: int, metrics: Mapping[str, Any]) -> list[Alert]:
         """Record `metrics` of `step` and return the alerts that fire now (each once per episode)."""
         step = int(step)
@@ -214,6 +231,7 @@ class HackingMonitor:
             "safety_drop": self._safety(),
             "judge_no_spread": self._spread(spread),
             "kl_high": self._kl(_value(metrics, KL_KEY)),
+            "mismatch_growth": self._mismatch(),
         }
         length = self._length()
         if length is None:
@@ -255,7 +273,8 @@ class HackingMonitor:
             raise KardiaError(f"monitor state was saved with window={state.get('window')}, but this run uses "
                               f"window={self.window}; resume with the same monitor settings")
         for k, s in self.series.items():
-            s.load(state["series"][k])
+            if k in state["series"]:  # a checkpoint older than a tracked metric starts that one afresh
+                s.load(state["series"][k])
         self.armed = {c: bool(state["armed"].get(c, True)) for c in ALERT_CODES}
         self.low_spread_streak = int(state["low_spread_streak"])
         self.last_step = state["last_step"]

@@ -4,6 +4,18 @@ Each step reads as a list (see `GRPOTrainer.step`): sample prompts -> generate N
 as soon as it is generated -> group-normalised advantages -> learner update -> weight sync (verified) ->
 validation on held-out prompts every algo.val_every steps (trainer.validation) -> log -> checkpoint. All heavy
 work happens in the actors; the driver only moves token ids and numbers.
+
+Rollouts go through a queue (trainer/one_step_off.py). At algo.max_staleness=0 it is the sequence above. At 1,
+step t+1's generation and judging start before step t's update and the weight sync after update t waits until
+that generation has finished, so the learner trains on samples one update old. Which old log-probs the loss uses
+then is algo.behaviour_logprobs:
+- recompute (verl's and AReaL's decoupled PPO): the ratio's denominator is the learner's own log-prob on the
+  weights before this update (the pass's detached forward, no extra pass), so PPO's clip bounds the update as in
+  the synchronous loop; the truncated IS weight min(pi_old / pi_engine, algo.is_cap), on whatever
+  algo.importance_correction says when null, corrects from the behaviour policy (the engine, one update older,
+  plus its kernel mismatch) to it; rollout/mismatch_kl then measures the two together.
+- engine (slime's use_rollout_logprobs): the engine's sampling log-probs are the denominator, so the clip bounds the
+  step from the behaviour policy itself (one update plus the mismatch), and the IS weight is 1.
 """
 from __future__ import annotations
 
@@ -17,7 +29,9 @@ import torch
 from kardia_rl.config.specs import LossSpec
 from kardia_rl.errors import KardiaError
 
-NON_DETERMINISTIC_PREFIXES = ("timing/", "perf/", "judge/latency")  # wall-clock numbers
+NON_DETERMINISTIC_PREFIXES = ("timing/", "perf/", "judge/latency", "async/queue_wait")  # wall-clock numbers
+# Rollout durations that ran beside the driver's phases (at staleness 1): reported, not summed into timing/other
+OVERLAPPED = ("timing/generation", "timing/judge", "timing/judge_exposed")
 
 
 class GRPOTrainer:
@@ -70,6 +84,10 @@ class GRPOTrainer:
         self.judge = JudgePool(cfg, cpus)
         self.reward = UnifiedReward.from_config(cfg, self.judge)
         self.prompts = PromptSource(self.samples, cfg.algo.prompts_per_step, cfg.seed)
+        from kardia_rl.trainer.one_step_off import RolloutQueue
+
+        self.queue = RolloutQueue(cfg.algo.max_staleness, self.prompts, self.samples, cfg.rollout.actor_timeout_s,
+                                  self.start_rollout, self.reward.stats_summary)
         self.monitor = HackingMonitor(cfg.monitor)
         self.ckpt = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep_last)
         self.ckpt.remove_leftovers()  # .tmp-* of a save that a kill interrupted (nothing of this run is saving yet)
@@ -89,6 +107,7 @@ class GRPOTrainer:
         state = self.ckpt.load_driver_state(path)
         self.learner.load_checkpoint(os.path.join(path, "learner"))
         self.prompts.load_state_dict(state["prompts"])
+        self.queue.load_state_dict(state.get("pending"))  # prompts drawn for the next step, not yet trained
         self.monitor.load_state_dict(state["monitor"])
         restore_rng(state["rng"])
         self.logger.truncate_after(state["step"])
@@ -119,33 +138,44 @@ class GRPOTrainer:
 
     def step(self, step: int) -> dict:
         t0, timing = time.perf_counter(), {}
-        samples = self.prompts.next_batch()                                          # 1. sample prompts
-        rollout = self.generate_and_score(samples, step)                             # 2-3. generate N, score
-        timing.update(rollout.timing)
+        rollout = self.take_rollout(step, timing)                                    # 1-3. prompts, generate N, score
+        self.queue.submit_ahead(step, self.cfg.algo.num_steps)                       # 3b. staleness 1: step+1's starts
         with _timed(timing, "timing/advantages"):
             batch, adv = self.build_batch(rollout)                                   # 4. group advantages
         with _timed(timing, "timing/train"):
             train_metrics = self.update(batch)                                       # 5. learner update
+        timing["timing/generation_wait"] = self.queue.before_sync()                  # 6a. never sync mid-batch
         with _timed(timing, "timing/weight_sync"):
             sync = self.sync_weights(step)                                           # 6. weight sync, verified
-        val = self.validation.maybe_run(step, timing)                                # 6b. held-out validation, every K
-        metrics = self.metrics(rollout, adv, train_metrics, sync) | val              # 7. log
+        val = self.validate(step, timing)                                            # 6b. held-out validation, every K
+        metrics = self.metrics(rollout, adv, train_metrics, sync, step) | val        # 7. log
         self.log(step, metrics, rollout, adv, timing, t0)
         with _timed(timing, "timing/checkpoint"):
             self.maybe_checkpoint(step)                                              # 8. checkpoint
         return metrics
 
     # --- the steps ----------------------------------------------------------------------------------------
-    def generate_and_score(self, samples, step: int):
+    def take_rollout(self, step: int, timing: dict):
+        """Step `step`'s scored rollout from the queue (started now, or during the previous step's update)."""
+        with self.stop.abandonable() if self.stop else contextlib.nullcontext():  # SIGTERM abandons this wait
+            rollout = self.queue.take(step, timing)
+        timing.update(rollout.timing)
+        return rollout
+
+    def start_rollout(self, step: int, samples, on_generated):
+        """Generate N per prompt and score them (the queue's thread runs this). In-place rollout actor restarts
+        only at staleness 0: at 1 the learner is mid-update, so a replacement could not be given the weights this
+        generation runs on; the step fails instead (trainer/one_step_off.py)."""
         from kardia_rl.cluster.rollout import generate_and_score
 
         self.reward.reset_stats()
         self.rollout.begin_step(step)
-        with self.stop.abandonable() if self.stop else contextlib.nullcontext():  # SIGTERM abandons this phase
-            return generate_and_score(self.rollout, self.reward, samples, [self.prompt_ids[s.id] for s in samples],
-                                      n=self.cfg.algo.group_size, seed=self.cfg.seed, step=step,
-                                      recover=self.replace_rollout_actor,
-                                      max_restarts=self.cfg.rollout.max_restarts_per_step)
+        sync = self.cfg.algo.max_staleness == 0
+        return generate_and_score(self.rollout, self.reward, samples, [self.prompt_ids[s.id] for s in samples],
+                                  n=self.cfg.algo.group_size, seed=self.cfg.seed, step=step,
+                                  recover=self.replace_rollout_actor if sync else None,
+                                  max_restarts=self.cfg.rollout.max_restarts_per_step if sync else 0,
+                                  on_generated=on_generated)
 
     def replace_rollout_actor(self, index: int, error: BaseException) -> None:
         """A rollout actor died mid-step: a new one in its place, loaded with the current weights and verified
@@ -177,6 +207,8 @@ class GRPOTrainer:
                 batch["old_logprobs"] = logp
         adv = group_advantages(rewards, n, mode=ac.advantage, eps=ac.adv_eps, drop_zero_std=ac.drop_zero_std)
         batch["advantages"], batch["keep"] = adv.advantages, adv.keep & overlong_keep(truncated, ac.overlong)
+        if ac.max_staleness > 0 and ac.behaviour_logprobs == "engine":  # the behaviour policy's own log-probs
+            batch["old_logprobs"] = batch["engine_logprobs"]
         if ac.updates_per_step > 1 and "old_logprobs" not in batch:  # ratio denominator for several passes
             batch["old_logprobs"] = self.learner.compute_logprobs(batch, "policy")
         return batch, adv
@@ -203,9 +235,16 @@ class GRPOTrainer:
         """Learner -> every engine (collective, bucketed; see cluster.weight_sync), verified against the
         learner's own forward when due; a rollout actor that dies meanwhile is replaced and the sync run again
         (RolloutGroup.survive); raises KardiaError on a failed check or a timeout."""
-        return self.rollout.survive(lambda: self.weight_sync.sync(version=str(step)), self.weight_sync.rejoin)
+        out = self.rollout.survive(lambda: self.weight_sync.sync(version=str(step)), self.weight_sync.rejoin)
+        self.queue.engine_version = step  # what the next generation records as its samples' policy version
+        return out
 
-    def metrics(self, rollout, adv, train_metrics: dict, sync: dict) -> dict:
+    def validate(self, step: int, timing: dict) -> dict:
+        if self.validation.due(step):
+            self.queue.drain()  # step+1's judging shares the judge pool: let it finish first
+        return self.validation.maybe_run(step, timing)
+
+    def metrics(self, rollout, adv, train_metrics: dict, sync: dict, step: int = 1) -> dict:
         from kardia_rl.monitoring import rollout_metrics
         from kardia_rl.rewards.unified import summary
 
@@ -213,7 +252,12 @@ class GRPOTrainer:
         m = rollout_metrics(rollout.rewards, rollout.group_size, lengths,
                             [c.finish_reason for c in rollout.completions], dimensions=self.dims)
         m.update(summary(rollout.rewards))
-        m.update(self.reward.stats_summary())
+        m.update(rollout.reward_stats)
+        if rollout.policy_versions:  # recorded by the queue (a hand-built Rollout has none)
+            stale = [step - 1 - v for v in rollout.policy_versions]  # updates between its weights and the learner's
+            m["async/staleness_mean"], m["async/staleness_max"] = sum(stale) / len(stale), float(max(stale))
+            m["async/policy_version_min"] = float(min(rollout.policy_versions))
+            m["rollout/prompt_ids"] = ",".join(str(s.id) for s in rollout.samples)  # what this step trained on
         m["judge/actor_failures"] = float(self.judge.actor_failures)
         m["rollout/actor_restarts"] = float(self.rollout.step_restarts)  # generation, judging, sync, verification
         m.update(self.judge.step_counters())
@@ -230,8 +274,14 @@ class GRPOTrainer:
     def log(self, step: int, metrics: dict, rollout, adv, timing: dict, t0: float) -> None:
         from kardia_rl.monitoring import batch_sample_rows
 
-        timing["timing/step"] = time.perf_counter() - t0
-        timing["timing/other"] = timing["timing/step"] - sum(v for k, v in timing.items() if k != "timing/step")
+        t1 = time.perf_counter()
+        timing["timing/step"] = t1 - t0
+        timing["timing/other"] = timing["timing/step"] - sum(v for k, v in timing.items()
+                                                             if k != "timing/step" and k not in OVERLAPPED)
+        metrics["async/queue_wait_s"] = timing["timing/rollout_wait"] + timing["timing/generation_wait"]
+        timing["timing/rollout_idle"] = self.queue.rollout_idle(t0, t1)  # no training generation running
+        timing["timing/learner_idle"] = timing["timing/step"] - sum(   # learner neither updating nor syncing
+            timing.get(k, 0.0) for k in ("timing/advantages", "timing/train", "timing/weight_sync"))
         metrics.update(timing)
         metrics["perf/tokens_per_sec"] = metrics["rollout/generated_tokens"] / max(timing["timing/step"], 1e-9)
         rows = None
@@ -254,7 +304,8 @@ class GRPOTrainer:
         """Everything of the run outside the learner, as a checkpoint holds it."""
         from kardia_rl.cluster.checkpoint import capture_rng
 
-        return {"prompts": self.prompts.state_dict(), "monitor": self.monitor.state_dict(), "rng": capture_rng()}
+        return {"prompts": self.prompts.state_dict(), "monitor": self.monitor.state_dict(), "rng": capture_rng(),
+                "pending": self.queue.state_dict()}
 
     def save_now(self, step: int, state: dict) -> Optional[str]:
         """SIGTERM abandoned step + 1: checkpoint `step` from the learner (which still holds it) and `state`."""

@@ -21,7 +21,7 @@ ASYNC = ("algo.max_staleness=1", "algo.behaviour_logprobs=recompute")
 # --- quick -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("extra, says", [
     (("algo.max_staleness=1",), "needs algo.behaviour_logprobs"),
-    (("algo.max_staleness=2",), "must be 0 (synchronous) or 1"),
+    (("algo.max_staleness=2",), "algo.max_staleness: must be in [0, 1], got 2"),
     (("algo.max_staleness=1", "algo.behaviour_logprobs=proximal"), "algo.behaviour_logprobs: 'proximal'"),
     ((*ASYNC, "algo.importance_correction=false"), "importance_correction must be true or null"),
     (("algo.behaviour_logprobs=engine",), "only applies at algo.max_staleness=1"),

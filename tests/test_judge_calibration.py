@@ -157,9 +157,32 @@ def test_incompatible_head_is_refused(tmp_path, monkeypatch):
 
     path = str(tmp_path / "h.json")
     _toy_head().save(path)
-    monkeypatch.setattr(cal, "FEATURE_RECIPE", "calib-v2")  # this judge reads another recipe
+    monkeypatch.setattr(cal, "FEATURE_RECIPE", "calib-v99")  # this judge reads another recipe
     with pytest.raises(ConfigError, match="fit it again with this version"):
         load_head(path)
+
+
+def test_cross_validation_trusts_the_clean_set_over_a_noisy_one():
+    """Two sets fitted jointly: a large one whose levels follow the features, a small one of pure noise. Set weights
+    ~ size ** p with p chosen by CV: CV must pick p > 0 (less weight on the noise) and that head must rank the clean
+    set's held-out items better than the equal-weight (p = 0) fit."""
+    from kardia_rl.evaluation.calibrate_fit import choose_hyper, fit_pairwise, pair_accuracy, set_weights, standardiser
+
+    rng = np.random.default_rng(0)
+    d, n_a, n_b = 40, 400, 200
+    w_true = rng.normal(size=d)
+    x = rng.normal(size=(n_a + n_b + 200, d))
+    y = np.digitize(x @ w_true + rng.normal(scale=2.0, size=len(x)), [-4, -1, 1, 4]).astype(float)
+    y[n_a:n_a + n_b] = rng.integers(1, 6, size=n_b)  # set B: levels unrelated to the features
+    sets = np.array([0] * n_a + [1] * n_b)
+    tr, te = slice(0, n_a + n_b), slice(n_a + n_b, None)  # held out: 200 more items of the clean kind
+    assert set_weights(sets, 0.0) == {0: 0.5, 1: 0.5} and set_weights(sets, 1.0) == pytest.approx({0: 2 / 3, 1: 1 / 3})
+    lam, power, table = choose_hyper(x[tr], y[tr], sets, [f"c{i}" for i in range(n_a + n_b)], lambdas=(1000.0, 30000.0))
+    assert power > 0 and len(table) == 6, table
+    mean, scale = standardiser(x[tr])
+    acc = {p: pair_accuracy(((x[te] - mean) / scale) @ fit_pairwise((x[tr] - mean) / scale, y[tr], sets, lam, p), y[te])
+           for p in (0.0, power)}
+    assert acc[power] > acc[0.0], acc
 
 
 def test_config_key_is_checked(tmp_path):

@@ -104,7 +104,9 @@ def calibrate(sets: list[tuple[str, str, list[HumanItem]]], encode, proxy_judge=
             continue
         f = fit(dim, train)
         heads[dim] = DimensionHead(f["mean"], f["scale"], f["weights"], f["mid"], f["spread"])
-        log(f"[calibrate] {dim}: {len(train)} training items, L2 {f['lam']} (CV accuracy by L2: {f['cv']})")
+        validation.setdefault("fit", {})[dim] = {"l2": f["lam"], "set_power": f["power"], "n_train": len(train)}
+        log(f"[calibrate] {dim}: {len(train)} training items, L2 {f['lam']:g}, set power {f['power']:g} "
+            f"(CV accuracy: {f['cv']})")
         for k, (path, fmt, its) in enumerate(sets):
             test = np.flatnonzero(has & held & (set_of == k))
             if len(test) < 2:
@@ -129,7 +131,8 @@ def calibrate(sets: list[tuple[str, str, list[HumanItem]]], encode, proxy_judge=
     if not heads:
         raise DataError(f"--data {', '.join(p for p, _, _ in sets)}: no rubric dimension has training items at two "
                         f"different levels: nothing to calibrate")
-    info = {"objective": "pairwise logistic (RankNet), gap-weighted, per-set pairs, L2 by 4-fold CV over contexts",
+    info = {"objective": "pairwise logistic (RankNet), gap-weighted, per-set pairs weighted by set size ** p, "
+                         "L2 and p by 4-fold CV over contexts",
             "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "sources": [{"path": os.path.abspath(p), "format": fmt, "n_items": len(its),
                          "n_train": int(sum(1 for it in its if not is_held_out(it.context_id))),

@@ -16,15 +16,27 @@ import threading
 import time
 from dataclasses import replace
 
+from kardia_rl.cluster.learner_group import run_sft_on_group
+from kardia_rl.cluster.sft_check import finish_format_check
 from kardia_rl.config import KardiaConfig, to_dict
-from kardia_rl.errors import KardiaError
+from kardia_rl.config.cli import add_config_args, config_from_args
+from kardia_rl.curriculum.split import split_samples
+from kardia_rl.data import TurnSample, label_set, validate
+from kardia_rl.data.encoding import load_training_turns
+from kardia_rl.data.sources import read_jsonl
+from kardia_rl.errors import DataError, KardiaError
+from kardia_rl.evaluation.harness import run_eval
+from kardia_rl.model.prepare import ensure_prepared, prepared_record
+from kardia_rl.monitoring.logger import read_metrics
+from kardia_rl.plan import preflight
+from kardia_rl.rewards.judge.identity import judge_identity
+from kardia_rl.trainer.run import run_train
+from kardia_rl.trainer.validation import BEST_DIR, read_best
+from kardia_rl.utils.construction_log import STAGE_ENV
 from kardia_rl.utils.io import atomic_write_text
 
 
 def stage_data(cfg: KardiaConfig, state: dict) -> dict:
-    from kardia_rl.data import label_set, validate
-    from kardia_rl.errors import DataError
-
     out = {}
     for name, path in (("train", cfg.data.path), ("test", cfg.data.test_path)):
         if not path:
@@ -40,8 +52,6 @@ def stage_data(cfg: KardiaConfig, state: dict) -> dict:
 def stage_model(cfg: KardiaConfig, state: dict) -> dict:
     """Prepare model.path (hub id, folder or .gguf; builtin:tiny is built under run_dir): every later stage
     loads the prepared folder (run_pipeline puts it into model.path)."""
-    from kardia_rl.model.prepare import ensure_prepared, prepared_record
-
     path = ensure_prepared(cfg)
     rec = prepared_record(path) or {}
     print(f"[model] using {path}" + (f" (prepared from {rec['source']}, sha256 {rec['source_sha256'][:12]})"
@@ -51,9 +61,6 @@ def stage_model(cfg: KardiaConfig, state: dict) -> dict:
 
 
 def stage_split(cfg: KardiaConfig, state: dict) -> dict:
-    from kardia_rl.curriculum.split import split_samples
-    from kardia_rl.data.encoding import load_training_turns
-
     out_dir = os.path.join(cfg.run_dir, "split")
     done = os.path.join(out_dir, "split.json")
     if not os.path.exists(done):  # split.reference=warmup: K cross-fitted warm-ups (curriculum/crossfit.py)
@@ -72,32 +79,24 @@ def stage_split(cfg: KardiaConfig, state: dict) -> dict:
 
 
 def _read_samples(path: str) -> list:
-    from kardia_rl.data import TurnSample
-    from kardia_rl.data.sources import read_jsonl
-
     return [TurnSample.from_record(r) for r in read_jsonl(path)]
 
 
 def stage_sft(cfg: KardiaConfig, state: dict) -> dict:
-    from kardia_rl.data.encoding import load_training_turns
-    from kardia_rl.cluster.learner_group import run_sft_on_group
-
     out_dir = os.path.join(cfg.run_dir, "sft_model")
-    result_file = os.path.join(out_dir, "sft_result.json")
-    if not os.path.exists(result_file):
+    val = load_training_turns(cfg)[1]
+    if not os.path.exists(os.path.join(out_dir, "sft_result.json")):
         easy = _read_samples(os.path.join(state["split"]["dir"], "easy.jsonl"))
         # learner.num_workers Ray ranks with the ZeRO stage and placement of the GRPO learner group
-        run_sft_on_group(cfg, out_dir, easy, load_training_turns(cfg)[1])
-    with open(result_file) as f:
-        res = json.load(f)
+        run_sft_on_group(cfg, out_dir, easy, val)
+    # a run stopped after training but before the format check (rank 0 writes the result first) runs the check now
+    res = finish_format_check(cfg, out_dir, val)
     keep = ("train_examples", "steps", "train_seconds", "val_loss_final", "format_valid_rate", "emotion_accuracy")
     print(f"[sft] format-valid {res.get('format_valid_rate')} on validation; model in {out_dir}")
     return {"path": out_dir, **{k: res.get(k) for k in keep}}
 
 
 def stage_grpo(cfg: KardiaConfig, state: dict) -> dict:
-    from kardia_rl.trainer.run import run_train
-
     run_dir = os.path.join(cfg.run_dir, "grpo")
     policy = os.path.join(run_dir, "policy")
     if not os.path.exists(os.path.join(policy, "config.json")):
@@ -105,10 +104,6 @@ def stage_grpo(cfg: KardiaConfig, state: dict) -> dict:
                        checkpoint=replace(cfg.checkpoint, resume=True),
                        algo=replace(cfg.algo, train_samples=os.path.join(state["split"]["dir"], "hard.jsonl")))
         run_train(gcfg)
-    from kardia_rl.monitoring.logger import read_metrics
-
-    from kardia_rl.trainer.validation import BEST_DIR, read_best
-
     rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     first, last = rows[0], rows[-1]
     keys = ("rollout/reward_mean", "rollout/format_rate", "rollout/emotion_acc", "train/kl", "timing/step")
@@ -122,8 +117,6 @@ def stage_grpo(cfg: KardiaConfig, state: dict) -> dict:
 
 
 def stage_eval(cfg: KardiaConfig, state: dict) -> dict:
-    from kardia_rl.evaluation.harness import run_eval
-
     out_dir = os.path.join(cfg.run_dir, "eval")
     metrics_file = os.path.join(out_dir, "metrics.json")
     # The GRPO row is best_policy when checkpoint.keep_best exported one (chosen on the validation split, never
@@ -147,8 +140,6 @@ ISOLATED = {"model", "split", "sft", "grpo", "eval"}
 
 
 def _child(fn, cfg, state, queue, name: str = "") -> None:
-    from kardia_rl.utils.construction_log import STAGE_ENV
-
     os.environ[STAGE_ENV] = name  # the placement audit's stage tag; init_ray passes it on to this stage's actors
     try:
         queue.put(("ok", fn(cfg, state)))
@@ -193,12 +184,8 @@ def run_isolated(name: str, fn, cfg: KardiaConfig, state: dict) -> dict:
 
 
 def run_pipeline(cfg: KardiaConfig) -> int:
-    from kardia_rl.plan import preflight
-
     plan = preflight(cfg, "pipeline")  # seconds, no GPU: exit 2 naming the problem before any stage starts
     os.makedirs(cfg.run_dir, exist_ok=True)
-    from kardia_rl.rewards.judge.identity import judge_identity
-
     # the judge that scores every stage (a bad judge.calibration head stops the pipeline here, before any stage)
     report = {"config": to_dict(cfg), "judge": judge_identity(cfg.judge), "plan_gib": plan.estimates, "stages": {}}
     state: dict = {}
@@ -221,14 +208,10 @@ def run_pipeline(cfg: KardiaConfig) -> int:
 
 def cmd_pipeline(args) -> int:
     """`kardia-rl pipeline [CONFIG] [key=value ...]`."""
-    from kardia_rl.config.cli import config_from_args
-
     return run_pipeline(config_from_args(args))
 
 
 def _configure_pipeline(p) -> None:
-    from kardia_rl.config.cli import add_config_args
-
     add_config_args(p)
 
 

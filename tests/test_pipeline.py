@@ -83,22 +83,18 @@ def write_best(best_dir: str, step: int, reward: float, manifest: bool = True) -
 
 @pytest.fixture
 def work(tmp_path, monkeypatch):
-    import kardia_rl.curriculum.split
-    import kardia_rl.evaluation.harness
-    import kardia_rl.model.prepare
-    import kardia_rl.plan
-    import kardia_rl.cluster.learner_group
-    import kardia_rl.trainer.run
-
     fake = FakeWork(str(tmp_path / "prepared-model"))
     monkeypatch.setattr(pipeline, "ISOLATED", set())
-    monkeypatch.setattr(kardia_rl.plan, "preflight", lambda cfg, mode: type("Plan", (), {"estimates": {}})())
-    monkeypatch.setattr(kardia_rl.model.prepare, "ensure_prepared", fake.ensure_prepared)
-    monkeypatch.setattr(kardia_rl.model.prepare, "prepared_record", lambda path: None)
-    monkeypatch.setattr(kardia_rl.curriculum.split, "split_samples", fake.split_samples)
-    monkeypatch.setattr(kardia_rl.cluster.learner_group, "run_sft_on_group", fake.run_sft_on_group)
-    monkeypatch.setattr(kardia_rl.trainer.run, "run_train", fake.run_train)
-    monkeypatch.setattr(kardia_rl.evaluation.harness, "run_eval", fake.run_eval)
+    # the pipeline's own names (it imports each stage's entry point at module level)
+    monkeypatch.setattr(pipeline, "preflight", lambda cfg, mode: type("Plan", (), {"estimates": {}})())
+    monkeypatch.setattr(pipeline, "ensure_prepared", fake.ensure_prepared)
+    monkeypatch.setattr(pipeline, "prepared_record", lambda path: None)
+    monkeypatch.setattr(pipeline, "split_samples", fake.split_samples)
+    monkeypatch.setattr(pipeline, "run_sft_on_group", fake.run_sft_on_group)
+    monkeypatch.setattr(pipeline, "finish_format_check", lambda cfg, out_dir, val: json.load(
+        open(os.path.join(out_dir, "sft_result.json"))))
+    monkeypatch.setattr(pipeline, "run_train", fake.run_train)
+    monkeypatch.setattr(pipeline, "run_eval", fake.run_eval)
     return fake
 
 

@@ -74,6 +74,17 @@ def test_sft_world_size_2_matches_world_size_1(ray_local, tiny_model_dir, tmp_pa
     with open(tmp_path / "w2" / "sft_model" / "sft_result.json") as f:
         saved = json.load(f)
     assert saved["format_valid_rate"] == res[2]["format_valid_rate"] and saved["after"]["n"] == 1
+    # a run stopped between training and the check (w1 never ran it) gets the check on resume; a checked one not again
+    from kardia_rl.cluster.sft_check import finish_format_check
+
+    assert "after" not in res[1]
+    resumed = finish_format_check(_cfg(tmp_path / "w1", tiny_model_dir, 1, stage), str(tmp_path / "w1" / "sft_model"),
+                                  val)
+    assert resumed["after"]["n"] == 1 and "format_valid_rate" in resumed
+    with open(tmp_path / "w1" / "sft_model" / "sft_result.json") as f:
+        assert json.load(f)["after"] == resumed["after"]
+    assert finish_format_check(_cfg(tmp_path / "w2", tiny_model_dir, 2, stage), str(tmp_path / "w2" / "sft_model"),
+                               val)["after"] == saved["after"]
     l1, l2 = _losses(tmp_path / "w1" / "sft_model"), _losses(tmp_path / "w2" / "sft_model")
     assert len(l1) == len(l2) == 4
     assert l1[-1] < l1[0]  # it trains

@@ -80,3 +80,20 @@ def add_format_check(cfg, out_dir: str, result: dict, val_samples: Sequence[Turn
         result["before"] = {k: v for k, v in before.items() if k != "examples"}
     atomic_write_text(os.path.join(out_dir, "sft_result.json"), json.dumps(result, indent=2))
     return result
+
+
+def finish_format_check(cfg, out_dir: str, val_samples: Sequence[TurnSample]) -> dict:
+    """sft_result.json of a finished SFT in `out_dir`, with the format check run now when the run stopped between
+    training (rank 0 wrote the result) and the check (no `after` yet): a resumed pipeline never skips it."""
+    import json
+
+    from kardia_rl.cluster.ray_cluster import init_ray
+    from kardia_rl.learner.sft import val_sample
+
+    with open(os.path.join(out_dir, "sft_result.json")) as f:
+        result = json.load(f)
+    checked = val_sample(val_samples, cfg)
+    if "after" in result or not checked:
+        return result
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, log_level=cfg.logging.engine_log_level)
+    return add_format_check(cfg, out_dir, result, checked)

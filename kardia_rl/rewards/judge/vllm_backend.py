@@ -28,11 +28,12 @@ import random
 import time
 from typing import Optional, Sequence
 
+from kardia_rl.engines.vllm_compat import engine_core_kwargs
 from kardia_rl.errors import ConfigError
 from kardia_rl.rewards.judge.base import ChatBackend
 from kardia_rl.rewards.judge.engine_thread import (DEFAULT_CHAT_TEMPLATE_KWARGS, EngineThread, complete_on_engine,
                                                    engine_stats)
-from kardia_rl.utils.hardware import CPU_KV_CACHE_BYTES, auto_dtype
+from kardia_rl.utils.hardware import auto_dtype
 
 log = logging.getLogger(__name__)
 
@@ -97,19 +98,11 @@ class VLLMChatBackend(ChatBackend):
         self.chat_template_kwargs = dict(DEFAULT_CHAT_TEMPLATE_KWARGS if chat_template_kwargs is None
                                          else chat_template_kwargs)
         self.env_set = configure_vllm_env(self.on_cpu)
-        kwargs = {"model": model, "enforce_eager": True, "seed": engine_seed,
-                  # Every judge prompt starts with the same rubric: its KV cache is computed once.
-                  "enable_prefix_caching": True,
-                  # Sample exactly what SamplingParams says, not the model's generation_config defaults.
-                  "generation_config": "vllm",
-                  # auto: fp32 on CPU (fp32 vLLM matches an HF forward to ~1e-6), bf16 on GPU (utils.hardware).
-                  "dtype": auto_dtype(dtype, not self.on_cpu)}
-        if max_model_len:
-            kwargs["max_model_len"] = int(max_model_len)
-        if kv_cache_memory_bytes or self.on_cpu:
-            kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes or CPU_KV_CACHE_BYTES)
-        if gpu_memory_utilization:
-            kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
+        # auto: fp32 on CPU (fp32 vLLM matches an HF forward to ~1e-6), bf16 on GPU (utils.hardware)
+        kwargs = engine_core_kwargs(model, seed=engine_seed, dtype=auto_dtype(dtype, not self.on_cpu),
+                                    max_model_len=int(max_model_len or 0),
+                                    kv_cache_bytes=int(kv_cache_memory_bytes or 0),
+                                    gpu_memory_utilization=float(gpu_memory_utilization or 0), gpu=not self.on_cpu)
         self.engine_kwargs = kwargs
         self.stats = engine_stats()
         self._host = _HostState()

@@ -50,16 +50,23 @@ def _iter_jsonl(path: str) -> Iterator[Row]:
                 yield n, None, f"invalid JSON: {e.msg} (column {e.colno})"
 
 
-def iter_jsonl(path: str, field: str = "") -> Iterator[tuple[int, dict]]:
+def iter_jsonl(path: str, field: str = "", *, torn_tail: bool = False) -> Iterator[tuple[int, dict]]:
     """(line number, object) per non-empty line of a JSONL file (human labels, synthesis inputs, model outputs to
-    score, per-turn sample files, run records), read by the same loop as the dialogue sources; invalid JSON or a line that is not a JSON object is a DataError naming
-    PATH:LINE (and `field`, e.g. "record", when given)."""
+    score, per-turn sample files, run records, metrics), read by the same loop as the dialogue sources; invalid
+    JSON or a line that is not a JSON object is a DataError naming PATH:LINE (and `field`, e.g. "record", when
+    given). `torn_tail`: a bad LAST line is skipped instead (a writer killed mid-line, e.g. metrics.jsonl)."""
     where = f"{field}: " if field else ""
+    bad = None  # the first bad line, raised once a line follows it (torn_tail) or at once
     for n, obj, problem in _iter_jsonl(path):
+        if bad:
+            raise DataError(bad)
+        if problem is None and not isinstance(obj, dict):
+            problem = f"expected a JSON object, got {type(obj).__name__}"
         if problem:
-            raise DataError(f"{path}:{n}: {where}{problem}")
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{n}: {where}expected a JSON object, got {type(obj).__name__}")
+            bad = f"{path}:{n}: {where}{problem}"
+            if not torn_tail:
+                raise DataError(bad)
+            continue
         yield n, obj
 
 

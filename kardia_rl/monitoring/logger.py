@@ -27,6 +27,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from kardia_rl.config import to_dict
 from kardia_rl.config.schema import WANDB_MODES
+from kardia_rl.data.sources import iter_jsonl
 from kardia_rl.errors import ConfigError, DataError, KardiaError
 from kardia_rl.monitoring.alerts import Alert, alert_metrics
 from kardia_rl.monitoring.samples import remove_samples_after, wandb_table, write_samples
@@ -65,21 +66,9 @@ def read_metrics(path: str) -> list[dict]:
     """Rows of a metrics.jsonl. A torn LAST line (the process died mid-write) is ignored; a bad line
     elsewhere is corruption and raises with its line number."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    while lines and not lines[-1].strip():
-        lines.pop()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-                raise ValueError("not an object with an integer 'step'")
-        except ValueError as e:
-            if i == len(lines):
-                break
-            raise DataError(f"{path}:{i}: corrupt metrics line ({e})") from None
+    for n, row in iter_jsonl(path, "corrupt metrics line", torn_tail=True):
+        if not isinstance(row.get("step"), int):
+            raise DataError(f"{path}:{n}: corrupt metrics line: not an object with an integer 'step'")
         rows.append(row)
     return rows
 

@@ -23,6 +23,7 @@ from collections import Counter
 from typing import Optional, Sequence
 
 from kardia_rl.data.schema import verdict_rate
+from kardia_rl.data.sources import read_jsonl
 from kardia_rl.errors import DataError
 from kardia_rl.utils.io import atomic_write_jsonl, atomic_write_text
 
@@ -41,13 +42,11 @@ class ShardStore:
         self.shard_size = shard_size
         self.results: list[dict] = []  # every finished result so far, shards first
         for path in sorted(glob.glob(os.path.join(self.dir, "shard-*.jsonl"))):
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    try:
-                        self.results.append(json.loads(line))
-                    except json.JSONDecodeError as e:  # shards are renamed whole: this is outside damage
-                        raise DataError(f"{path}:{n}: record: invalid JSON ({e.msg}); the shard was changed "
-                                        "after it was written; remove it to synthesise its dialogues again") from None
+            try:
+                self.results.extend(read_jsonl(path, "record"))
+            except DataError as e:  # shards are renamed whole: this is outside damage
+                raise DataError(f"{e}; the shard was changed after it was written; remove it to synthesise its "
+                                "dialogues again") from None
         self.next_index = len(glob.glob(os.path.join(self.dir, "shard-*.jsonl")))
         self.done_ids = {r["id"] for r in self.results}
         self.resumed = len(self.results)

@@ -105,6 +105,8 @@ def check_placement(log: list) -> None:
     for stage in ("split", "grpo", "eval"):
         mine = [r for r in calls if r["stage"] == stage]
         assert any(r["kind"] == "generate" for r in mine) and any(r["kind"] == "judge" for r in mine), stage
+    # SFT's format check: greedy answers from a vLLM rollout group on the export (no judge: it counts the format)
+    assert ("sft", "engine:vllm") in kinds and any(r["stage"] == "sft" and r["kind"] == "generate" for r in calls)
     grpo = [r for r in calls if r["stage"] == "grpo" and r["kind"] == "generate"]
     assert {r["n"] for r in grpo} == {1, 4}  # validation (one answer per held-out prompt) and rollouts (N = 4)
 

@@ -27,11 +27,6 @@ def test_colon56_is_the_rollout_chunk_seed_and_the_engine_request_seed():
         assert request_seed(seed, chunk) == old < 2**56
 
 
-def test_colon48_is_the_generation_chunk_seed():
-    for seed, _, c in CASES:
-        assert derive_seed(seed, c, scheme="colon48") == int(hashlib.sha256(f"{seed}:{c}".encode()).hexdigest()[:12], 16)
-
-
 def test_repr48_is_the_synthesis_chunk_seed():
     rng = random.Random(0)
     reqs = [Request(messages=[], seed=rng.randrange(2**40)) for _ in range(7)]

@@ -1,8 +1,8 @@
 """Generation engines: one interface (`GenerationEngine`), two implementations (vLLM, transformers).
 
 `make_engine("vllm" | "hf", model_path, ...)` is the one constructor; `engine_from_config(cfg, path)` reads its
-arguments from a KardiaConfig (rollout actors, eval, the split's rater, chat). The vLLM module is imported lazily
-so the hf engine works where vLLM is not installed. Chunked generation with a progress bar: engines/generate.py.
+arguments from a KardiaConfig (the rollout actors of every stage, chat). The vLLM module is imported lazily
+so the hf engine works where vLLM is not installed.
 """
 from __future__ import annotations
 

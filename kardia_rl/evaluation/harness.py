@@ -65,6 +65,12 @@ def score_rows(cfg, name: str, samples: Sequence[TurnSample], prompt_texts: Sequ
     """Score one answer per sample (engine Completions) and build the sample rows."""
     breakdowns = score_chunked(reward, list(samples), [c.text for c in completions], [s.id for s in samples],
                                progress=progress, desc=f"judge [{name}]")
+    return build_rows(cfg, name, samples, prompt_texts, completions, breakdowns)
+
+
+def build_rows(cfg, name: str, samples: Sequence[TurnSample], prompt_texts: Sequence[str], completions: Sequence,
+               breakdowns: Sequence) -> list[dict]:
+    """The sample rows of one model's scored answers (one per sample)."""
     labels = label_set(cfg.data.emotion_labels or None)
     return [sample_row(s, p, c, b, name, cfg.data.span_notation, labels)
             for s, p, c, b in zip(samples, prompt_texts, completions, breakdowns)]
@@ -89,9 +95,7 @@ def evaluate_model(cfg, name: str, model_path: str, samples: Sequence[TurnSample
     res = generate_scored(group, reward, list(samples), prompts, n=1, seed=cfg.seed,
                           sampling={"greedy": cfg.eval.greedy, "temperature": cfg.eval.temperature},
                           progress=progress, desc=f"eval [{name}]")
-    labels = label_set(cfg.data.emotion_labels or None)
-    rows = [sample_row(s, p, c, b, name, cfg.data.span_notation, labels)
-            for s, p, c, b in zip(samples, prompt_texts, res.completions, res.rewards)]
+    rows = build_rows(cfg, name, samples, prompt_texts, res.completions, res.rewards)
     gen_s, score_s = res.timing["timing/generation"], res.timing["timing/judge"]
     tokens = sum(len(c.token_ids) for c in res.completions)
     info = {"engine": cfg.rollout.engine, "rollout_actors": len(group.actors), "judge_actors": cfg.judge.num_actors,

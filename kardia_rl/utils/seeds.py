@@ -21,8 +21,6 @@ SCHEMES = {
     "colon56": (_colon, lambda d: int.from_bytes(d[:7], "big")),
     # a 64-bit draw of the judge calibration's held-out split (seed, context id) and its CV folds ("cv", id)
     "colon64": (_colon, lambda d: int.from_bytes(d[:8], "big")),
-    # a 48-bit call seed per (seed, chunk) of generation outside training (eval, the split's rater)
-    "colon48": (_colon, lambda d: int(d.hex()[:12], 16)),
     # a 48-bit call seed of a synthesis chunk: of the repr of its requests' seeds (a list of ints)
     "repr48": (lambda parts: repr(list(parts)).encode(), lambda d: int(d.hex()[:12], 16)),
     # a sort key (the whole 256-bit digest, so its order is the hex digest's order): dialogue/profile order of the
